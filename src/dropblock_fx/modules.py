@@ -1,0 +1,161 @@
+"""``DropBlock2d`` / ``DropBlock3d``: parameter-free modules around :func:`drop_block`.
+
+Two properties the rest of the library relies on:
+
+* ``drop_prob`` can change every step (schedules do) without recompiling under
+  ``torch.compile``: it lives in a non-persistent 0-d buffer that the setter updates
+  in place, so ``state_dict()`` is unchanged and compiled graphs read the new value.
+* The modules survive FX tracing by any tracer: when called on a ``torch.fx.Proxy`` they
+  record themselves as one ``call_module`` node, so the traced model still obeys
+  ``train()`` / ``eval()`` (timm's DropBlock breaks tracing; torchvision's freezes
+  ``training=True`` into the trace).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from .op.functional import (
+    BlockSize,
+    _drop_block_train,
+    check_drop_prob,
+    check_options,
+    normalize_block_size,
+)
+
+__all__ = ["DropBlock2d", "DropBlock3d", "DropBlockNd"]
+
+
+class DropBlockNd(nn.Module):
+    """Base class of :class:`DropBlock2d` and :class:`DropBlock3d`; see :func:`drop_block`."""
+
+    n_spatial: int = 2
+
+    def __init__(
+        self,
+        drop_prob: float = 0.1,
+        block_size: BlockSize = 7,
+        *,
+        mask: str = "channel",
+        seed_region: str = "valid",
+        gamma_scale: float = 1.0,
+        scale: str = "count",
+        noise: bool = False,
+        calibrate: bool = False,
+        inplace: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        p = check_drop_prob(drop_prob)
+        normalize_block_size(block_size, self.n_spatial)
+        check_options(mask, seed_region, scale, gamma_scale, noise, calibrate, inplace)
+        self.block_size = block_size
+        self.mask = mask
+        self.seed_region = seed_region
+        self.gamma_scale = float(gamma_scale)
+        self.scale = scale
+        self.noise = noise
+        self.calibrate = calibrate
+        self.inplace = inplace
+        self.generator = generator
+        self._drop_prob = p
+        # Non-persistent: invisible to state_dict(), so weights load strictly both ways.
+        self.register_buffer("drop_prob_tensor", torch.tensor(p, dtype=torch.float32), persistent=False)
+
+    @property
+    def drop_prob(self) -> float:
+        """Current drop probability (set it at any time; compiled graphs pick it up)."""
+        return self._drop_prob
+
+    @drop_prob.setter
+    def drop_prob(self, value: float) -> None:
+        p = check_drop_prob(value)
+        self._drop_prob = p
+        with torch.no_grad():
+            self.drop_prob_tensor.fill_(p)
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # model.half() / .to(bfloat16) would round the rate (0.1 -> 0.10009765625 in bf16);
+        # keep the rate buffer in fp32 and refill it from the exact Python value.
+        super()._apply(fn, recurse)
+        t = self.drop_prob_tensor
+        if t.dtype != torch.float32:
+            self.drop_prob_tensor = torch.tensor(self._drop_prob, dtype=torch.float32, device=t.device)
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            # Any FX tracer: appear as one leaf call so train()/eval() still applies to the trace.
+            tracer = x.tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), (x,), {})
+        if x.dim() != self.n_spatial + 2:
+            raise ValueError(
+                f"{type(self).__name__} expects a {self.n_spatial + 2}-D input, got shape {tuple(x.shape)}"
+            )
+        if torch.compiler.is_compiling():
+            if not self.training:
+                return x
+            p: float | torch.Tensor = self.drop_prob_tensor
+        else:
+            if not self.training or self._drop_prob == 0.0:
+                return x
+            p = self._drop_prob
+        return _drop_block_train(
+            x, p, normalize_block_size(self.block_size, self.n_spatial), self.mask, self.seed_region,
+            self.gamma_scale, self.scale, self.noise, self.calibrate, self.inplace, self.generator,
+        )
+
+    def extra_repr(self) -> str:
+        parts = [f"drop_prob={self._drop_prob:g}", f"block_size={self.block_size}"]
+        defaults: dict[str, Any] = dict(
+            mask="channel", seed_region="valid", gamma_scale=1.0, scale="count",
+            noise=False, calibrate=False, inplace=False,
+        )
+        for name, default in defaults.items():
+            value = getattr(self, name)
+            if value != default:
+                parts.append(f"{name}={value!r}")
+        return ", ".join(parts)
+
+
+class DropBlock2d(DropBlockNd):
+    """DropBlock for ``(N, C, H, W)`` feature maps (paper defaults; options as :func:`drop_block`).
+
+    Example:
+        >>> m = DropBlock2d(drop_prob=0.1, block_size=7)
+        >>> m
+        DropBlock2d(drop_prob=0.1, block_size=7)
+        >>> m.drop_prob = 0.05      # schedules do this every step
+        >>> m.eval()(torch.ones(1, 4, 14, 14)).sum().item()
+        784.0
+    """
+
+    n_spatial = 2
+
+
+class DropBlock3d(DropBlockNd):
+    """DropBlock for ``(N, C, D, H, W)`` feature maps (video / volumetric CNNs).
+
+    Example:
+        >>> m = DropBlock3d(drop_prob=0.1, block_size=3)
+        >>> m(torch.randn(2, 4, 8, 14, 14)).shape
+        torch.Size([2, 4, 8, 14, 14])
+    """
+
+    n_spatial = 3
+
+
+def _register_timm_leaves() -> None:
+    try:
+        from timm.layers import register_notrace_module
+    except Exception:  # pragma: no cover - timm is a dependency, but keep the op importable
+        return
+    for cls in (DropBlock2d, DropBlock3d):
+        register_notrace_module(cls)
+
+
+_register_timm_leaves()

@@ -1,0 +1,369 @@
+"""``drop_block``: the DropBlock op (Ghiasi, Lin, Le, NeurIPS 2018).
+
+Defaults follow the official TensorFlow code: seeds only where a whole block fits,
+an independent mask per sample and per channel, the paper's gamma, and the output
+normalised by the kept fraction actually drawn over the whole tensor.
+
+Two interchangeable ways to expand seeds into blocks, picked by :func:`_pick_backend`:
+
+* ``"reference"``: dense, plain torch ops (separable max-pool over the seed grid), the
+  official algorithm as written; traceable by ``torch.compile``.
+* ``"sparse"``: work proportional to the number of seeds (a scatter of ``k x k`` offsets).
+  At the paper's settings gamma is ~0.006, so this touches a few percent of the map.
+
+Both draw the same uniform numbers for the same seed grid, so given the same RNG state
+they give bit-identical masks (a test holds this).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Literal, Union
+
+import torch
+import torch.nn.functional as F
+
+from .gamma import (
+    calibrated_gamma,
+    calibrated_gamma_tensor,
+    clip_block,
+    expected_drop_rate,
+    expected_keep_tensor,
+    gamma_factor,
+    paper_gamma,
+    seed_grid,
+)
+
+__all__ = ["drop_block", "MASK_MODES", "SEED_REGIONS", "SCALE_MODES", "BACKENDS", "set_backend"]
+
+MaskMode = Literal["channel", "shared", "batch"]
+SeedRegion = Literal["valid", "full"]
+ScaleMode = Literal["count", "expected", "none"]
+BlockSize = Union[int, Sequence[int]]
+
+MASK_MODES: tuple[str, ...] = ("channel", "shared", "batch")
+SEED_REGIONS: tuple[str, ...] = ("valid", "full")
+SCALE_MODES: tuple[str, ...] = ("count", "expected", "none")
+BACKENDS: tuple[str, ...] = ("auto", "reference", "sparse")
+
+_backend: str = "auto"
+
+
+def set_backend(name: str) -> None:
+    """Force how masks are built: ``"auto"`` (default), ``"reference"`` or ``"sparse"``.
+
+    The environment variable ``DROPBLOCK_FX_BACKEND`` sets the same at import time.
+
+    Example:
+        >>> set_backend("reference"); set_backend("auto")
+    """
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r} is not valid; choose one of {BACKENDS}")
+    _backend = name
+
+
+set_backend(os.environ.get("DROPBLOCK_FX_BACKEND", "auto") or "auto")
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+
+
+def normalize_block_size(block_size: BlockSize, n_spatial: int) -> tuple[int, ...]:
+    """Validate ``block_size`` (an int, or one int per spatial dim) and return a tuple.
+
+    Example:
+        >>> normalize_block_size(7, 2)
+        (7, 7)
+    """
+    if isinstance(block_size, bool):
+        raise ValueError(f"block_size={block_size!r} is not valid; expected an integer >= 1")
+    if isinstance(block_size, int):
+        sizes: tuple[int, ...] = (block_size,) * n_spatial
+    elif isinstance(block_size, Sequence) and len(block_size) == n_spatial and all(
+        isinstance(b, int) and not isinstance(b, bool) for b in block_size
+    ):
+        sizes = tuple(block_size)
+    else:
+        raise ValueError(
+            f"block_size={block_size!r} is not valid; expected an integer >= 1 "
+            f"or a sequence of {n_spatial} integers >= 1"
+        )
+    if any(b < 1 for b in sizes):
+        raise ValueError(f"block_size={block_size!r} is not valid; every size must be >= 1")
+    return sizes
+
+
+def check_drop_prob(drop_prob: float) -> float:
+    """Validate a drop probability and return it as a float.
+
+    Example:
+        >>> check_drop_prob(0.1)
+        0.1
+    """
+    if isinstance(drop_prob, bool) or not isinstance(drop_prob, (int, float)):
+        raise ValueError(f"drop_prob={drop_prob!r} is not valid; expected a number in [0, 1]")
+    p = float(drop_prob)
+    if not (0.0 <= p <= 1.0):  # also rejects NaN
+        raise ValueError(f"drop_prob={drop_prob!r} is not valid; expected a number in [0, 1]")
+    return p
+
+
+def check_options(
+    mask: str, seed_region: str, scale: str, gamma_scale: float, noise: bool, calibrate: bool, inplace: bool
+) -> None:
+    """Validate the option values shared by :func:`drop_block` and the modules."""
+    _check_choice("mask", mask, MASK_MODES)
+    _check_choice("seed_region", seed_region, SEED_REGIONS)
+    _check_choice("scale", scale, SCALE_MODES)
+    if isinstance(gamma_scale, bool) or not isinstance(gamma_scale, (int, float)) or not (
+        0.0 <= float(gamma_scale) < math.inf
+    ):
+        raise ValueError(f"gamma_scale={gamma_scale!r} is not valid; expected a finite number >= 0")
+    for name, value in (("noise", noise), ("calibrate", calibrate), ("inplace", inplace)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={value!r} is not valid; expected True or False")
+
+
+# ---------------------------------------------------------------------------- masks
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _uniform(shape: tuple[int, ...], x: torch.Tensor, fmt: torch.memory_format, generator) -> torch.Tensor:
+    # float32 noise regardless of x's dtype: bf16 has only 8 bits of mantissa, too coarse
+    # for seed rates near 0.006.
+    u = torch.empty(shape, dtype=torch.float32, device=x.device, memory_format=fmt)
+    return u.uniform_(generator=generator)
+
+
+def _block_offsets(block: tuple[int, ...], seed_region: str, device: torch.device) -> list[torch.Tensor]:
+    """Per-dim offsets from a seed position to the units of its block."""
+    offs = []
+    for k in block:
+        r = torch.arange(k, device=device)
+        offs.append(r if seed_region == "valid" else r - k // 2)
+    return offs
+
+
+def _expand_sparse(
+    seeds: torch.Tensor, spatial: tuple[int, ...], block: tuple[int, ...], seed_region: str, fmt
+) -> torch.Tensor:
+    """Keep-mask by scattering each seed's block: cost proportional to the number of seeds."""
+    shape = tuple(seeds.shape[:2]) + tuple(spatial)
+    keep = torch.empty(shape, dtype=torch.bool, device=seeds.device, memory_format=fmt).fill_(True)
+    idx = seeds.nonzero()  # (M, 2 + nd)
+    if idx.shape[0] == 0:
+        return keep
+    nd = len(spatial)
+    offs = _block_offsets(block, seed_region, seeds.device)
+    grids = torch.meshgrid(*offs, indexing="ij")
+    index: list[torch.Tensor] = [idx[:, 0:1], idx[:, 1:2]]
+    for d in range(nd):
+        coord = idx[:, 2 + d : 3 + d] + grids[d].reshape(1, -1)
+        # Clamping folds clipped edge blocks onto the border, which the clipped block covers.
+        index.append(coord.clamp_(0, spatial[d] - 1))
+    keep.index_put_(tuple(index), torch.tensor(False, device=seeds.device))
+    return keep
+
+
+def _expand_dense(
+    seeds: torch.Tensor, spatial: tuple[int, ...], block: tuple[int, ...], seed_region: str, fmt
+) -> torch.Tensor:
+    """Keep-mask by a separable max-pool of the seed grid: the official algorithm, traceable."""
+    nd = len(spatial)
+    work_dtype = torch.float32 if seeds.device.type == "cpu" else torch.float16
+    s = seeds.to(work_dtype)
+    pad: list[int] = []
+    for k in reversed(block):  # F.pad lists the last dim first
+        if seed_region == "valid":
+            pad += [k - 1, k - 1]
+        else:
+            pad += [(k - 1) // 2, k // 2]
+    s = F.pad(s, pad)
+    pool = F.max_pool2d if nd == 2 else F.max_pool3d
+    for d, k in enumerate(block):
+        if k > 1:
+            kernel = [1] * nd
+            kernel[d] = k
+            s = pool(s, kernel_size=tuple(kernel), stride=1)
+    keep = s == 0
+    return keep.contiguous(memory_format=fmt) if fmt != torch.contiguous_format else keep
+
+
+def _pick_backend(x: torch.Tensor) -> str:
+    if _backend != "auto":
+        return _backend
+    if torch.compiler.is_compiling() or x.device.type != "cpu":
+        # nonzero() would break the graph under torch.compile and sync the host on GPUs.
+        return "reference"
+    return "sparse"
+
+
+# ---------------------------------------------------------------------------- autograd
+
+
+class _ApplyKeepMask(torch.autograd.Function):
+    """``out = x * keep * scale`` (dropped units optionally filled), saving only the bool mask."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale, fill, inplace):  # type: ignore[override]
+        s = scale.to(x.dtype)
+        if inplace:
+            out = x.mul_(keep).mul_(s)
+            ctx.mark_dirty(x)
+        else:
+            out = torch.mul(x, keep).mul_(s)
+        if fill is not None:
+            out.add_(fill.masked_fill(keep, 0))
+        ctx.save_for_backward(keep, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        keep, scale = ctx.saved_tensors
+        return torch.mul(grad, keep).mul_(scale.to(grad.dtype)), None, None, None, None
+
+
+# ---------------------------------------------------------------------------- the op
+
+
+def drop_block(
+    x: torch.Tensor,
+    drop_prob: float | torch.Tensor,
+    block_size: BlockSize,
+    *,
+    training: bool = True,
+    mask: MaskMode = "channel",
+    seed_region: SeedRegion = "valid",
+    gamma_scale: float = 1.0,
+    scale: ScaleMode = "count",
+    noise: bool = False,
+    calibrate: bool = False,
+    inplace: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DropBlock on a 4-D ``(N, C, H, W)`` or 5-D ``(N, C, D, H, W)`` tensor.
+
+    Args:
+        x: input feature map.
+        drop_prob: target fraction of dropped units, in ``[0, 1]`` (``1 - keep_prob``).
+            A 0-d tensor is accepted (used by the modules so that changing the rate
+            never recompiles under ``torch.compile``).
+        block_size: side of the dropped blocks (int, or one int per spatial dim);
+            clipped per side to the feature map. Even sizes drop exactly ``k x k`` blocks.
+        training: when False the input object itself is returned.
+        mask: ``"channel"`` (paper: one mask per sample and channel), ``"shared"`` (one
+            mask per sample shared by its channels, timm's ``couple_channels``) or
+            ``"batch"`` (one mask for the whole batch).
+        seed_region: ``"valid"`` (paper: seeds only where the whole block fits) or
+            ``"full"`` (seeds anywhere, edge blocks clipped, as timm).
+        gamma_scale: multiplies the seed rate (timm's ``gamma_scale``).
+        scale: ``"count"`` (paper: divide by the kept fraction actually drawn over the
+            whole tensor, in fp32), ``"expected"`` (divide by the exact expected kept
+            fraction; no reduction) or ``"none"``.
+        noise: fill dropped units with N(0, 1) samples (timm's ``with_noise``).
+        calibrate: solve gamma so that the expected dropped fraction equals
+            ``drop_prob * gamma_scale`` exactly for this map and block size.
+        inplace: write the result into ``x``.
+        generator: random generator for the masks (default: the global one).
+
+    Returns:
+        A tensor of the shape, dtype and memory format of ``x``.
+
+    Example:
+        >>> x = torch.randn(2, 8, 14, 14)
+        >>> y = drop_block(x, 0.1, 7)
+        >>> y.shape
+        torch.Size([2, 8, 14, 14])
+        >>> drop_block(x, 0.1, 7, training=False) is x
+        True
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5):
+        got = f"a tensor with {x.dim()} dims" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a 4-D (N, C, H, W) or 5-D (N, C, D, H, W) tensor, got {got}")
+    compiling = torch.compiler.is_compiling()
+    p_float: float | None = None
+    if isinstance(drop_prob, torch.Tensor):
+        if not compiling:
+            p_float = check_drop_prob(float(drop_prob))
+    else:
+        p_float = check_drop_prob(drop_prob)
+    block_req = normalize_block_size(block_size, x.dim() - 2)
+    if not compiling:
+        check_options(mask, seed_region, scale, gamma_scale, noise, calibrate, inplace)
+    if not training or p_float == 0.0:
+        return x
+    return _drop_block_train(
+        x, drop_prob if p_float is None else p_float, block_req,
+        mask, seed_region, float(gamma_scale), scale, noise, calibrate, inplace, generator,
+    )
+
+
+def _drop_block_train(
+    x: torch.Tensor,
+    drop_prob: float | torch.Tensor,
+    block_req: tuple[int, ...],
+    mask: str,
+    seed_region: str,
+    gamma_scale: float,
+    scale: str,
+    noise: bool,
+    calibrate: bool,
+    inplace: bool,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    spatial = tuple(int(s) for s in x.shape[2:])
+    if any(s == 0 for s in spatial) or x.numel() == 0:
+        return x
+    block = clip_block(spatial, block_req)
+    grid = seed_grid(spatial, block, seed_region)
+
+    gamma: float | torch.Tensor
+    if isinstance(drop_prob, torch.Tensor):
+        target = (drop_prob.to(device=x.device, dtype=torch.float32) * gamma_scale).clamp(0.0, 1.0)
+        if calibrate:
+            gamma = calibrated_gamma_tensor(target, spatial, block, seed_region)
+        else:
+            gamma = (target * gamma_factor(spatial, block)).clamp(0.0, 1.0)
+    elif calibrate:
+        gamma = calibrated_gamma(min(1.0, drop_prob * gamma_scale), spatial, block, seed_region)
+    else:
+        gamma = paper_gamma(drop_prob, spatial, block, gamma_scale)
+
+    n, c = x.shape[0], x.shape[1]
+    mask_nc = {"channel": (n, c), "shared": (n, 1), "batch": (1, 1)}[mask]
+    fmt = _memory_format(x) if mask == "channel" else torch.contiguous_format
+    with torch.no_grad():
+        seeds = _uniform(mask_nc + grid, x, fmt, generator) < gamma
+        if _pick_backend(x) == "sparse":
+            keep = _expand_sparse(seeds, spatial, block, seed_region, fmt)
+        else:
+            keep = _expand_dense(seeds, spatial, block, seed_region, fmt)
+
+        if scale == "count":
+            kept = keep.sum(dtype=torch.int64).clamp_(min=1).to(torch.float32)
+            scale_t = torch.div(float(keep.numel()), kept)
+        elif scale == "expected":
+            if isinstance(gamma, torch.Tensor):
+                scale_t = 1.0 / expected_keep_tensor(gamma, spatial, block, seed_region).clamp(min=1e-12)
+            else:
+                keep_rate = 1.0 - expected_drop_rate(gamma, spatial, block, seed_region)
+                scale_t = torch.tensor(1.0 / max(keep_rate, 1e-12), dtype=torch.float32, device=x.device)
+        else:
+            scale_t = torch.ones((), dtype=torch.float32, device=x.device)
+        fill = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator) if noise else None
+    return _ApplyKeepMask.apply(x, keep, scale_t, fill, inplace)
