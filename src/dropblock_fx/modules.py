@@ -13,6 +13,7 @@ Two properties the rest of the library relies on:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -28,6 +29,22 @@ from .op.functional import (
 )
 
 __all__ = ["DropBlock2d", "DropBlock3d", "DropBlockNd"]
+
+
+_warned_unscheduled = False
+
+
+def _warn_unscheduled() -> None:
+    global _warned_unscheduled
+    if not _warned_unscheduled:
+        _warned_unscheduled = True
+        warnings.warn(
+            "dropblock_fx: this model's recipe has a schedule, but no schedule is attached, so "
+            "DropBlock trains at its final rate from the first step. Call "
+            "dropblock_fx.attach_schedule(model, total_steps=..., optimizer=...) before training.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 class DropBlockNd(nn.Module):
@@ -63,6 +80,9 @@ class DropBlockNd(nn.Module):
         self.inplace = inplace
         self.generator = generator
         self._drop_prob = p
+        # Set by surgery when the recipe has a schedule, cleared by attach_schedule: a
+        # scheduled recipe must never silently train at its final rate.
+        self.schedule_pending = False
         # Non-persistent: invisible to state_dict(), so weights load strictly both ways.
         self.register_buffer("drop_prob_tensor", torch.tensor(p, dtype=torch.float32), persistent=False)
 
@@ -103,6 +123,8 @@ class DropBlockNd(nn.Module):
         else:
             if not self.training or self._drop_prob == 0.0:
                 return x
+            if self.schedule_pending:
+                _warn_unscheduled()
             p = self._drop_prob
         return _drop_block_train(
             x, p, normalize_block_size(self.block_size, self.n_spatial), self.mask, self.seed_region,
