@@ -49,6 +49,11 @@ SCALE_MODES: tuple[str, ...] = ("count", "expected", "none")
 BACKENDS: tuple[str, ...] = ("auto", "reference", "sparse")
 
 _backend: str = "auto"
+# Above this seed rate the geometric sampler draws more numbers than the dense path.
+_SPARSE_MAX_GAMMA = 0.25
+# Below this many seed positions (shared / batch masks) a few dense ops cost less than
+# the sampler's bookkeeping.
+_SPARSE_MIN_GRID = 1 << 15
 
 
 def set_backend(name: str) -> None:
@@ -159,49 +164,102 @@ def _block_offsets(block: tuple[int, ...], seed_region: str, device: torch.devic
     return offs
 
 
+def _sample_seed_positions(count: int, gamma: float, device: torch.device, generator) -> torch.Tensor:
+    """Flat positions of the successes of ``count`` iid Bernoulli(gamma) trials.
+
+    Draws the gaps between successes (geometric) instead of one number per trial, so the
+    cost is proportional to the number of seeds: ~150x fewer random numbers at the paper's
+    settings. Exact, not an approximation: gaps of iid Bernoulli trials are iid geometric.
+    """
+    if gamma <= 0.0 or count == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    log_q = math.log1p(-gamma) if gamma < 1.0 else -math.inf
+    mean = count * gamma
+    positions: list[torch.Tensor] = []
+    start = 0  # next trial index not yet decided
+    while start < count:
+        remaining = count - start
+        m = int(min(remaining, mean * (remaining / count) + 6.0 * math.sqrt(mean + 1.0) + 16))
+        u = torch.rand(m, dtype=torch.float64, device=device, generator=generator)
+        # Failures before each success: floor(log(v) / log(1 - gamma)), v in (0, 1].
+        gaps = torch.floor(torch.log1p(-u) / log_q) if gamma < 1.0 else torch.zeros_like(u)
+        pos = start + torch.cumsum(gaps.to(torch.int64) + 1, 0) - 1
+        inside = pos < count
+        positions.append(pos[inside])
+        if bool(inside.all()):
+            start = int(pos[-1]) + 1
+        else:
+            break
+    return torch.cat(positions) if len(positions) > 1 else positions[0]
+
+
 def _expand_sparse(
-    seeds: torch.Tensor, spatial: tuple[int, ...], block: tuple[int, ...], seed_region: str, fmt
+    seed_pos: torch.Tensor,
+    mask_nc: tuple[int, int],
+    grid: tuple[int, ...],
+    spatial: tuple[int, ...],
+    block: tuple[int, ...],
+    seed_region: str,
+    fmt,
+    device: torch.device,
 ) -> torch.Tensor:
-    """Keep-mask by scattering each seed's block: cost proportional to the number of seeds."""
-    shape = tuple(seeds.shape[:2]) + tuple(spatial)
-    keep = torch.empty(shape, dtype=torch.bool, device=seeds.device, memory_format=fmt).fill_(True)
-    idx = seeds.nonzero()  # (M, 2 + nd)
-    if idx.shape[0] == 0:
+    """Keep-mask by scattering each seed's block: cost proportional to the number of seeds.
+
+    ``seed_pos`` are flat (row-major) positions in the ``mask_nc + grid`` seed tensor.
+    """
+    shape = tuple(mask_nc) + tuple(spatial)
+    keep = torch.empty(shape, dtype=torch.bool, device=device, memory_format=fmt).fill_(True)
+    if seed_pos.numel() == 0:
         return keep
-    nd = len(spatial)
-    offs = _block_offsets(block, seed_region, seeds.device)
-    grids = torch.meshgrid(*offs, indexing="ij")
-    index: list[torch.Tensor] = [idx[:, 0:1], idx[:, 1:2]]
-    for d in range(nd):
-        coord = idx[:, 2 + d : 3 + d] + grids[d].reshape(1, -1)
+    # Unravel seed positions into (n, c, *grid) coordinates.
+    coords: list[torch.Tensor] = []
+    rest = seed_pos
+    for size in reversed(tuple(mask_nc) + tuple(grid)):
+        coords.append(rest % size)
+        rest = rest // size
+    coords.reverse()
+    strides = keep.stride()
+    base = coords[0] * strides[0] + coords[1] * strides[1]
+    flat = base.unsqueeze(1)
+    offs = _block_offsets(block, seed_region, device)
+    for d in range(len(spatial)):
         # Clamping folds clipped edge blocks onto the border, which the clipped block covers.
-        index.append(coord.clamp_(0, spatial[d] - 1))
-    keep.index_put_(tuple(index), torch.tensor(False, device=seeds.device))
+        c = (coords[2 + d].unsqueeze(1) + offs[d].unsqueeze(0)).clamp_(0, spatial[d] - 1)
+        c = c * strides[2 + d]
+        flat = (flat.unsqueeze(-1) + c.unsqueeze(1)).flatten(1)
+    storage = keep.as_strided((keep.numel(),), (1,))
+    storage.index_fill_(0, flat.reshape(-1), False)
     return keep
+
+
+def _seeds_to_positions(seeds: torch.Tensor) -> torch.Tensor:
+    return seeds.contiguous().reshape(-1).nonzero().squeeze(1)
 
 
 def _expand_dense(
     seeds: torch.Tensor, spatial: tuple[int, ...], block: tuple[int, ...], seed_region: str, fmt
 ) -> torch.Tensor:
-    """Keep-mask by a separable max-pool of the seed grid: the official algorithm, traceable."""
-    nd = len(spatial)
-    work_dtype = torch.float32 if seeds.device.type == "cpu" else torch.float16
-    s = seeds.to(work_dtype)
+    """Keep-mask by a separable sliding max (any) of the seed grid: the official algorithm.
+
+    ``unfold(...).any(-1)`` per dim is a max-pool with stride 1 and ``k`` taps; on bool
+    tensors it needs no float copy and is ~4x faster than ``max_pool2d`` on the CPU.
+    """
+    s = seeds if seeds.dtype == torch.bool else seeds != 0
     pad: list[int] = []
     for k in reversed(block):  # F.pad lists the last dim first
         if seed_region == "valid":
             pad += [k - 1, k - 1]
         else:
             pad += [(k - 1) // 2, k // 2]
-    s = F.pad(s, pad)
-    pool = F.max_pool2d if nd == 2 else F.max_pool3d
+    if any(pad):
+        s = F.pad(s, pad)
     for d, k in enumerate(block):
         if k > 1:
-            kernel = [1] * nd
-            kernel[d] = k
-            s = pool(s, kernel_size=tuple(kernel), stride=1)
-    keep = s == 0
-    return keep.contiguous(memory_format=fmt) if fmt != torch.contiguous_format else keep
+            s = s.unfold(2 + d, k, 1).any(-1)
+    keep = s.logical_not()
+    if fmt != torch.contiguous_format and not keep.is_contiguous(memory_format=fmt):
+        keep = keep.contiguous(memory_format=fmt)
+    return keep
 
 
 def _pick_backend(x: torch.Tensor) -> str:
@@ -221,21 +279,35 @@ class _ApplyKeepMask(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, keep, scale, fill, inplace):  # type: ignore[override]
-        s = scale.to(x.dtype)
-        if inplace:
+        s = scale.to(x.dtype) if isinstance(scale, torch.Tensor) else scale
+        if keep.numel() < x.numel() and fill is None:
+            # Shared / batch masks are small: fold the scale into them, one pass over x.
+            m = keep.to(x.dtype).mul_(s)
+            out = x.mul_(m) if inplace else torch.mul(x, m)
+            if inplace:
+                ctx.mark_dirty(x)
+        elif inplace:
             out = x.mul_(keep).mul_(s)
             ctx.mark_dirty(x)
         else:
             out = torch.mul(x, keep).mul_(s)
         if fill is not None:
             out.add_(fill.masked_fill(keep, 0))
-        ctx.save_for_backward(keep, scale)
+        if isinstance(scale, torch.Tensor):
+            ctx.save_for_backward(keep, scale)
+        else:
+            ctx.save_for_backward(keep)
+            ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        keep, scale = ctx.saved_tensors
-        return torch.mul(grad, keep).mul_(scale.to(grad.dtype)), None, None, None, None
+        saved = ctx.saved_tensors
+        keep = saved[0]
+        s = saved[1].to(grad.dtype) if len(saved) > 1 else ctx.scale
+        if keep.numel() < grad.numel():
+            return torch.mul(grad, keep.to(grad.dtype).mul_(s)), None, None, None, None
+        return torch.mul(grad, keep).mul_(s), None, None, None, None
 
 
 # ---------------------------------------------------------------------------- the op
@@ -348,22 +420,35 @@ def _drop_block_train(
     mask_nc = {"channel": (n, c), "shared": (n, 1), "batch": (1, 1)}[mask]
     fmt = _memory_format(x) if mask == "channel" else torch.contiguous_format
     with torch.no_grad():
-        seeds = _uniform(mask_nc + grid, x, fmt, generator) < gamma
-        if _pick_backend(x) == "sparse":
-            keep = _expand_sparse(seeds, spatial, block, seed_region, fmt)
+        compiling = torch.compiler.is_compiling()
+        backend = _pick_backend(x)
+        n_seeds = math.prod(mask_nc + grid)
+        if (
+            backend == "sparse"
+            and not isinstance(gamma, torch.Tensor)
+            and gamma < _SPARSE_MAX_GAMMA
+            and n_seeds >= _SPARSE_MIN_GRID
+        ):
+            pos = _sample_seed_positions(n_seeds, gamma, x.device, generator)
+            keep = _expand_sparse(pos, mask_nc, grid, spatial, block, seed_region, fmt, x.device)
         else:
+            seeds = _uniform(mask_nc + grid, x, fmt, generator) < gamma
             keep = _expand_dense(seeds, spatial, block, seed_region, fmt)
 
-        if scale == "count":
-            kept = keep.sum(dtype=torch.int64).clamp_(min=1).to(torch.float32)
+        scale_t: float | torch.Tensor
+        if scale == "count" and x.device.type == "cpu" and not compiling:
+            # On the CPU a host read of the count is free; a Python float saves kernels.
+            scale_t = keep.numel() / max(1, int(torch.count_nonzero(keep)))
+        elif scale == "count":
+            kept = torch.count_nonzero(keep).clamp_(min=1).to(torch.float32)
             scale_t = torch.div(float(keep.numel()), kept)
         elif scale == "expected":
             if isinstance(gamma, torch.Tensor):
                 scale_t = 1.0 / expected_keep_tensor(gamma, spatial, block, seed_region).clamp(min=1e-12)
             else:
                 keep_rate = 1.0 - expected_drop_rate(gamma, spatial, block, seed_region)
-                scale_t = torch.tensor(1.0 / max(keep_rate, 1e-12), dtype=torch.float32, device=x.device)
+                scale_t = 1.0 / max(keep_rate, 1e-12)
         else:
-            scale_t = torch.ones((), dtype=torch.float32, device=x.device)
+            scale_t = 1.0
         fill = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator) if noise else None
     return _ApplyKeepMask.apply(x, keep, scale_t, fill, inplace)
