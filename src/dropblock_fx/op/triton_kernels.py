@@ -1,0 +1,447 @@
+"""Fused DropBlock kernels in Triton (CUDA; also run by ``TRITON_INTERPRET=1`` on CPU tensors).
+
+The keep mask is never materialised at full precision, nor as one byte per unit. Four
+kernels, all indexing with the geometry of :mod:`dropblock_fx.op.gamma`:
+
+1. ``_seed_rows_kernel``: one Philox number per seed position, ``tl.rand(seed, offset)``
+   with ``offset`` the seed's linear index in the ``(mask planes, *seed grid)`` tensor, so
+   the same seed gives the same mask on any GPU. Each seed row is dilated along the last
+   spatial dim on chip (a running max of the last seed column, so no ``k``-wide loop) and
+   packed to bits: bit ``w`` of a seed row says "some seed of this row covers column w".
+2. ``_cover_rows_kernel``: for every output row, OR the bit words of the ``k`` (``k x k`` in
+   3-D) seed rows that cover it: the block expansion, done on words. It stores the packed
+   *drop* bits (1 bit per unit; this is all that backward keeps) and adds the row's popcount
+   to one int64 counter (one atomic per program).
+3. ``_apply_kernel``: ``out = x * keep * scale`` in one read and one write of ``x``, with the
+   count normaliser ``numel / kept`` computed in-kernel from the counter; program 0 stores
+   the fp32 scale for backward. Optional N(0, 1) fill of dropped units.
+4. ``_grad_kernel``: ``grad_in = grad * keep * scale`` from the same bits.
+
+Units are addressed through their memory order (contiguous or channels-last, 2-D and 3-D);
+with channels-last inputs the bit words are laid out channel-fastest so that the word loads
+of a warp are coalesced. The arithmetic matches the reference path exactly: the scale is
+``float32(numel) / float32(kept)`` rounded to ``x.dtype``, then ``(x * keep) * scale``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "drop_block_forward", "drop_block_backward", "alloc_outputs", "dense_input", "seed_uniforms", "unpack_keep",
+]
+
+_NEG = -(1 << 20)
+
+
+# ---------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _popcount32(v):
+    v = v - ((v >> 1) & 0x55555555)
+    v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
+    v = (v + (v >> 4)) & 0x0F0F0F0F
+    return (v * 0x01010101) >> 24
+
+
+@triton.jit
+def _round(y, DT: tl.constexpr, FIX_BF16: tl.constexpr):
+    """fp32 -> ``DT`` rounding to nearest even (as torch does).
+
+    ``FIX_BF16`` is only set under ``TRITON_INTERPRET=1``, whose fp32 -> bf16 cast truncates;
+    compiled kernels use the hardware conversion, which already rounds to nearest even.
+    """
+    if FIX_BF16:
+        b = y.to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        r = tl.where(y != y, 0x7FC0, r)
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return y.to(DT)
+
+
+@triton.jit
+def _seed_rows_kernel(
+    seed_ptr, gamma_ptr, hd_ptr, n_rows,
+    RG: tl.constexpr, GW: tl.constexpr, W: tl.constexpr, K: tl.constexpr, FULL: tl.constexpr,
+    BR: tl.constexpr, BW: tl.constexpr, LW: tl.constexpr, NW: tl.constexpr, KHP: tl.constexpr,
+):
+    """Per seed row (mask plane, seed coords but the last): bits of the columns it covers."""
+    pid = tl.program_id(0)
+    seed = tl.load(seed_ptr)
+    gamma = tl.load(gamma_ptr)
+    q = pid.to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)  # seed row ids
+    row_ok = q < n_rows
+    base = q * GW  # linear index of the row's first seed: (plane * RG + grow) * GW
+    t = tl.arange(0, BW)  # lane = output column w
+    # Lane t holds the seed whose block starts at column t: g = t (valid), g = t + K//2 (full).
+    if FULL:
+        g = t + K // 2
+    else:
+        g = t
+    ok = row_ok[:, None] & (g < GW)[None, :]
+    u = tl.rand(seed, base[:, None] + g[None, :].to(tl.int64))
+    hit = ok & (u < gamma)
+    last = tl.associative_scan(tl.where(hit, t[None, :], _NEG), 1, _max_combine)
+    if FULL:
+        if K // 2 > 0:
+            # Seeds g < K//2 start their (clipped) blocks left of column 0: lanes t = g - K//2 < 0.
+            e = tl.arange(0, KHP)
+            ok_e = row_ok[:, None] & (e < K // 2)[None, :]
+            u_e = tl.rand(seed, base[:, None] + e[None, :].to(tl.int64))
+            hit_e = ok_e & (u_e < gamma)
+            init = tl.max(tl.where(hit_e, e[None, :] - K // 2, _NEG), axis=1)
+            last = tl.maximum(last, init[:, None])
+    covered = (last > t[None, :] - K) & (t < W)[None, :]
+    bits = covered.to(tl.uint32) << (t % LW).to(tl.uint32)[None, :]
+    words = tl.sum(tl.reshape(bits, (BR, NW, LW)), axis=2)
+    m = tl.arange(0, NW)
+    tl.store(hd_ptr + q[:, None] * NW + m[None, :], words.to(tl.int32, bitcast=True), mask=row_ok[:, None])
+
+
+@triton.jit
+def _cover_rows_kernel(
+    hd_ptr, bits_ptr, cnt_ptr, n_rows, CM,
+    b_sn, b_sc, b_sr, b_sm,
+    S0: tl.constexpr, S1: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
+    K0: tl.constexpr, K1: tl.constexpr, ND: tl.constexpr, FULL: tl.constexpr, CFAST: tl.constexpr,
+    R: tl.constexpr, RG: tl.constexpr, NW: tl.constexpr, BQ: tl.constexpr, NWP: tl.constexpr,
+):
+    """Per output row: OR the covering seed rows' words; store drop bits; count dropped units."""
+    pid = tl.program_id(0)
+    q = pid.to(tl.int64) * BQ + tl.arange(0, BQ).to(tl.int64)
+    q_ok = q < n_rows
+    if CFAST:  # bits laid out (n, r, word, c): walk rows channel-fastest
+        pc = q % CM
+        tq = q // CM
+        r = tq % R
+        pn = tq // R
+    else:
+        r = q % R
+        tq = q // R
+        pc = tq % CM
+        pn = tq // CM
+    plane = pn * CM + pc
+    m = tl.arange(0, NWP)
+    m_ok = m < NW
+    acc = tl.zeros((BQ, NWP), dtype=tl.uint32)
+    if ND == 2:
+        h = r
+        for j in tl.static_range(K0):
+            if FULL:
+                gh = h + K0 // 2 - j
+            else:
+                gh = h - j
+            ok = q_ok & (gh >= 0) & (gh < G0)
+            ptr = hd_ptr + (plane * RG + gh)[:, None] * NW + m[None, :]
+            v = tl.load(ptr, mask=ok[:, None] & m_ok[None, :], other=0)
+            acc = acc | v.to(tl.uint32, bitcast=True)
+    else:
+        d = r // S1
+        h = r % S1
+        for j0 in tl.static_range(K0):
+            if FULL:
+                gd = d + K0 // 2 - j0
+            else:
+                gd = d - j0
+            ok0 = q_ok & (gd >= 0) & (gd < G0)
+            for j1 in tl.static_range(K1):
+                if FULL:
+                    gh = h + K1 // 2 - j1
+                else:
+                    gh = h - j1
+                ok = ok0 & (gh >= 0) & (gh < G1)
+                ptr = hd_ptr + (plane * RG + gd * G1 + gh)[:, None] * NW + m[None, :]
+                v = tl.load(ptr, mask=ok[:, None] & m_ok[None, :], other=0)
+                acc = acc | v.to(tl.uint32, bitcast=True)
+    out = bits_ptr + (pn * b_sn + pc * b_sc + r * b_sr)[:, None] + m[None, :] * b_sm
+    tl.store(out, acc.to(tl.int32, bitcast=True), mask=q_ok[:, None] & m_ok[None, :])
+    dropped = tl.sum(tl.sum(_popcount32(acc).to(tl.int32), axis=1), axis=0)
+    tl.atomic_add(cnt_ptr, dropped.to(tl.int64))
+
+
+@triton.jit
+def _keep_bit(offs, bits_ptr, b_sn, b_sc, b_sr, b_sm,
+              C: tl.constexpr, W: tl.constexpr, R: tl.constexpr, LW: tl.constexpr, CL: tl.constexpr):
+    """1 where the unit at memory offset ``offs`` is kept, 0 where it is dropped."""
+    if CL:  # memory order (n, *spatial, c)
+        c = offs % C
+        tq = offs // C
+        w = tq % W
+        tq = tq // W
+        r = tq % R
+        n = tq // R
+    else:  # (n, c, *spatial)
+        w = offs % W
+        tq = offs // W
+        r = tq % R
+        tq = tq // R
+        c = tq % C
+        n = tq // C
+    addr = n * b_sn + c * b_sc + r * b_sr + (w // LW) * b_sm
+    word = tl.load(bits_ptr + addr).to(tl.uint32, bitcast=True)
+    return 1 - ((word >> (w % LW).to(tl.uint32)) & 1)
+
+
+@triton.jit
+def _apply_kernel(
+    x_ptr, out_ptr, bits_ptr, cnt_ptr, scale_in_ptr, scale_out_ptr, seed_ptr,
+    total, mask_numel, mask_numel_f, b_sn, b_sc, b_sr, b_sm,
+    C: tl.constexpr, W: tl.constexpr, R: tl.constexpr, LW: tl.constexpr, CL: tl.constexpr,
+    COUNT: tl.constexpr, NOISE: tl.constexpr, FIX_BF16: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if IDX64:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    else:
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < total
+    if COUNT:
+        kept = tl.maximum(mask_numel - tl.load(cnt_ptr), 1)
+        s = mask_numel_f / kept.to(tl.float32)
+    else:
+        s = tl.load(scale_in_ptr)
+    if pid == 0:
+        tl.store(scale_out_ptr, s)
+    keep = _keep_bit(tl.where(ok, offs, 0), bits_ptr, b_sn, b_sc, b_sr, b_sm, C, W, R, LW, CL)
+    x = tl.load(x_ptr + offs, mask=ok, other=0)
+    dt = x.dtype
+    # (x * keep) * scale.to(dtype), as the reference: the fp32 product of two values of a
+    # 16-bit type is exact, so one rounding gives the same bits as a native 16-bit multiply.
+    y = (x.to(tl.float32) * keep.to(tl.float32)) * _round(s, dt, FIX_BF16).to(tl.float32)
+    if NOISE:
+        z = _round(tl.randn(tl.load(seed_ptr) + 1, offs.to(tl.int64)), dt, FIX_BF16).to(tl.float32)
+        y = y + tl.where(keep == 1, 0.0, z)
+    tl.store(out_ptr + offs, _round(y, dt, FIX_BF16), mask=ok)
+
+
+@triton.jit
+def _grad_kernel(
+    g_ptr, gi_ptr, bits_ptr, scale_ptr, total, b_sn, b_sc, b_sr, b_sm,
+    C: tl.constexpr, W: tl.constexpr, R: tl.constexpr, LW: tl.constexpr, CL: tl.constexpr,
+    FIX_BF16: tl.constexpr, IDX64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if IDX64:
+        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    else:
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < total
+    keep = _keep_bit(tl.where(ok, offs, 0), bits_ptr, b_sn, b_sc, b_sr, b_sm, C, W, R, LW, CL)
+    g = tl.load(g_ptr + offs, mask=ok, other=0)
+    dt = g.dtype
+    s = _round(tl.load(scale_ptr), dt, FIX_BF16).to(tl.float32)
+    tl.store(gi_ptr + offs, _round((g.to(tl.float32) * keep.to(tl.float32)) * s, dt, FIX_BF16), mask=ok)
+
+
+# ---------------------------------------------------------------------------- host side
+
+
+_APPLY_BLOCK = 1024
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _fix_bf16(t: torch.Tensor) -> bool:
+    return t.dtype == torch.bfloat16 and _interpreting()
+
+
+def _check_device(t: torch.Tensor) -> None:
+    if t.device.type != "cuda" and not _interpreting():
+        raise RuntimeError(
+            f"the Triton DropBlock kernels need a CUDA tensor (got {t.device}); "
+            "set TRITON_INTERPRET=1 to run them on CPU for testing, or use the reference backend"
+        )
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return (not x.is_contiguous()) and x.is_contiguous(memory_format=fmt)
+
+
+def dense_input(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``x`` in a memory order the kernels index (contiguous or channels-last), and which."""
+    if x.is_contiguous():
+        return x, False
+    if _channels_last(x):
+        return x, True
+    return x.contiguous(), False
+
+
+def _word_geometry(width: int) -> tuple[int, int, int]:
+    """Lanes per row (power of 2), bits per word and words per row for a last dim of ``width``."""
+    bw = triton.next_power_of_2(max(width, 1))
+    lw = min(32, bw)
+    return bw, lw, bw // lw
+
+
+def alloc_outputs(
+    x: torch.Tensor, mask: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Output, drop-bits and scale tensors of the fused op (shared with the fake impl)."""
+    xd, cl = dense_input(x)
+    n, c = xd.shape[0], xd.shape[1]
+    spatial = tuple(xd.shape[2:])
+    n_m = 1 if mask == "batch" else n
+    c_m = c if mask == "channel" else 1
+    r = math.prod(spatial[:-1])
+    nw = _word_geometry(spatial[-1])[2]
+    if cl and c_m > 1:
+        bits = xd.new_empty((n_m, r, nw, c_m), dtype=torch.int32).permute(0, 3, 1, 2)
+    else:
+        bits = xd.new_empty((n_m, c_m, r, nw), dtype=torch.int32)
+    out = torch.empty_like(xd)
+    scale = xd.new_empty((), dtype=torch.float32)
+    return out, bits, scale, cl
+
+
+def _bit_strides(bits: torch.Tensor) -> tuple[int, int, int, int]:
+    # Size-1 mask dims broadcast over the batch / channels of x: stride 0.
+    sn = bits.stride(0) if bits.size(0) > 1 else 0
+    sc = bits.stride(1) if bits.size(1) > 1 else 0
+    return sn, sc, bits.stride(2), bits.stride(3)
+
+
+def drop_block_forward(
+    x: torch.Tensor,
+    gamma: torch.Tensor,
+    seed: torch.Tensor,
+    scale_in: torch.Tensor,
+    block: tuple[int, ...] | list[int],
+    mask: str,
+    seed_region: str,
+    scale_mode: str,
+    noise: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward kernels; returns ``(out, drop_bits, scale)``.
+
+    Args:
+        x: ``(N, C, *spatial)`` with 2 or 3 spatial dims; fp32, fp16 or bf16.
+        gamma: seed rate, a 1-element fp32 tensor on ``x.device`` (never a constant, so a
+            new rate never recompiles).
+        seed: 1-element int64 tensor, the Philox key.
+        scale_in: 1-element fp32 tensor, the scale used unless ``scale_mode == "count"``.
+        block: block size per spatial dim, already clipped to the map.
+        mask: ``"channel"``, ``"shared"`` or ``"batch"``.
+        seed_region: ``"valid"`` or ``"full"``.
+        scale_mode: ``"count"`` (computed on chip), else ``scale_in`` is applied.
+        noise: fill dropped units with N(0, 1).
+    """
+    _check_device(x)
+    nd = x.dim() - 2
+    if nd not in (2, 3):
+        raise ValueError(f"expected a 4-D or 5-D tensor, got {x.dim()} dims")
+    out, bits, scale_out, cl = alloc_outputs(x, mask)
+    xd, _ = dense_input(x)
+    n, c = xd.shape[0], xd.shape[1]
+    spatial = tuple(int(s) for s in xd.shape[2:])
+    ks = tuple(min(int(k), s) for k, s in zip(block, spatial))
+    full = seed_region == "full"
+    grid_shape = spatial if full else tuple(s - k + 1 for s, k in zip(spatial, ks))
+    n_m, c_m = bits.size(0), bits.size(1)
+    planes = n_m * c_m
+    width = spatial[-1]
+    bw, lw, nw = _word_geometry(width)
+    rg = math.prod(grid_shape[:-1])
+    r = math.prod(spatial[:-1])
+    device = x.device
+    gamma = gamma.reshape(1).to(device=device, dtype=torch.float32)
+    seed = seed.reshape(1).to(device=device, dtype=torch.int64)
+
+    hd = torch.empty((planes * rg, nw), dtype=torch.int32, device=device)
+    n_seed_rows = planes * rg
+    br = max(1, min(64, 2048 // bw))
+    k_last = ks[-1]
+    _seed_rows_kernel[(triton.cdiv(n_seed_rows, br),)](
+        seed, gamma, hd, n_seed_rows,
+        RG=rg, GW=grid_shape[-1], W=width, K=k_last, FULL=full,
+        BR=br, BW=bw, LW=lw, NW=nw, KHP=triton.next_power_of_2(max(k_last // 2, 1)),
+    )
+
+    cnt = torch.zeros(1, dtype=torch.int64, device=device)
+    n_rows = planes * r
+    nwp = triton.next_power_of_2(nw)
+    bq = max(1, 512 // nwp)
+    sn, sc, sr, sm = _bit_strides(bits)
+    s0 = spatial[0]
+    s1 = spatial[1] if nd == 3 else 1
+    g0 = grid_shape[0]
+    g1 = grid_shape[1] if nd == 3 else 1
+    _cover_rows_kernel[(triton.cdiv(n_rows, bq),)](
+        hd, bits, cnt, n_rows, c_m, bits.stride(0), bits.stride(1), sr, sm,
+        S0=s0, S1=s1, G0=g0, G1=g1, K0=ks[0], K1=ks[1] if nd == 3 else 1, ND=nd, FULL=full,
+        CFAST=bool(cl and c_m > 1), R=r, RG=rg, NW=nw, BQ=bq, NWP=nwp,
+    )
+
+    total = xd.numel()
+    mask_numel = planes * math.prod(spatial)
+    scale_in = scale_in.reshape(1).to(device=device, dtype=torch.float32)
+    _apply_kernel[(triton.cdiv(total, _APPLY_BLOCK),)](
+        xd, out, bits, cnt, scale_in, scale_out, seed,
+        total, mask_numel, float(mask_numel), sn, sc, sr, sm,
+        C=c, W=width, R=r, LW=lw, CL=cl, COUNT=scale_mode == "count", NOISE=bool(noise),
+        FIX_BF16=_fix_bf16(xd), IDX64=total + _APPLY_BLOCK >= 2**31, BLOCK=_APPLY_BLOCK,
+    )
+    return out, bits, scale_out
+
+
+def drop_block_backward(grad: torch.Tensor, bits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``grad * keep * scale`` from the drop bits saved by :func:`drop_block_forward`."""
+    _check_device(grad)
+    gd, cl = dense_input(grad)
+    gi = torch.empty_like(gd)
+    spatial = tuple(int(s) for s in gd.shape[2:])
+    _, lw, _ = _word_geometry(spatial[-1])
+    sn, sc, sr, sm = _bit_strides(bits)
+    total = gd.numel()
+    _grad_kernel[(triton.cdiv(total, _APPLY_BLOCK),)](
+        gd, gi, bits, scale.reshape(1), total, sn, sc, sr, sm,
+        C=gd.shape[1], W=spatial[-1], R=math.prod(spatial[:-1]), LW=lw, CL=cl, FIX_BF16=_fix_bf16(gd),
+        IDX64=total + _APPLY_BLOCK >= 2**31, BLOCK=_APPLY_BLOCK,
+    )
+    return gi
+
+
+@triton.jit
+def _uniform_kernel(seed_ptr, u_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    tl.store(u_ptr + offs, tl.rand(tl.load(seed_ptr), offs), mask=offs < n)
+
+
+def seed_uniforms(seed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The uniforms the forward kernel draws on the ``(mask planes, *seed grid)`` tensor.
+
+    Thresholding them at gamma gives the seeds (for tests: the fused masks can then be
+    compared bit for bit with the reference expansion of the same seeds).
+    """
+    _check_device(seed)
+    u = torch.empty(shape, dtype=torch.float32, device=seed.device)
+    n = u.numel()
+    _uniform_kernel[(triton.cdiv(n, 1024),)](seed.reshape(1), u, n, BLOCK=1024)
+    return u
+
+
+def unpack_keep(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The bool keep mask ``(n_m, c_m, *spatial)`` from drop bits (for tests and ``describe``)."""
+    spatial = tuple(shape[2:])
+    width = spatial[-1]
+    _, lw, nw = _word_geometry(width)
+    words = bits.contiguous().to(torch.int64) & 0xFFFFFFFF  # (n_m, c_m, R, nw)
+    lanes = torch.arange(lw, device=bits.device)
+    b = (words.unsqueeze(-1) >> lanes) & 1  # (n_m, c_m, R, nw, lw)
+    b = b.flatten(-2)[..., :width]
+    return (b == 0).reshape(bits.shape[0], bits.shape[1], *spatial)
