@@ -46,7 +46,7 @@ BlockSize = Union[int, Sequence[int]]
 MASK_MODES: tuple[str, ...] = ("channel", "shared", "batch")
 SEED_REGIONS: tuple[str, ...] = ("valid", "full")
 SCALE_MODES: tuple[str, ...] = ("count", "expected", "none")
-BACKENDS: tuple[str, ...] = ("auto", "reference", "sparse")
+BACKENDS: tuple[str, ...] = ("auto", "reference", "sparse", "triton")
 
 _backend: str = "auto"
 # Above this seed rate the geometric sampler draws more numbers than the dense path.
@@ -57,7 +57,7 @@ _SPARSE_MIN_GRID = 1 << 15
 
 
 def set_backend(name: str) -> None:
-    """Force how masks are built: ``"auto"`` (default), ``"reference"`` or ``"sparse"``.
+    """Force how masks are built: ``"auto"`` (default), ``"reference"``, ``"sparse"`` or ``"triton"``.
 
     The environment variable ``DROPBLOCK_FX_BACKEND`` sets the same at import time.
 
@@ -93,7 +93,7 @@ def normalize_block_size(block_size: BlockSize, n_spatial: int) -> tuple[int, ..
     if isinstance(block_size, int):
         sizes: tuple[int, ...] = (block_size,) * n_spatial
     elif isinstance(block_size, Sequence) and len(block_size) == n_spatial and all(
-        isinstance(b, int) and not isinstance(b, bool) for b in block_size
+        [isinstance(b, int) and not isinstance(b, bool) for b in block_size]
     ):
         sizes = tuple(block_size)
     else:
@@ -101,7 +101,7 @@ def normalize_block_size(block_size: BlockSize, n_spatial: int) -> tuple[int, ..
             f"block_size={block_size!r} is not valid; expected an integer >= 1 "
             f"or a sequence of {n_spatial} integers >= 1"
         )
-    if any(b < 1 for b in sizes):
+    if any([b < 1 for b in sizes]):
         raise ValueError(f"block_size={block_size!r} is not valid; every size must be >= 1")
     return sizes
 
@@ -262,9 +262,21 @@ def _expand_dense(
     return keep
 
 
+def _find_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+_HAS_TRITON: bool = _find_triton()
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _pick_backend(x: torch.Tensor) -> str:
     if _backend != "auto":
         return _backend
+    if x.device.type == "cuda" and _HAS_TRITON and x.dtype in _TRITON_DTYPES:
+        return "triton"  # fused kernels (op/triton_kernels.py), one custom op for compile/FX
     if torch.compiler.is_compiling() or x.device.type != "cpu":
         # nonzero() would break the graph under torch.compile and sync the host on GPUs.
         return "reference"
@@ -398,8 +410,8 @@ def _drop_block_train(
     inplace: bool,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    spatial = tuple(int(s) for s in x.shape[2:])
-    if any(s == 0 for s in spatial) or x.numel() == 0:
+    spatial = tuple([int(s) for s in x.shape[2:]])
+    if x.numel() == 0:
         return x
     block = clip_block(spatial, block_req)
     grid = seed_grid(spatial, block, seed_region)
@@ -415,6 +427,11 @@ def _drop_block_train(
         gamma = calibrated_gamma(min(1.0, drop_prob * gamma_scale), spatial, block, seed_region)
     else:
         gamma = paper_gamma(drop_prob, spatial, block, gamma_scale)
+
+    if _pick_backend(x) == "triton":
+        from .custom_ops import drop_block_triton  # Triton is optional: imported on first use
+
+        return drop_block_triton(x, gamma, block, mask, seed_region, scale, noise, inplace, generator)
 
     n, c = x.shape[0], x.shape[1]
     mask_nc = {"channel": (n, c), "shared": (n, 1), "batch": (1, 1)}[mask]

@@ -1,0 +1,123 @@
+"""The fused DropBlock as ``torch.library`` custom ops: ``torch.compile`` and FX see one op.
+
+* ``dropblock_fx::drop_block_fused(x, gamma, seed, scale_in, block, mask, seed_region,
+  scale_mode, noise) -> (out, drop_bits, scale)``: the Triton forward. ``gamma`` and
+  ``seed`` are tensors, so a new drop rate or a new random draw never recompiles.
+* ``dropblock_fx::drop_block_fused_backward(grad, drop_bits, scale) -> grad_in``.
+
+Both have fake implementations (shapes, dtypes and strides identical to the real ones) and
+the forward has an autograd formula that saves only the 1-bit mask and the fp32 scale.
+:func:`drop_block_triton` is what ``drop_block`` calls when the backend is ``"triton"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import triton_kernels as tk
+from .gamma import expected_drop_rate, expected_keep_tensor
+
+__all__ = ["drop_block_fused", "drop_block_fused_backward", "drop_block_triton"]
+
+
+@torch.library.custom_op("dropblock_fx::drop_block_fused", mutates_args=())
+def drop_block_fused(
+    x: Tensor,
+    gamma: Tensor,
+    seed: Tensor,
+    scale_in: Tensor,
+    block: Sequence[int],
+    mask: str,
+    seed_region: str,
+    scale_mode: str,
+    noise: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused DropBlock forward; see :func:`dropblock_fx.op.triton_kernels.drop_block_forward`."""
+    return tk.drop_block_forward(x, gamma, seed, scale_in, list(block), mask, seed_region, scale_mode, noise)
+
+
+@drop_block_fused.register_fake
+def _drop_block_fused_fake(x, gamma, seed, scale_in, block, mask, seed_region, scale_mode, noise):
+    out, bits, scale, _ = tk.alloc_outputs(x, mask)
+    return out, bits, scale
+
+
+@torch.library.custom_op("dropblock_fx::drop_block_fused_backward", mutates_args=())
+def drop_block_fused_backward(grad: Tensor, bits: Tensor, scale: Tensor) -> Tensor:
+    """``grad * keep * scale`` from the drop bits of :func:`drop_block_fused`."""
+    return tk.drop_block_backward(grad, bits, scale)
+
+
+@drop_block_fused_backward.register_fake
+def _drop_block_fused_backward_fake(grad, bits, scale):
+    return torch.empty_like(tk.dense_input(grad)[0])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, bits, scale = output
+    ctx.save_for_backward(bits, scale)
+
+
+def _backward(ctx, grad_out, _grad_bits, _grad_scale):
+    bits, scale = ctx.saved_tensors
+    return drop_block_fused_backward(grad_out, bits, scale), None, None, None, None, None, None, None, None
+
+
+def _setup_context_bwd(ctx, inputs, output) -> None:
+    _, bits, scale = inputs
+    ctx.save_for_backward(bits, scale)
+
+
+def _backward_bwd(ctx, gg):
+    # The backward is linear in grad with the same mask: its own derivative is itself.
+    bits, scale = ctx.saved_tensors
+    return drop_block_fused_backward(gg, bits, scale), None, None
+
+
+drop_block_fused.register_autograd(_backward, setup_context=_setup_context)
+drop_block_fused_backward.register_autograd(_backward_bwd, setup_context=_setup_context_bwd)
+
+
+def drop_block_triton(
+    x: Tensor,
+    gamma: float | Tensor,
+    block: tuple[int, ...],
+    mask: str,
+    seed_region: str,
+    scale: str,
+    noise: bool,
+    inplace: bool,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """Training-mode DropBlock through the fused op (called by ``drop_block``'s dispatch).
+
+    ``gamma`` is the seed rate computed by :mod:`.gamma` (a float in eager code, a 0-d
+    tensor under ``torch.compile``); ``block`` is already clipped to the map.
+    """
+    spatial = tuple(int(s) for s in x.shape[2:])
+    dev = x.device
+    if isinstance(gamma, Tensor):
+        gamma_t = gamma.to(device=dev, dtype=torch.float32).reshape(1)
+    else:
+        gamma_t = torch.full((1,), float(gamma), dtype=torch.float32, device=dev)
+    if scale == "expected":
+        if isinstance(gamma, Tensor):
+            scale_t = 1.0 / expected_keep_tensor(gamma_t.reshape(()), spatial, block, seed_region).clamp(min=1e-12)
+            scale_t = scale_t.reshape(1)
+        else:
+            keep_rate = 1.0 - expected_drop_rate(float(gamma), spatial, block, seed_region)
+            scale_t = torch.full((1,), 1.0 / max(keep_rate, 1e-12), dtype=torch.float32, device=dev)
+    elif scale == "none":
+        scale_t = torch.ones((1,), dtype=torch.float32, device=dev)
+    else:
+        scale_t = gamma_t  # unused: the count normaliser is computed on chip
+    # The Philox key is drawn from torch's RNG on the device (no host sync, reproducible
+    # under torch.manual_seed, and replaced by inductor's own seed handling when compiled).
+    seed_t = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=dev, generator=generator)
+    out = drop_block_fused(x, gamma_t, seed_t, scale_t, list(block), mask, seed_region, scale, noise)[0]
+    if inplace:
+        return x.copy_(out)
+    return out
