@@ -2,6 +2,16 @@
 
 from .modules import DropBlock2d, DropBlock3d, DropBlockNd
 from .op import calibrated_gamma, drop_block, expected_drop_rate, paper_gamma, set_backend
+from .recipe import Recipe, RecipeError, ScheduleSpec, StageSpec, list_recipes, load_recipe, resolve_stage
+from .schedule import (
+    DropBlockSchedule,
+    attach_schedule,
+    detach_schedule,
+    list_hooks,
+    list_schedules,
+    register_hook,
+    register_schedule,
+)
 
 __version__ = "0.1.0"
 
@@ -14,4 +24,18 @@ __all__ = [
     "calibrated_gamma",
     "expected_drop_rate",
     "set_backend",
+    "Recipe",
+    "StageSpec",
+    "ScheduleSpec",
+    "RecipeError",
+    "load_recipe",
+    "list_recipes",
+    "resolve_stage",
+    "register_schedule",
+    "list_schedules",
+    "register_hook",
+    "list_hooks",
+    "attach_schedule",
+    "detach_schedule",
+    "DropBlockSchedule",
 ]

@@ -6,16 +6,50 @@ surgery layer (which reads a validated :class:`Recipe`). Field names are public 
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Strict,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+from .errors import KeyedError, closest
 
 SiteKind = Literal["conv", "conv_last", "shortcut", "block", "timm"]
 SITE_KINDS: tuple[str, ...] = ("conv", "conv_last", "shortcut", "block", "timm")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _stage_ref_kind(value: Any) -> str:
+    # Tagged union: a YAML ``true`` or ``3.0`` must not silently become stage 1 or 3.
+    return "name" if isinstance(value, str) else "index"
+
+
+def _stage_item_kind(value: Any) -> str:
+    if isinstance(value, (dict, StageSpec)):
+        return "spec"
+    return _stage_ref_kind(value)
+
+
+def _multiplier_kind(value: Any) -> str:
+    return "preset" if isinstance(value, str) else "table"
+
+
+# A stage: an index (stage ``k`` is at output stride ``2 ** (k + 1)``; negative from the
+# deepest) or a stage name. Plain ``int`` / ``str`` at run time.
+StageRef = Annotated[
+    Union[Annotated[int, Strict(), Tag("index")], Annotated[str, Tag("name")]],
+    Discriminator(_stage_ref_kind),
+]
 
 
 class OpOptions(_Strict):
@@ -32,7 +66,7 @@ class OpOptions(_Strict):
 class StageSpec(_Strict):
     """One selected stage, with optional overrides of the recipe-wide settings."""
 
-    stage: Union[int, str]
+    stage: StageRef
     block_size: Optional[int] = Field(None, ge=1)
     drop_prob: Optional[float] = Field(None, ge=0.0, le=1.0)
     multiplier: Optional[float] = Field(None, ge=0.0)
@@ -48,13 +82,50 @@ class StageSpec(_Strict):
 
 class ScheduleSpec(_Strict):
     """How the drop rate moves over training. ``steps`` / ``epochs`` / ``fraction`` give its
-    length (at most one; none means the whole run)."""
+    length (at most one; none means the whole run). After its length the schedule holds its
+    final value.
+
+    ``name`` is a registered schedule (``dropblock_fx.list_schedules()``); ``params`` are its
+    keyword arguments. A schedule maps progress in ``[0, 1]`` to a factor in ``[0, 1]`` of
+    every module's target rate, so ``linear`` (0 -> 1) is the paper's
+    ``kp_t = 1 - (t / T)(1 - kp)``.
+
+    Example:
+        >>> ScheduleSpec(name="cosine", fraction=0.5).name
+        'cosine'
+    """
 
     name: str = "linear"
     params: dict[str, Any] = Field(default_factory=dict)
     steps: Optional[int] = Field(None, ge=1)
     epochs: Optional[float] = Field(None, gt=0)
     fraction: Optional[float] = Field(None, gt=0.0, le=1.0)
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, name: str) -> str:
+        from ..schedule.registry import canonical_name, list_schedules
+
+        canon = canonical_name(name)
+        known = list_schedules()
+        if canon not in known:
+            raise KeyedError(
+                f"unknown schedule {name!r}{closest(canon, known)}", value=name, allowed=", ".join(known)
+            )
+        return canon
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScheduleSpec":
+        given = [k for k in ("steps", "epochs", "fraction") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise KeyedError(
+                f"give at most one schedule length, got {' and '.join(given)}",
+                path=(given[1],), value=getattr(self, given[1]), allowed="one of steps, epochs, fraction",
+            )
+        from ..schedule.registry import check_schedule
+
+        check_schedule(self.name, self.params)
+        return self
 
 
 class Recipe(_Strict):
@@ -73,15 +144,33 @@ class Recipe(_Strict):
     name: Optional[str] = None
     description: Optional[str] = None
     target: Optional[str] = None
-    stages: list[Union[int, str, StageSpec]] = Field(default_factory=lambda: [-2, -1])
-    sites: list[SiteKind] = Field(default_factory=lambda: ["conv", "conv_last", "shortcut"])
+    stages: list[
+        Annotated[
+            Union[
+                Annotated[int, Strict(), Tag("index")],
+                Annotated[str, Tag("name")],
+                Annotated[StageSpec, Tag("spec")],
+            ],
+            Discriminator(_stage_item_kind),
+        ]
+    ] = Field(default_factory=lambda: [-2, -1], min_length=1)
+    sites: list[SiteKind] = Field(default_factory=lambda: ["conv", "conv_last", "shortcut"], min_length=1)
     block_size: int = Field(7, ge=1)
     drop_prob: Optional[float] = Field(None, ge=0.0, le=1.0)
     keep_prob: Optional[float] = Field(None, ge=0.0, le=1.0)
     block_fraction: float = Field(1.0, gt=0.0, le=1.0)
     # "paper": stage g gets 1 / 4 ** (deepest_selected - g) of the rate (official TF code).
-    stage_multiplier: Union[Literal["none", "paper"], dict[Union[int, str], float]] = "none"
-    input_size: list[int] = Field(default_factory=lambda: [3, 224, 224])
+    stage_multiplier: Annotated[
+        Union[
+            Annotated[Literal["none", "paper"], Tag("preset")],
+            Annotated[dict[StageRef, Annotated[float, Field(ge=0.0)]], Tag("table")],
+        ],
+        Discriminator(_multiplier_kind),
+    ] = "none"
+    # (C, H, W) or (C, D, H, W): the example input that planning propagates shapes with.
+    input_size: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [3, 224, 224], min_length=3, max_length=4
+    )
     schedule: Optional[ScheduleSpec] = None
     mask: Literal["channel", "shared", "batch"] = "channel"
     seed_region: Literal["valid", "full"] = "valid"
@@ -93,7 +182,26 @@ class Recipe(_Strict):
     @model_validator(mode="after")
     def _one_rate(self) -> "Recipe":
         if self.drop_prob is not None and self.keep_prob is not None:
-            raise ValueError("give drop_prob or keep_prob, not both")
+            raise KeyedError(
+                "give drop_prob or keep_prob, not both", path=("keep_prob",), value=self.keep_prob,
+                allowed="drop_prob alone or keep_prob alone (keep_prob = 1 - drop_prob)",
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "Recipe":
+        seen: dict[Any, int] = {}
+        for i, item in enumerate(self.stages):
+            ref = item.stage if isinstance(item, StageSpec) else item
+            if ref in seen:
+                raise KeyedError(
+                    f"stage {ref!r} is listed twice (also stages[{seen[ref]}])", path=("stages", i),
+                    value=ref, allowed="each stage once; put per-stage settings in one mapping",
+                )
+            seen[ref] = i
+        for i, site in enumerate(self.sites):
+            if site in self.sites[:i]:
+                raise KeyedError(f"site {site!r} is listed twice", path=("sites", i), value=site)
         return self
 
     @property
@@ -104,6 +212,45 @@ class Recipe(_Strict):
         if self.keep_prob is not None:
             return round(1.0 - self.keep_prob, 12)
         return 0.1
+
+    def stage_rate(
+        self, stage: int, deepest: int, spec: Optional[StageSpec] = None, name: Optional[str] = None
+    ) -> float:
+        """Target rate of stage ``stage`` (named ``name``) at full schedule strength.
+
+        ``(spec.drop_prob or rate) * (spec.multiplier or the recipe's multiplier for the
+        stage)``; ``"paper"`` gives stage ``g`` the factor ``1 / 4 ** (deepest - g)`` where
+        ``deepest`` is the deepest selected stage, as the official TF code. A multiplier
+        table is looked up by stage index, then by name (the caller resolves negative keys).
+
+        Example:
+            >>> Recipe(stages=[3, 4], keep_prob=0.9, stage_multiplier="paper").stage_rate(3, 4)
+            0.025
+        """
+        rate = spec.drop_prob if spec is not None and spec.drop_prob is not None else self.rate
+        if spec is not None and spec.multiplier is not None:
+            mult = spec.multiplier
+        elif self.stage_multiplier == "paper":
+            mult = 1.0 / 4 ** (deepest - stage)
+        elif isinstance(self.stage_multiplier, dict):
+            table = self.stage_multiplier
+            mult = table.get(stage, table.get(name, 1.0) if name is not None else 1.0)
+        else:
+            mult = 1.0
+        return min(1.0, round(rate * mult, 12))
+
+    def to_yaml(self, *, header: Optional[str] = None) -> str:
+        """The recipe as YAML that :func:`load_recipe` reads back to an equal recipe."""
+        from .loader import recipe_to_yaml
+
+        return recipe_to_yaml(self, header=header)
+
+    @classmethod
+    def from_yaml(cls, text: str, *, file: Optional[str] = None) -> "Recipe":
+        """Parse and validate YAML text (``yaml.safe_load``); errors are :class:`RecipeError`."""
+        from .loader import recipe_from_yaml
+
+        return recipe_from_yaml(text, file=file)
 
     def op_options(self) -> OpOptions:
         """Recipe-wide op options."""

@@ -1,0 +1,297 @@
+"""``attach_schedule`` and ``DropBlockSchedule``: drive every DropBlock module of a model.
+
+Each module has a ``target_drop_prob`` (its rate at full strength: the recipe's rate times
+its stage multiplier). At progress ``p`` the schedule sets
+``module.drop_prob = target_drop_prob * f(p)``, so with the paper recipe and ``linear`` the
+per-group rates are the official code's ``(1 - kp_t) / 4 ** (4 - g)``. Setting ``drop_prob``
+fills a buffer in place, so compiled models are not recompiled.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any, Mapping, Optional, Union
+
+import torch
+
+from ..modules import DropBlockNd
+from ..recipe.schema import ScheduleSpec
+from .hooks import HookContext, HookDef, get_hook
+from .registry import schedule_value
+
+__all__ = ["DropBlockSchedule", "attach_schedule", "detach_schedule"]
+
+_STATE_VERSION = 1
+_ATTACHED: "weakref.WeakKeyDictionary[torch.nn.Module, DropBlockSchedule]" = weakref.WeakKeyDictionary()
+
+ScheduleLike = Union[None, str, Mapping[str, Any], ScheduleSpec]
+
+
+def _to_spec(schedule: ScheduleLike) -> Optional[ScheduleSpec]:
+    if schedule is None or isinstance(schedule, ScheduleSpec):
+        return schedule
+    from ..recipe.loader import validate_schedule
+
+    return validate_schedule({"name": schedule} if isinstance(schedule, str) else schedule)
+
+
+class DropBlockSchedule:
+    """The rate schedule of one model's DropBlock modules.
+
+    The state is one counter, ``count`` (optimizer steps, or epochs for the ``epoch`` hook);
+    ``progress = count / length`` clamped to ``[0, 1]``; every rate is a pure function of it.
+
+    Attributes:
+        spec: the :class:`ScheduleSpec` (name, params, length).
+        length: the schedule's length in ``unit`` s (``None`` for a constant schedule).
+        unit: ``"step"`` or ``"epoch"``.
+        modules: ``{qualified name: module}`` of the driven DropBlock modules.
+        hook: the installed hook's handle (``remove()`` it with :meth:`detach`).
+        callback: the Lightning callback (``hook="lightning"`` only).
+    """
+
+    def __init__(
+        self,
+        modules: Mapping[str, DropBlockNd],
+        spec: ScheduleSpec,
+        length: Optional[float],
+        unit: str = "step",
+        steps_per_epoch: Optional[float] = None,
+    ) -> None:
+        self.modules = dict(modules)
+        self.spec = spec
+        self.length = length
+        self.unit = unit
+        self.steps_per_epoch = steps_per_epoch
+        self.count: float = 0.0
+        self.hook: Any = None
+        self.callback: Any = None
+        self._applied: Optional[float] = None
+        for m in self.modules.values():
+            if getattr(m, "target_drop_prob", None) is None:
+                # A hand-made module: its current rate is its rate at full strength.
+                m.target_drop_prob = float(m.drop_prob)
+        self.apply()
+
+    # -- reading -------------------------------------------------------------------------
+    @property
+    def progress(self) -> float:
+        """Fraction of the schedule done, in ``[0, 1]``."""
+        if not self.length:
+            return 1.0
+        return min(1.0, max(0.0, self.count / self.length))
+
+    @property
+    def value(self) -> float:
+        """The schedule's factor now: every module runs at ``target_drop_prob * value``."""
+        return schedule_value(self.spec.name, self.progress, self.spec.params)
+
+    def value_at(self, count: float) -> float:
+        """The factor after ``count`` units (for plots; changes nothing)."""
+        p = 1.0 if not self.length else min(1.0, max(0.0, count / self.length))
+        return schedule_value(self.spec.name, p, self.spec.params)
+
+    @property
+    def drop_prob(self) -> float:
+        """The current recipe-level rate: the largest module rate now (0 without modules)."""
+        return max((m.drop_prob for m in self.modules.values()), default=0.0)
+
+    @property
+    def keep_prob(self) -> float:
+        """``1 - drop_prob``, the paper's ``kp_t``."""
+        return 1.0 - self.drop_prob
+
+    def rates(self) -> dict[str, float]:
+        """``{module name: current drop_prob}``."""
+        return {name: m.drop_prob for name, m in self.modules.items()}
+
+    # -- advancing -----------------------------------------------------------------------
+    def step(self, n: float = 1, *, epoch: Optional[float] = None) -> float:
+        """Advance by ``n`` units, or jump to ``epoch`` (epochs done; converted to steps when
+        the unit is steps and ``steps_per_epoch`` is known). Returns :attr:`value`."""
+        if epoch is not None:
+            if self.unit == "epoch":
+                self.set_count(epoch)
+            elif self.steps_per_epoch:
+                self.set_count(epoch * self.steps_per_epoch)
+            else:
+                raise ValueError("step(epoch=...) needs hook='epoch' or steps_per_epoch=...")
+        else:
+            self.set_count(self.count + n)
+        return self.value
+
+    def set_count(self, count: float) -> None:
+        """Jump to ``count`` units done (Lightning's ``global_step``; exact resume)."""
+        count = float(count)
+        if not math.isfinite(count) or count < 0:
+            raise ValueError(f"count must be a finite number >= 0, got {count!r}")
+        self.count = count
+        self.apply()
+
+    def apply(self) -> None:
+        """Set every module's ``drop_prob`` from the current factor (cheap when unchanged)."""
+        value = self.value
+        if value == self._applied:
+            return
+        for m in self.modules.values():
+            m.drop_prob = min(1.0, max(0.0, m.target_drop_prob * value))
+            m.schedule_pending = False
+        self._applied = value
+
+    def detach(self) -> None:
+        """Remove the hook; the modules keep their current rates."""
+        if self.hook is not None and hasattr(self.hook, "remove"):
+            self.hook.remove()
+        self.hook = None
+
+    # -- checkpointing ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain Python values only (loads with ``torch.load(weights_only=True)``)."""
+        return {
+            "version": _STATE_VERSION,
+            "count": self.count,
+            "length": self.length,
+            "unit": self.unit,
+            "steps_per_epoch": self.steps_per_epoch,
+            "schedule": self.spec.model_dump(mode="python"),
+            "value": self.value,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore counter, length and schedule, and set the rates: later steps then give
+        exactly the rates of an uninterrupted run."""
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"unknown DropBlockSchedule state version {state.get('version')!r}")
+        self.spec = ScheduleSpec.model_validate(state["schedule"])
+        self.length = state["length"]
+        self.unit = state["unit"]
+        self.steps_per_epoch = state.get("steps_per_epoch")
+        self._applied = None
+        self.set_count(state["count"])
+
+    def __repr__(self) -> str:
+        length = "run" if self.length is None else f"{self.length:g} {self.unit}s"
+        return (
+            f"DropBlockSchedule({self.spec.name!r}, {len(self.modules)} modules, "
+            f"{self.count:g}/{length}, value={self.value:.4g})"
+        )
+
+
+def schedule_length(
+    spec: ScheduleSpec,
+    unit: str,
+    total_steps: Optional[float],
+    epochs: Optional[float],
+    steps_per_epoch: Optional[float],
+) -> Optional[float]:
+    spe = steps_per_epoch
+    if spe is None and total_steps and epochs:
+        spe = total_steps / epochs
+    if unit == "epoch":
+        total = epochs if epochs else (total_steps / spe if total_steps and spe else None)
+    else:
+        total = total_steps if total_steps else (epochs * spe if epochs and spe else None)
+    if spec.steps is not None:
+        if unit == "step":
+            return float(spec.steps)
+        if not spe:
+            raise ValueError(f"a schedule of {spec.steps} steps with hook='epoch' needs steps_per_epoch=...")
+        return spec.steps / spe
+    if spec.epochs is not None:
+        if unit == "epoch":
+            return float(spec.epochs)
+        if not spe:
+            raise ValueError(
+                f"a schedule of {spec.epochs:g} epochs needs steps_per_epoch=... (or total_steps and epochs)"
+            )
+        return spec.epochs * spe
+    if total is None:
+        if spec.name == "constant":
+            return None
+        raise ValueError(
+            "attach_schedule needs the length of the run: total_steps=..., or epochs=... and "
+            "steps_per_epoch=... (or a schedule with its own steps / epochs)"
+        )
+    return total * (spec.fraction if spec.fraction is not None else 1.0)
+
+
+def attach_schedule(
+    model: torch.nn.Module,
+    total_steps: Optional[int] = None,
+    epochs: Optional[float] = None,
+    steps_per_epoch: Optional[int] = None,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    hook: Optional[str] = None,
+    *,
+    schedule: ScheduleLike = None,
+    hook_options: Optional[Mapping[str, Any]] = None,
+) -> DropBlockSchedule:
+    """Drive every DropBlock module of ``model`` with a schedule.
+
+    Args:
+        model: a model with DropBlock modules (``apply_dropblock``'s or your own).
+        total_steps: optimizer steps in the whole run; or give ``epochs`` and
+            ``steps_per_epoch``.
+        optimizer: with it, the default hook is ``"optimizer"``: each ``optimizer.step()``
+            advances the schedule once; without, ``"manual"``.
+        hook: what advances the schedule: ``"optimizer"``, ``"manual"``, ``"epoch"``,
+            ``"forward"``, ``"lightning"`` or one you registered (:func:`register_hook`).
+        schedule: overrides the recipe's schedule (a name, dict or :class:`ScheduleSpec`);
+            default: ``model.dropblock_plan.recipe.schedule``, else the paper's ``linear``.
+        hook_options: extra options for a custom hook (``HookContext.options``).
+
+    Returns:
+        The :class:`DropBlockSchedule`, already applied at step 0. Attaching again replaces
+        (and unhooks) the previous schedule of the model.
+
+    Example:
+        >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), DropBlock2d(0.1, 3))
+        >>> sched = attach_schedule(model, total_steps=100)
+        >>> sched.step(50)
+        0.5
+        >>> model[1].drop_prob
+        0.05
+    """
+    spec = _to_spec(schedule)
+    if spec is None:
+        plan = getattr(model, "dropblock_plan", None)
+        spec = getattr(getattr(plan, "recipe", None), "schedule", None)
+    if spec is None:
+        spec = ScheduleSpec()
+    hook_name = hook if hook is not None else ("optimizer" if optimizer is not None else "manual")
+    hdef: HookDef = get_hook(hook_name)
+    if hdef.name == "lightning" and total_steps is None and epochs is None:
+        length: Optional[float] = None  # the callback reads it from the Trainer
+    else:
+        length = schedule_length(spec, hdef.unit, total_steps, epochs, steps_per_epoch)
+    spe = steps_per_epoch
+    if spe is None and total_steps and epochs:
+        spe = total_steps / epochs
+
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, DropBlockNd)}
+    if not modules:
+        import warnings
+
+        warnings.warn(
+            "attach_schedule: the model has no DropBlock modules; nothing to schedule "
+            "(call dropblock_fx.apply_dropblock first)",
+            UserWarning,
+            stacklevel=2,
+        )
+    previous = _ATTACHED.get(model)
+    if previous is not None:
+        previous.detach()
+    sched = DropBlockSchedule(modules, spec, length, unit=hdef.unit, steps_per_epoch=spe)
+    sched.hook = hdef.install(sched, HookContext(model, optimizer, dict(hook_options or {})))
+    sched.callback = getattr(sched.hook, "callback", None)
+    _ATTACHED[model] = sched
+    return sched
+
+
+def detach_schedule(model: torch.nn.Module) -> Optional[DropBlockSchedule]:
+    """Unhook the model's schedule (rates stay where they are); returns it, or ``None``."""
+    sched = _ATTACHED.pop(model, None)
+    if sched is not None:
+        sched.detach()
+    return sched
