@@ -1,0 +1,205 @@
+"""DropBlock2d / DropBlock3d: attributes, state, FX tracing, torch.compile."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+
+import dropblock_fx as dbx
+from dropblock_fx import modules as mod
+
+
+class Net(nn.Module):
+    def __init__(self, **kw) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop = dbx.DropBlock2d(**({"drop_prob": 0.3, "block_size": 3} | kw))
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.drop(torch.relu(self.bn(self.conv(x)))))
+
+
+def test_options_are_attributes_and_repr_shows_them():
+    m = dbx.DropBlock2d(0.2, 5, mask="shared", seed_region="full", gamma_scale=0.25, scale="none",
+                        noise=True, calibrate=True, inplace=False)
+    for name, value in dict(drop_prob=0.2, block_size=5, mask="shared", seed_region="full", gamma_scale=0.25,
+                            scale="none", noise=True, calibrate=True, inplace=False).items():
+        assert getattr(m, name) == value
+    r = repr(m)
+    for s in ("drop_prob=0.2", "block_size=5", "mask='shared'", "seed_region='full'", "gamma_scale=0.25",
+              "scale='none'", "noise=True", "calibrate=True"):
+        assert s in r
+    assert repr(dbx.DropBlock3d()) == "DropBlock3d(drop_prob=0.1, block_size=7)"
+
+
+def test_state_dict_is_empty_and_rate_survives_dtype_casts():
+    m = dbx.DropBlock2d(0.1, 7)
+    assert m.state_dict() == {}
+    net = Net()
+    keys = set(net.state_dict())
+    assert not any("drop" in k for k in keys)
+    m.to(torch.bfloat16)
+    assert m.drop_prob_tensor.dtype == torch.float32 and m.drop_prob_tensor.item() == pytest.approx(0.1, abs=1e-8)
+    m.half()
+    m.drop_prob = 0.3
+    assert m.drop_prob_tensor.item() == pytest.approx(0.3, abs=1e-7)
+    with pytest.raises(ValueError, match="drop_prob"):
+        m.drop_prob = 2.0
+
+
+def test_training_flag_controls_dropping():
+    m = dbx.DropBlock2d(0.5, 3)
+    x = torch.ones(2, 4, 10, 10)
+    assert (m(x) == 0).any()
+    assert m.eval()(x) is x
+
+
+def test_deepcopy_and_pickle():
+    net = Net()
+    net2 = copy.deepcopy(net)
+    assert net2.drop.drop_prob == 0.3
+    buf = io.BytesIO()
+    torch.save(net, buf)
+    buf.seek(0)
+    net3 = torch.load(buf, weights_only=False)
+    net3.drop.drop_prob = 0.4
+    assert net3.drop.drop_prob_tensor.item() == pytest.approx(0.4)
+    assert net.drop.drop_prob == 0.3
+
+
+def test_3d_module_drops_cuboids():
+    torch.manual_seed(0)
+    y = dbx.DropBlock3d(0.3, 3)(torch.ones(2, 4, 6, 8, 8))
+    assert (y == 0).any() and y.shape == (2, 4, 6, 8, 8)
+
+
+def test_unscheduled_warning_once():
+    mod._warned_unscheduled = False
+    m = dbx.DropBlock2d(0.1, 3)
+    m.schedule_pending = True
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        m(torch.ones(1, 2, 8, 8))
+        m(torch.ones(1, 2, 8, 8))
+    msgs = [str(x.message) for x in w if "attach_schedule" in str(x.message)]
+    assert len(msgs) == 1
+
+
+# ----------------------------------------------------------------- FX
+
+
+def _assert_trace_obeys_mode(gm: nn.Module, out_key=None) -> None:
+    x = torch.ones(4, 3, 16, 16)
+
+    def run():
+        out = gm(x)
+        return out if out_key is None else out[out_key]
+
+    gm.eval()
+    a, b = run(), run()
+    assert torch.equal(a, b)
+    gm.train()
+    torch.manual_seed(0)
+    c = run()
+    torch.manual_seed(1)
+    d = run()
+    assert not torch.equal(c, d)
+
+
+def test_symbolic_trace_keeps_a_leaf_that_obeys_train_and_eval():
+    net = Net()
+    gm = torch.fx.symbolic_trace(net)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    assert "drop" in targets
+    _assert_trace_obeys_mode(gm)
+    # The traced graph computes exactly what the module does.
+    net.eval()
+    gm.eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(net(x), gm(x))
+
+
+def test_symbolic_trace_in_train_mode_works():
+    net = Net().train()
+    gm = torch.fx.symbolic_trace(net)
+    _assert_trace_obeys_mode(gm)
+
+
+def test_torchvision_feature_extractor():
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    net = Net()
+    train_nodes, eval_nodes = get_graph_node_names(net)
+    assert "drop" in train_nodes and "drop" in eval_nodes
+    fe = create_feature_extractor(net, return_nodes={"drop": "feat"})
+    _assert_trace_obeys_mode(fe, "feat")
+
+
+def test_timm_feature_extractor_and_leaf_registration():
+    from timm.layers import get_notrace_modules
+    from timm.models._features_fx import create_feature_extractor
+
+    assert dbx.DropBlock2d in get_notrace_modules() and dbx.DropBlock3d in get_notrace_modules()
+    fe = create_feature_extractor(Net(), return_nodes={"drop": "feat"})
+    _assert_trace_obeys_mode(fe, "feat")
+
+
+# ----------------------------------------------------------------- torch.compile
+
+
+def test_compile_fullgraph_ten_rates_one_graph():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    net = Net(drop_prob=0.0, block_size=3)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(net, backend=counter, fullgraph=True)
+    x = torch.ones(8, 3, 16, 16)
+    fractions = []
+    for p in [0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]:
+        net.drop.drop_prob = p
+        torch.manual_seed(0)
+        with torch.no_grad():
+            feat = torch.relu(net.bn(net.conv(x)))
+        out = compiled(x)
+        out.sum().backward()
+        fractions.append(p)
+        assert torch.isfinite(out).all()
+    assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames"
+    # The rate is read at run time: the compiled drop module drops more as p grows.
+    drop_only = torch.compile(net.drop, fullgraph=True, backend="aot_eager")
+    feat = torch.ones(16, 8, 14, 14)
+    rates = []
+    for p in (0.0, 0.5):
+        net.drop.drop_prob = p
+        rates.append((drop_only(feat) == 0).float().mean().item())
+    assert rates[0] == 0.0 and rates[1] > 0.2
+
+
+@pytest.mark.parametrize("opts", [dict(calibrate=True, scale="expected"), dict(mask="shared", seed_region="full"),
+                                  dict(noise=True, scale="none")])
+def test_compile_fullgraph_options(opts):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    m = dbx.DropBlock2d(0.1, 5, **opts)
+    counter = CompileCounterWithBackend("aot_eager")
+    cm = torch.compile(m, backend=counter, fullgraph=True)
+    x = torch.ones(32, 8, 14, 14, requires_grad=True)
+    for p in (0.1, 0.2, 0.3):
+        m.drop_prob = p
+        y = cm(x)
+        y.sum().backward()
+    assert counter.frame_count == 1
+    if opts.get("calibrate"):
+        m.drop_prob = 0.3
+        frac = (cm(torch.ones(256, 16, 14, 14)) == 0).float().mean().item()
+        assert abs(frac - 0.3) < 0.03  # calibrated: the real rate is the requested one
