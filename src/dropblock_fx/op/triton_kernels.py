@@ -1,13 +1,15 @@
 """Fused DropBlock kernels in Triton (CUDA; also run by ``TRITON_INTERPRET=1`` on CPU tensors).
 
-The keep mask is never materialised at full precision, nor as one byte per unit. Four
+The keep mask is never materialised at full precision, nor as one byte per unit. Five
 kernels, all indexing with the geometry of :mod:`dropblock_fx.op.gamma`:
 
-1. ``_seed_rows_kernel``: one Philox number per seed position, ``tl.rand(seed, offset)``
-   with ``offset`` the seed's linear index in the ``(mask planes, *seed grid)`` tensor, so
-   the same seed gives the same mask on any GPU. Each seed row is dilated along the last
-   spatial dim on chip (a running max of the last seed column, so no ``k``-wide loop) and
-   packed to bits: bit ``w`` of a seed row says "some seed of this row covers column w".
+1. ``_seeds_kernel``: one Philox draw per seed position only (``tl.rand4x``: four uniforms
+   per counter, seed position ``4 c + j`` takes output ``j``), so the same seed gives the same
+   mask on any GPU; stores one byte per seed position (the seed grid: ~1/3 of the units at
+   14x14, block 7).
+   ``_seed_rows_kernel``: dilates each seed row along the last spatial dim (column ``w`` is
+   covered iff the running sum of ``hit[t] - hit[t - k]`` is positive: no ``k``-wide loop)
+   and packs it to bits: bit ``w`` of a seed row says "some seed of this row covers column w".
 2. ``_cover_rows_kernel``: for every output row, OR the bit words of the ``k`` (``k x k`` in
    3-D) seed rows that cover it: the block expansion, done on words. It stores the packed
    *drop* bits (1 bit per unit; this is all that backward keeps) and adds the row's popcount
@@ -43,11 +45,6 @@ _NEG = -(1 << 20)
 
 
 @triton.jit
-def _max_combine(a, b):
-    return tl.maximum(a, b)
-
-
-@triton.jit
 def _popcount32(v):
     v = v - ((v >> 1) & 0x55555555)
     v = (v & 0x33333333) + ((v >> 2) & 0x33333333)
@@ -72,38 +69,57 @@ def _round(y, DT: tl.constexpr, FIX_BF16: tl.constexpr):
 
 
 @triton.jit
+def _uniforms4(seed, c):
+    """Four uniforms per Philox counter ``c``: seed position ``4 c + j`` gets output ``j``."""
+    return tl.rand4x(seed, c)
+
+
+@triton.jit
+def _seeds_kernel(seed_ptr, gamma_ptr, seeds_ptr, n, BLOCK: tl.constexpr):
+    """One uint8 per seed position of the ``(mask planes, *seed grid)`` tensor: ``u < gamma``."""
+    c = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    gamma = tl.load(gamma_ptr)
+    u0, u1, u2, u3 = _uniforms4(tl.load(seed_ptr), c)
+    i = c * 4
+    tl.store(seeds_ptr + i, (u0 < gamma).to(tl.uint8), mask=i < n)
+    tl.store(seeds_ptr + i + 1, (u1 < gamma).to(tl.uint8), mask=i + 1 < n)
+    tl.store(seeds_ptr + i + 2, (u2 < gamma).to(tl.uint8), mask=i + 2 < n)
+    tl.store(seeds_ptr + i + 3, (u3 < gamma).to(tl.uint8), mask=i + 3 < n)
+
+
+@triton.jit
 def _seed_rows_kernel(
-    seed_ptr, gamma_ptr, hd_ptr, n_rows,
-    RG: tl.constexpr, GW: tl.constexpr, W: tl.constexpr, K: tl.constexpr, FULL: tl.constexpr,
-    BR: tl.constexpr, BW: tl.constexpr, LW: tl.constexpr, NW: tl.constexpr, KHP: tl.constexpr,
+    seeds_ptr, hd_ptr, n_rows,
+    GW: tl.constexpr, W: tl.constexpr, K: tl.constexpr, FULL: tl.constexpr,
+    BR: tl.constexpr, BW: tl.constexpr, LW: tl.constexpr, NW: tl.constexpr, KP: tl.constexpr,
 ):
     """Per seed row (mask plane, seed coords but the last): bits of the columns it covers."""
     pid = tl.program_id(0)
-    seed = tl.load(seed_ptr)
-    gamma = tl.load(gamma_ptr)
     q = pid.to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)  # seed row ids
     row_ok = q < n_rows
-    base = q * GW  # linear index of the row's first seed: (plane * RG + grow) * GW
+    base = q * GW
     t = tl.arange(0, BW)  # lane = output column w
     # Lane t holds the seed whose block starts at column t: g = t (valid), g = t + K//2 (full).
+    # Column t is covered iff lanes (t-K, t] hold a seed: a running sum of hit[t] - hit[t-K].
     if FULL:
         g = t + K // 2
     else:
         g = t
-    ok = row_ok[:, None] & (g < GW)[None, :]
-    u = tl.rand(seed, base[:, None] + g[None, :].to(tl.int64))
-    hit = ok & (u < gamma)
-    last = tl.associative_scan(tl.where(hit, t[None, :], _NEG), 1, _max_combine)
+    ga = g[None, :]
+    gb = ga - K
+    a = tl.load(seeds_ptr + base[:, None] + ga, mask=row_ok[:, None] & (ga < GW), other=0)
+    b = tl.load(seeds_ptr + base[:, None] + gb, mask=row_ok[:, None] & (gb >= 0) & (gb < GW), other=0)
+    in_window = tl.cumsum(a.to(tl.int32) - b.to(tl.int32), axis=1)
     if FULL:
         if K // 2 > 0:
-            # Seeds g < K//2 start their (clipped) blocks left of column 0: lanes t = g - K//2 < 0.
-            e = tl.arange(0, KHP)
-            ok_e = row_ok[:, None] & (e < K // 2)[None, :]
-            u_e = tl.rand(seed, base[:, None] + e[None, :].to(tl.int64))
-            hit_e = ok_e & (u_e < gamma)
-            init = tl.max(tl.where(hit_e, e[None, :] - K // 2, _NEG), axis=1)
-            last = tl.maximum(last, init[:, None])
-    covered = (last > t[None, :] - K) & (t < W)[None, :]
+            # Lanes -K..-1 (seeds g < K//2, whose clipped blocks start left of column 0)
+            # enter the window sums without leaving them through hit[t - K], t >= 0.
+            e = tl.arange(0, KP)
+            ge = (e - K + K // 2)[None, :]
+            ok_e = row_ok[:, None] & (e < K)[None, :] & (ge >= 0) & (ge < GW)
+            v = tl.load(seeds_ptr + base[:, None] + ge, mask=ok_e, other=0)
+            in_window += tl.sum(v.to(tl.int32), axis=1)[:, None]
+    covered = (in_window > 0) & (t < W)[None, :]
     bits = covered.to(tl.uint32) << (t % LW).to(tl.uint32)[None, :]
     words = tl.sum(tl.reshape(bits, (BR, NW, LW)), axis=2)
     m = tl.arange(0, NW)
@@ -250,6 +266,7 @@ def _grad_kernel(
 
 
 _APPLY_BLOCK = 1024
+_SEED_BLOCK = 256  # Philox counters per program (4 seeds each)
 
 
 def _interpreting() -> bool:
@@ -362,14 +379,18 @@ def drop_block_forward(
     gamma = gamma.reshape(1).to(device=device, dtype=torch.float32)
     seed = seed.reshape(1).to(device=device, dtype=torch.int64)
 
+    n_seeds = planes * rg * grid_shape[-1]
+    seeds = torch.empty(n_seeds, dtype=torch.uint8, device=device)
+    _seeds_kernel[(triton.cdiv(n_seeds, 4 * _SEED_BLOCK),)](seed, gamma, seeds, n_seeds, BLOCK=_SEED_BLOCK)
+
     hd = torch.empty((planes * rg, nw), dtype=torch.int32, device=device)
     n_seed_rows = planes * rg
     br = max(1, min(64, 2048 // bw))
     k_last = ks[-1]
     _seed_rows_kernel[(triton.cdiv(n_seed_rows, br),)](
-        seed, gamma, hd, n_seed_rows,
-        RG=rg, GW=grid_shape[-1], W=width, K=k_last, FULL=full,
-        BR=br, BW=bw, LW=lw, NW=nw, KHP=triton.next_power_of_2(max(k_last // 2, 1)),
+        seeds, hd, n_seed_rows,
+        GW=grid_shape[-1], W=width, K=k_last, FULL=full,
+        BR=br, BW=bw, LW=lw, NW=nw, KP=triton.next_power_of_2(k_last),
     )
 
     cnt = torch.zeros(1, dtype=torch.int64, device=device)
@@ -418,12 +439,17 @@ def drop_block_backward(grad: torch.Tensor, bits: torch.Tensor, scale: torch.Ten
 
 @triton.jit
 def _uniform_kernel(seed_ptr, u_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    tl.store(u_ptr + offs, tl.rand(tl.load(seed_ptr), offs), mask=offs < n)
+    c = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    u0, u1, u2, u3 = _uniforms4(tl.load(seed_ptr), c)
+    i = c * 4
+    tl.store(u_ptr + i, u0, mask=i < n)
+    tl.store(u_ptr + i + 1, u1, mask=i + 1 < n)
+    tl.store(u_ptr + i + 2, u2, mask=i + 2 < n)
+    tl.store(u_ptr + i + 3, u3, mask=i + 3 < n)
 
 
 def seed_uniforms(seed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """The uniforms the forward kernel draws on the ``(mask planes, *seed grid)`` tensor.
+    """The uniforms the forward kernels draw on the ``(mask planes, *seed grid)`` tensor.
 
     Thresholding them at gamma gives the seeds (for tests: the fused masks can then be
     compared bit for bit with the reference expansion of the same seeds).
@@ -431,7 +457,7 @@ def seed_uniforms(seed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     _check_device(seed)
     u = torch.empty(shape, dtype=torch.float32, device=seed.device)
     n = u.numel()
-    _uniform_kernel[(triton.cdiv(n, 1024),)](seed.reshape(1), u, n, BLOCK=1024)
+    _uniform_kernel[(triton.cdiv(n, 4 * _SEED_BLOCK),)](seed.reshape(1), u, n, BLOCK=_SEED_BLOCK)
     return u
 
 
