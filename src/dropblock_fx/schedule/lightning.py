@@ -64,6 +64,12 @@ class DropBlockScheduleCallback(Callback):
         if self.schedule is not None:
             self.schedule.set_count(trainer.global_step)
 
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After the last batch the rates are those of "global_step steps done", as with the
+        # optimizer hook.
+        if self.schedule is not None:
+            self.schedule.set_count(trainer.global_step)
+
     def state_dict(self) -> dict[str, Any]:
         return {} if self.schedule is None else self.schedule.state_dict()
 
