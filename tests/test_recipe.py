@@ -276,3 +276,19 @@ def test_packaged_recipes_dir_is_a_link_to_top_level_recipes():
 
     assert Path(dropblock_fx.recipes.__file__).resolve().parent == (REPO / "recipes").resolve()
     assert yaml.safe_load((link / "paper-resnet50.yaml").read_text())["name"] == "paper-resnet50"
+
+
+def test_docstring_examples_of_recipe_and_schedule_layers():
+    import doctest
+
+    import dropblock_fx.recipe.errors
+    import dropblock_fx.recipe.loader
+    import dropblock_fx.recipe.schema
+    import dropblock_fx.recipe.stages
+    import dropblock_fx.schedule.core
+    import dropblock_fx.schedule.registry
+
+    for module in (dropblock_fx.recipe.errors, dropblock_fx.recipe.loader, dropblock_fx.recipe.schema,
+                   dropblock_fx.recipe.stages, dropblock_fx.schedule.core, dropblock_fx.schedule.registry):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+        assert result.failed == 0, module.__name__

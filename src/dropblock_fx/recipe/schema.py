@@ -218,26 +218,29 @@ class Recipe(_Strict):
     ) -> float:
         """Target rate of stage ``stage`` (named ``name``) at full schedule strength.
 
-        ``(spec.drop_prob or rate) * (spec.multiplier or the recipe's multiplier for the
-        stage)``; ``"paper"`` gives stage ``g`` the factor ``1 / 4 ** (deepest - g)`` where
-        ``deepest`` is the deepest selected stage, as the official TF code. A multiplier
-        table is looked up by stage index, then by name (the caller resolves negative keys).
+        A stage's own ``drop_prob`` is its rate (times its own ``multiplier``, if any);
+        otherwise the recipe's rate times the stage multiplier: ``spec.multiplier``, else
+        ``"paper"``: ``1 / 4 ** (deepest - stage)`` with ``deepest`` the deepest selected stage
+        (the official TF code), else the table entry for the stage's index or name, else 1.
 
         Example:
             >>> Recipe(stages=[3, 4], keep_prob=0.9, stage_multiplier="paper").stage_rate(3, 4)
             0.025
         """
-        rate = spec.drop_prob if spec is not None and spec.drop_prob is not None else self.rate
+        if spec is not None and spec.drop_prob is not None:
+            target = spec.drop_prob * (spec.multiplier if spec.multiplier is not None else 1.0)
+            return min(1.0, round(target, 12))
         if spec is not None and spec.multiplier is not None:
             mult = spec.multiplier
         elif self.stage_multiplier == "paper":
             mult = 1.0 / 4 ** (deepest - stage)
         elif isinstance(self.stage_multiplier, dict):
             table = self.stage_multiplier
-            mult = table.get(stage, table.get(name, 1.0) if name is not None else 1.0)
+            keys = [k for k in (stage, name, str(stage)) if k is not None and k in table]
+            mult = float(table[keys[0]]) if keys else 1.0
         else:
             mult = 1.0
-        return min(1.0, round(rate * mult, 12))
+        return min(1.0, round(self.rate * mult, 12))
 
     def to_yaml(self, *, header: Optional[str] = None) -> str:
         """The recipe as YAML that :func:`load_recipe` reads back to an equal recipe."""

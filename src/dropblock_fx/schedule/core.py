@@ -246,6 +246,7 @@ def attach_schedule(
         (and unhooks) the previous schedule of the model.
 
     Example:
+        >>> from dropblock_fx import DropBlock2d
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), DropBlock2d(0.1, 3))
         >>> sched = attach_schedule(model, total_steps=100)
         >>> sched.step(50)
