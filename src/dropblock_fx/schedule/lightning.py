@@ -29,18 +29,24 @@ class DropBlockScheduleCallback(Callback):
     """Drive the DropBlock schedule from a Lightning ``Trainer``.
 
     Either pass the schedule of ``attach_schedule(model, hook="lightning")`` (it is also at
-    ``schedule.callback``), or nothing: then the callback attaches one to the
-    ``LightningModule`` at ``fit`` start, with ``trainer.estimated_stepping_batches`` as the
-    run length (``attach_kwargs`` go to :func:`attach_schedule`).
+    ``schedule.callback``), or nothing (or a schedule spec): then the callback attaches one
+    to the ``LightningModule`` at ``fit`` start, with ``trainer.estimated_stepping_batches``
+    as the run length (``attach_kwargs`` go to :func:`attach_schedule`).
 
     Example::
 
         trainer = L.Trainer(max_epochs=90, callbacks=[DropBlockScheduleCallback()])
     """
 
-    def __init__(self, schedule: Optional["DropBlockSchedule"] = None, **attach_kwargs: Any) -> None:
+    def __init__(self, schedule: Any = None, **attach_kwargs: Any) -> None:
+        from .core import DropBlockSchedule
+
         super().__init__()
-        self.schedule = schedule
+        if schedule is not None and not isinstance(schedule, DropBlockSchedule):
+            # A schedule spec (name, dict, ScheduleSpec) for the schedule attached at fit start.
+            attach_kwargs["schedule"] = schedule
+            schedule = None
+        self.schedule: Optional[DropBlockSchedule] = schedule
         self.attach_kwargs = attach_kwargs
         self._pending_state: Optional[dict[str, Any]] = None
 

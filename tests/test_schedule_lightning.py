@@ -1,0 +1,83 @@
+"""The Lightning hook (optional extra): skipped when Lightning is not installed."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+L = pytest.importorskip("lightning.pytorch")
+
+from dropblock_fx import DropBlock2d, DropBlockNd, attach_schedule  # noqa: E402
+from dropblock_fx.schedule.lightning import DropBlockScheduleCallback  # noqa: E402
+
+TOTAL = 8
+
+
+class Net(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), DropBlock2d(0.2, 3), nn.AdaptiveAvgPool2d(1),
+                                  nn.Flatten(), nn.Linear(4, 1))
+        self.body[1].target_drop_prob = 0.2
+        self.seen: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(self.body[1].drop_prob)
+        return self.body(batch).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.randn(TOTAL * 2, 3, 8, 8), batch_size=2)
+
+
+def _trainer(**kw):
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, **kw)
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def test_lightning_hook_follows_global_step():
+    net = Net()
+    sched = attach_schedule(net, total_steps=TOTAL, hook="lightning")
+    assert isinstance(sched.callback, DropBlockScheduleCallback)
+    _trainer(max_steps=TOTAL, enable_checkpointing=False, callbacks=[sched.callback]).fit(net)
+    assert net.seen == pytest.approx([0.2 * k / TOTAL for k in range(TOTAL)])
+    assert sched.count == TOTAL and net.body[1].drop_prob == pytest.approx(0.2)
+
+
+def test_callback_attaches_itself_with_the_trainer_length():
+    net = Net()
+    callback = DropBlockScheduleCallback(schedule={"name": "step", "params": {"steps": 2}})
+    _trainer(max_epochs=1, enable_checkpointing=False, callbacks=[callback]).fit(net)
+    assert callback.schedule.length == TOTAL
+    assert net.seen == [0.0] * (TOTAL // 2) + [0.2] * (TOTAL // 2)
+    assert all(isinstance(m, DropBlockNd) for m in callback.schedule.modules.values())
+
+
+def test_resume_from_a_lightning_checkpoint(tmp_path):
+    full = Net()
+    _trainer(max_steps=TOTAL, enable_checkpointing=False,
+             callbacks=[attach_schedule(full, total_steps=TOTAL, hook="lightning").callback]).fit(full)
+
+    first = Net()
+    _trainer(max_steps=TOTAL // 2, default_root_dir=tmp_path,
+             callbacks=[attach_schedule(first, total_steps=TOTAL, hook="lightning").callback]).fit(first)
+    ckpt = next(tmp_path.rglob("*.ckpt"))
+    second = Net()
+    second_sched = attach_schedule(second, total_steps=3, hook="lightning")  # the checkpoint restores the length
+    _trainer(max_steps=TOTAL, enable_checkpointing=False, callbacks=[second_sched.callback]).fit(
+        second, ckpt_path=str(ckpt))
+    assert first.seen + second.seen == pytest.approx(full.seen)
+    assert second_sched.length == TOTAL
