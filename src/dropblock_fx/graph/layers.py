@@ -1,0 +1,215 @@
+"""What a layer is: conv, norm, activation, identity; which modules tracing treats as leaves.
+
+Norms are an extension point: :func:`register_norm` adds a class (``with_act=True`` for
+norm+activation modules such as timm's ``BatchNormAct2d``, whose output is already
+activated). Leaves follow the tracers users already have: every ``torch.nn`` layer, timm's
+``get_notrace_modules()``, every non-container ``torchvision.ops`` module, the registered
+norms and convs, and DropBlock modules (ours and foreign ones).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from ..modules import DropBlockNd
+
+__all__ = [
+    "register_norm",
+    "register_leaf",
+    "norm_types",
+    "is_conv",
+    "is_norm",
+    "is_norm_act",
+    "is_act_node",
+    "is_identity",
+    "is_leaf",
+    "is_container",
+    "foreign_dropblock",
+    "LeafTracer",
+]
+
+_NORMS: dict[type, bool] = {}  # class -> output already activated
+_LEAVES: set[type] = set()
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+_ACT_MODULES: tuple[type, ...] = (
+    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.CELU,
+    nn.SELU, nn.Mish, nn.PReLU, nn.RReLU, nn.Softplus, nn.Hardtanh,
+)
+_ACT_FUNCTIONS = {
+    F.relu, F.relu_, F.relu6, F.silu, F.gelu, F.hardswish, F.leaky_relu, F.elu, F.mish,
+    F.selu, F.celu, F.softplus, torch.relu, torch.relu_, torch.selu, torch.celu,
+}
+_ACT_METHODS = {"relu", "relu_"}
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+ADD_METHODS = {"add", "add_"}
+
+
+def register_norm(cls: type, *, with_act: bool = False) -> type:
+    """Make ``cls`` a norm for site matching (``conv -> norm (-> act)``) and a tracing leaf.
+
+    Args:
+        cls: the norm module class (subclasses match too).
+        with_act: the module applies its activation itself, so a site after it is after
+            the activation (timm's ``BatchNormAct2d``).
+
+    Example:
+        >>> class MyNorm(nn.GroupNorm): ...
+        >>> register_norm(MyNorm) is MyNorm
+        True
+    """
+    _NORMS[cls] = with_act
+    return cls
+
+
+def register_leaf(cls: type) -> type:
+    """Never trace into ``cls`` (sites are only found around it)."""
+    _LEAVES.add(cls)
+    return cls
+
+
+def norm_types() -> tuple[type, ...]:
+    return tuple(_NORMS)
+
+
+def _register_builtin_norms() -> None:
+    for cls in (nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm2d,
+                nn.InstanceNorm3d, nn.LayerNorm):
+        register_norm(cls)
+    try:
+        from torchvision.ops import FrozenBatchNorm2d
+        register_norm(FrozenBatchNorm2d)
+    except Exception:  # pragma: no cover - torchvision is optional
+        pass
+    try:
+        from timm.layers import norm, norm_act
+        for name in ("LayerNorm2d", "LayerNorm", "GroupNorm", "GroupNorm1", "RmsNorm2d"):
+            if hasattr(norm, name):
+                register_norm(getattr(norm, name))
+        for name in ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d", "GroupNormAct",
+                     "GroupNorm1Act", "LayerNormAct", "LayerNormAct2d"):
+            if hasattr(norm_act, name):
+                register_norm(getattr(norm_act, name), with_act=True)
+    except Exception:  # pragma: no cover
+        pass
+
+
+_register_builtin_norms()
+
+
+def _timm_leaves() -> tuple[type, ...]:
+    try:
+        from timm.layers import get_notrace_modules
+        return tuple(get_notrace_modules())
+    except Exception:  # pragma: no cover
+        return ()
+
+
+def _timm_autowrap() -> tuple[Any, ...]:
+    try:
+        from timm.layers import get_notrace_functions
+        return tuple(get_notrace_functions())
+    except Exception:  # pragma: no cover
+        return ()
+
+
+def _foreign_dropblock_types() -> tuple[type, ...]:
+    out: list[type] = []
+    try:
+        from timm.layers import DropBlock2d as TimmDropBlock2d
+        out.append(TimmDropBlock2d)
+    except Exception:  # pragma: no cover
+        pass
+    try:
+        from torchvision.ops import DropBlock2d as TvDropBlock2d, DropBlock3d as TvDropBlock3d
+        out += [TvDropBlock2d, TvDropBlock3d]
+    except Exception:  # pragma: no cover
+        pass
+    return tuple(out)
+
+
+_FOREIGN = _foreign_dropblock_types()
+
+
+def foreign_dropblock(m: nn.Module) -> bool:
+    """A DropBlock module from another library (timm, torchvision, the ``dropblock`` package)."""
+    if isinstance(m, _FOREIGN):
+        return True
+    cls = type(m)
+    return cls.__name__.startswith("DropBlock") and not isinstance(m, DropBlockNd)
+
+
+def is_conv(m: Any) -> bool:
+    return isinstance(m, (nn.Conv2d, nn.Conv3d))
+
+
+def is_norm(m: Any) -> bool:
+    return isinstance(m, tuple(_NORMS))
+
+
+def is_norm_act(m: Any) -> bool:
+    return any(isinstance(m, cls) and act for cls, act in _NORMS.items())
+
+
+def is_identity(m: Any) -> bool:
+    return isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and m.p == 0.0)
+
+
+def _is_act_module(m: Any) -> bool:
+    if isinstance(m, _ACT_MODULES):
+        return True
+    return type(m).__module__.startswith("timm.layers.activations")
+
+
+def is_act_node(node: fx.Node, root: nn.Module) -> bool:
+    """An activation call (module, function or method) in a traced graph."""
+    if node.op == "call_module":
+        return _is_act_module(root.get_submodule(node.target))
+    if node.op == "call_function":
+        return node.target in _ACT_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _ACT_METHODS
+    return False
+
+
+def is_container(m: nn.Module) -> bool:
+    """A plain container: its children are called by someone else (or in sequence)."""
+    if isinstance(m, (nn.ModuleList, nn.ModuleDict)) and type(m).forward is nn.Module.forward:
+        return True
+    return type(m) in (nn.Sequential,)
+
+
+def is_leaf(m: nn.Module) -> bool:
+    """Never traced into by this library (see module docstring)."""
+    if isinstance(m, DropBlockNd) or foreign_dropblock(m):
+        return True
+    if is_conv(m) or is_norm(m) or _is_act_module(m) or isinstance(m, tuple(_LEAVES)):
+        return True
+    if type(m) in _TIMM_LEAVES:
+        return True
+    mod = type(m).__module__
+    if isinstance(m, _CONTAINERS):
+        return False
+    if mod.startswith(("torch.nn", "torch.ao.nn", "torchvision.ops")):
+        return True
+    return False
+
+
+_TIMM_LEAVES = frozenset(_timm_leaves())
+
+
+class LeafTracer(fx.Tracer):
+    """An FX tracer with this library's leaf policy; ``extra_leaves`` are treated as leaves too
+    (child units of a container are traced as single calls)."""
+
+    def __init__(self, extra_leaves: tuple[nn.Module, ...] = ()) -> None:
+        super().__init__(autowrap_functions=_timm_autowrap())
+        self._extra = {id(m) for m in extra_leaves}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return id(m) in self._extra or is_leaf(m)

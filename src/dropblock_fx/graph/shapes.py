@@ -1,0 +1,123 @@
+"""One forward pass on meta tensors that records every module call (inputs, output, order).
+
+The model's parameters are swapped for meta tensors with ``torch.func.functional_call``
+only for the duration of the call, so a ResNet-152 plan costs no real compute and no
+memory. Models that create real tensors inside ``forward`` get a second try under
+``FakeTensorMode``. Every module's ``training`` flag is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["Call", "ShapeRecord", "record_calls"]
+
+
+@dataclass
+class Call:
+    """One call of one module: meta inputs and output, and its span in the call order."""
+
+    module: nn.Module
+    path: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    start: int
+    end: int = -1
+    output: Any = None
+
+
+@dataclass
+class ShapeRecord:
+    """All calls of one forward pass, in order, and the input used."""
+
+    input_shape: tuple[int, ...]
+    calls: list[Call] = field(default_factory=list)
+    by_module: dict[int, list[Call]] = field(default_factory=dict)
+    mode: str = "meta"
+
+    def first(self, m: nn.Module) -> Optional[Call]:
+        calls = self.by_module.get(id(m))
+        return calls[0] if calls else None
+
+    def outputs_within(self, m: nn.Module, start: int, end: int) -> list[Any]:
+        """Outputs of ``m``'s calls that happened inside the span ``[start, end]``."""
+        return [c.output for c in self.by_module.get(id(m), ()) if start < c.start and c.end < end]
+
+
+def _meta_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(t, device="meta")
+
+
+def record_calls(root: nn.Module, input_size: tuple[int, ...]) -> ShapeRecord:
+    """Run ``root`` once on a meta (else fake) batch of one ``input_size`` input, eval mode.
+
+    Raises:
+        RuntimeError: when neither a meta nor a fake-tensor pass can run the model.
+    """
+    shape = (1, *input_size)
+    errors: list[str] = []
+    for mode in ("meta", "fake"):
+        try:
+            return _run(root, shape, mode)
+        except Exception as e:  # noqa: BLE001 - try the next mode, report all
+            errors.append(f"{mode} pass: {type(e).__name__}: {e}")
+    raise RuntimeError(
+        f"could not run {type(root).__name__} on an input of shape {shape} to find its stages "
+        f"({'; '.join(errors)}); check the recipe's input_size or give target=<submodule>"
+    )
+
+
+def _run(root: nn.Module, shape: tuple[int, ...], mode: str) -> ShapeRecord:
+    record = ShapeRecord(input_shape=shape, mode=mode)
+    counter = itertools.count()
+    stack: list[Call] = []
+    handles = []
+    named = list(root.named_modules(remove_duplicate=False))
+    seen: set[int] = set()
+
+    def pre(path: str):
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            call = Call(mod, path, args, dict(kwargs), next(counter))
+            stack.append(call)
+            record.calls.append(call)
+            record.by_module.setdefault(id(mod), []).append(call)
+        return hook
+
+    def post(mod: nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+        call = stack.pop()
+        call.end = next(counter)
+        call.output = out
+
+    for path, m in named:
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        handles.append(m.register_forward_pre_hook(pre(path), with_kwargs=True))
+        handles.append(m.register_forward_hook(post, with_kwargs=True))
+    flags = [(m, m.training) for _, m in named]
+    try:
+        root.eval()
+        with torch.no_grad():
+            if mode == "meta":
+                tensors = dict(itertools.chain(root.named_parameters(remove_duplicate=False),
+                                               root.named_buffers(remove_duplicate=False)))
+                meta = {k: _meta_like(v) for k, v in tensors.items()}
+                x = torch.empty(shape, device="meta")
+                torch.func.functional_call(root, meta, (x,), strict=False, tie_weights=True)
+            else:
+                from torch._subclasses.fake_tensor import FakeTensorMode
+
+                with FakeTensorMode(allow_non_fake_inputs=True):
+                    x = torch.empty(shape)
+                    root(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in flags:
+            m.training = flag
+    return record

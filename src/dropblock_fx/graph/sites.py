@@ -1,0 +1,302 @@
+"""Site matchers on the FX graph of one unit (a block, or a container's loose layers).
+
+Site kinds (positions in the unit's graph):
+
+* ``conv``: after ``conv -> norm``, after the activation where one follows (the official
+  code: after BN+ReLU); in norm-free models after ``conv -> act``. Chains on a residual
+  shortcut or ending a residual branch are not ``conv`` sites (see below).
+* ``conv_last``: after the last ``conv -> norm (-> act)`` chain of a residual branch,
+  before the add (on the branch's edge into the add when that chain's output is not the
+  add's layout, e.g. ConvNeXt's channels-last norm).
+* ``shortcut``: on the shortcut edge into a residual add: after the projection conv+norm,
+  or on the identity itself.
+* ``block``: on the unit's output.
+
+A residual add is a two-input add of equal-shape feature maps; its shortcut is the input
+whose own ancestors (those not shared with the other input) hold fewer convs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from torch import fx, nn
+
+from .layers import ADD_FUNCTIONS, ADD_METHODS, LeafTracer, is_act_node, is_conv, is_identity, is_norm, is_norm_act
+
+__all__ = ["Site", "trace_modes", "replay", "find_sites", "insert_sites"]
+
+
+@dataclass
+class Site:
+    kind: str
+    name: str  # child name of the DropBlock module in the unit
+    anchor: str  # human-readable position
+    shape: tuple[int, ...]
+    after: Optional[str] = None  # node name: insert after it (all users rerouted)
+    edge: Optional[tuple[str, str]] = None  # (src node, dst node): insert on this edge only
+
+
+def trace_modes(module: nn.Module, extra_leaves: tuple[nn.Module, ...] = (),
+                concrete_args: Optional[dict[str, Any]] = None) -> dict[str, fx.Graph]:
+    """Trace ``module`` in train and in eval mode; ``{"any": g}`` when both give the same code."""
+    flags = [(m, m.training) for m in module.modules()]
+    graphs: dict[str, fx.Graph] = {}
+    try:
+        for mode in ("train", "eval"):
+            module.train(mode == "train")
+            graphs[mode] = LeafTracer(extra_leaves).trace(module, concrete_args=concrete_args)
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    if graphs["train"].python_code("self").src == graphs["eval"].python_code("self").src:
+        return {"any": graphs["eval"]}
+    return graphs
+
+
+def _to_meta(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return torch.empty(v.shape, dtype=v.dtype, device="meta")
+    if isinstance(v, (list, tuple)):
+        return type(v)(_to_meta(x) for x in v) if not hasattr(v, "_fields") else type(v)(*map(_to_meta, v))
+    if isinstance(v, dict):
+        return {k: _to_meta(x) for k, x in v.items()}
+    return v
+
+
+def replay(graph: fx.Graph, unit: nn.Module, bound: dict[str, Any],
+           outputs_of: Callable[[nn.Module], list[Any]]) -> dict[fx.Node, Any]:
+    """Meta value of every node: leaf calls take the outputs recorded in the shape pass (in
+    order), everything else is run on meta tensors. Unknown values are left out."""
+    env: dict[fx.Node, Any] = {}
+    queues: dict[int, list[Any]] = {}
+    missing = object()
+
+    def arg(a: Any) -> Any:
+        return fx.node.map_arg(a, lambda n: env.get(n, missing))
+
+    def has_missing(v: Any) -> bool:
+        found = []
+        fx.node.map_aggregate(v, lambda x: found.append(x is missing))
+        return any(found)
+
+    for node in graph.nodes:
+        try:
+            if node.op == "placeholder":
+                name = str(node.target).lstrip("*")
+                if name in bound:
+                    env[node] = _to_meta(bound[name])
+                elif node.args:
+                    env[node] = node.args[0]
+            elif node.op == "get_attr":
+                obj: Any = unit
+                for part in str(node.target).split("."):
+                    obj = getattr(obj, part)
+                env[node] = _to_meta(obj)
+            elif node.op == "call_module":
+                mod = unit.get_submodule(str(node.target))
+                q = queues.get(id(mod))
+                if q is None:
+                    q = queues[id(mod)] = list(outputs_of(mod))
+                if q:
+                    env[node] = _to_meta(q.pop(0))
+            elif node.op in ("call_function", "call_method"):
+                a, k = arg(node.args), arg(node.kwargs)
+                if has_missing(a) or has_missing(k):
+                    continue
+                with torch.no_grad():
+                    if node.op == "call_function":
+                        env[node] = node.target(*a, **k)
+                    else:
+                        env[node] = getattr(a[0], node.target)(*a[1:], **k)
+        except Exception:  # noqa: BLE001 - unknown value; sites depending on it are skipped
+            continue
+    return env
+
+
+def _shape(v: Any) -> Optional[tuple[int, ...]]:
+    if isinstance(v, torch.Tensor) and v.dim() in (4, 5):
+        return tuple(int(s) for s in v.shape)
+    return None
+
+
+def _mod(node: fx.Node, unit: nn.Module) -> Optional[nn.Module]:
+    return unit.get_submodule(str(node.target)) if node.op == "call_module" else None
+
+
+def _single_user(node: fx.Node, unit: nn.Module) -> Optional[fx.Node]:
+    """The only user of ``node``, skipping identity modules."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if is_identity(_mod(user, unit)):
+            node = user
+            continue
+        return user
+    return None
+
+
+def _chain_end(conv: fx.Node, unit: nn.Module, norm_free: bool) -> Optional[fx.Node]:
+    nxt = _single_user(conv, unit)
+    if nxt is None:
+        return None
+    m = _mod(nxt, unit)
+    if m is not None and is_norm(m):
+        if is_norm_act(m):
+            return nxt
+        act = _single_user(nxt, unit)
+        return act if act is not None and is_act_node(act, unit) else nxt
+    if norm_free and is_act_node(nxt, unit):
+        return nxt
+    return None
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in ADD_FUNCTIONS:
+        return True
+    return node.op == "call_method" and node.target in ADD_METHODS
+
+
+def _ancestors(node: fx.Node, memo: dict[fx.Node, frozenset]) -> frozenset:
+    if node in memo:
+        return memo[node]
+    stack, seen = [node], {node}
+    while stack:
+        n = stack.pop()
+        for i in n.all_input_nodes:
+            if i not in seen:
+                seen.add(i)
+                stack.append(i)
+    memo[node] = frozenset(seen)
+    return memo[node]
+
+
+def _scope(node: fx.Node) -> str:
+    """The innermost submodule whose forward produced ``node`` ('' for the unit itself)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [v[0] if isinstance(v, tuple) else k for k, v in stack.items()]
+    return paths[-1] if paths else ""
+
+
+def _label(prefix: str, scope: str) -> str:
+    return f"dropblock_{scope.replace('.', '_')}_{prefix}" if scope else f"dropblock_{prefix}"
+
+
+def find_sites(graph: fx.Graph, unit: nn.Module, values: dict[fx.Node, Any], kinds: set[str],
+               norm_free: bool, is_block: bool) -> tuple[list[Site], list[str]]:
+    """Candidate sites of ``kinds`` in ``graph`` (positions by node name) and notes."""
+    nodes = list(graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    convs = [n for n in nodes if n.op == "call_module" and is_conv(_mod(n, unit))]
+    conv_spatial = {s[2:] for n in convs if (s := _shape(values.get(n))) is not None}
+    if not conv_spatial:
+        conv_spatial = {s[2:] for n in nodes if n.op == "placeholder" and (s := _shape(values.get(n)))}
+
+    def ok(node: fx.Node) -> Optional[tuple[int, ...]]:
+        s = _shape(values.get(node))
+        if s is None or s[2:] not in conv_spatial or all(d == 1 for d in s[2:]):
+            return None
+        return s
+
+    chains = {c: e for c in convs if (e := _chain_end(c, unit, norm_free)) is not None}
+    ends = {e: c for c, e in chains.items()}
+    sites: list[Site] = []
+    taken: set[Any] = set()
+    notes: list[str] = []
+    used_ends: set[fx.Node] = set()
+    memo: dict[fx.Node, frozenset] = {}
+    counts: dict[str, int] = {}
+
+    def name_for(prefix: str, scope: str) -> str:
+        base = _label(prefix, scope)
+        counts[base] = counts.get(base, 0) + 1
+        return base if counts[base] == 1 else f"{base}_{counts[base]}"
+
+    def add(site: Site, key: Any) -> None:
+        if key in taken:
+            return
+        taken.add(key)
+        sites.append(site)
+
+    for r in nodes:
+        if not _is_add(r):
+            continue
+        ins = [a for a in r.args[:2] if isinstance(a, fx.Node)]
+        if len(ins) != 2 or (s_r := ok(r)) is None or _shape(values.get(ins[0])) != _shape(values.get(ins[1])):
+            continue
+        a0, a1 = _ancestors(ins[0], memo), _ancestors(ins[1], memo)
+        own0, own1 = a0 - a1, a1 - a0
+        c0 = sum(1 for n in own0 if n in chains or (n.op == "call_module" and is_conv(_mod(n, unit))))
+        c1 = sum(1 for n in own1 if n in chains or (n.op == "call_module" and is_conv(_mod(n, unit))))
+        if c0 == c1:
+            continue
+        (short, s_own), (branch, b_own) = ((ins[0], own0), (ins[1], own1)) if c0 < c1 else ((ins[1], own1), (ins[0], own0))
+        used_ends.update(e for e in ends if e in s_own)
+        scope = _scope(r)
+        if "shortcut" in kinds:
+            add(Site("shortcut", name_for("shortcut", scope), f"shortcut into {r.name}", s_r,
+                     edge=(short.name, r.name)), ("edge", short.name, r.name))
+        on_branch = [e for e in ends if e in b_own]
+        has_norm = any(n.op == "call_module" and is_norm(_mod(n, unit)) for n in b_own)
+        if on_branch:
+            last = max(on_branch, key=order.__getitem__)
+            used_ends.add(last)
+            if "conv_last" in kinds:
+                if ok(last) == s_r:
+                    add(Site("conv_last", name_for("conv_last", scope), f"after {last.name} (end of branch)",
+                             s_r, after=last.name), ("after", last.name))
+                else:
+                    add(Site("conv_last", name_for("conv_last", scope), f"branch into {r.name}", s_r,
+                             edge=(branch.name, r.name)), ("edge", branch.name, r.name))
+        elif (has_norm or norm_free) and "conv_last" in kinds:
+            add(Site("conv_last", name_for("conv_last", scope), f"branch into {r.name}", s_r,
+                     edge=(branch.name, r.name)), ("edge", branch.name, r.name))
+
+    if "conv" in kinds:
+        for conv, end in chains.items():
+            if end in used_ends:
+                continue
+            s = ok(end)
+            if s is None:
+                continue
+            add(Site("conv", name_for(str(conv.target).replace(".", "_"), ""),
+                     f"after {conv.name} > {end.name}" if end is not conv else f"after {conv.name}", s,
+                     after=end.name), ("after", end.name))
+
+    if "block" in kinds and is_block:
+        out = next(n for n in nodes if n.op == "output")
+        val = out.args[0]
+        if isinstance(val, fx.Node) and (s := ok(val)) is not None:
+            add(Site("block", "dropblock_block", "block output", s, edge=(val.name, out.name)),
+                ("edge", val.name, out.name))
+    sites.sort(key=lambda s: order[_node(graph, s.after or s.edge[1])])  # type: ignore[index]
+    return sites, notes
+
+
+def _node(graph: fx.Graph, name: str) -> fx.Node:
+    for n in graph.nodes:
+        if n.name == name:
+            return n
+    raise KeyError(name)
+
+
+def insert_sites(graph: fx.Graph, sites: list[Site]) -> None:
+    """Insert one ``call_module`` per site (target: the site's name) into ``graph``."""
+    by_name = {n.name: n for n in graph.nodes}
+    for site in sites:
+        if site.after is not None:
+            node = by_name.get(site.after)
+            if node is None:
+                continue
+            with graph.inserting_after(node):
+                new = graph.call_module(site.name, (node,))
+            node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
+        else:
+            src, dst = by_name.get(site.edge[0]), by_name.get(site.edge[1])  # type: ignore[index]
+            if src is None or dst is None:
+                continue
+            with graph.inserting_before(dst):
+                new = graph.call_module(site.name, (src,))
+            dst.replace_input_with(src, new)
+    graph.lint()

@@ -1,0 +1,194 @@
+"""Splice and un-splice: give one module instance a new ``forward`` without changing anything else.
+
+The module keeps its identity, attributes, children and ``state_dict``; only its class is
+swapped for a subclass of the original (same name, same ``__module__``, so ``isinstance``,
+methods and the tracers' leaf rules are unchanged). Two kinds:
+
+* ``graph``: ``forward`` is Python generated from a rewritten FX graph of the module (one
+  per train/eval mode when tracing the two modes gave different graphs).
+* ``after``: ``forward`` is the original one followed by ``self.dropblock`` (sites that need
+  no graph: after a norm module, after a whole block).
+
+The generated source is self-contained (imports included), so instances pickle, deep-copy
+and ``torch.save`` through :func:`_rebuild`, which recreates the class from the source.
+``unsplice`` restores the original class.
+"""
+
+from __future__ import annotations
+
+import linecache
+from collections import OrderedDict
+from typing import Any, Optional
+
+from torch import fx, nn
+
+__all__ = ["graph_source", "splice_graph", "splice_after", "unsplice", "is_spliced", "original_class"]
+
+_CLASSES: dict[tuple[type, str, str], type] = {}
+_FUNCTIONS: dict[str, Any] = {}
+_counter = [0]
+
+
+def graph_source(graphs: dict[str, fx.Graph]) -> str:
+    """Self-contained source of a ``forward`` for ``{"train": g, "eval": g}`` (or ``{"any": g}``).
+
+    Raises:
+        ValueError: when a global the code needs cannot be imported by name.
+    """
+    from torch.fx.graph_module import _format_import_block
+    from torch.package import sys_importer
+
+    parts: list[str] = []
+    imports: dict[str, str] = {}
+    heads: list[str] = []
+    for mode, graph in graphs.items():
+        code = graph.python_code(root_module="self")
+        block = _format_import_block(code.globals, sys_importer)
+        for line in block.splitlines():
+            imports.setdefault(line, line)
+        src = code.src.replace("def forward(", f"def _forward_{mode}(", 1)
+        parts.append(src)
+        heads.append(next(ln for ln in code.src.splitlines() if ln.startswith("def forward(")))
+    if list(graphs) == ["any"]:
+        body = parts[0].replace("def _forward_any(", "def forward(", 1)
+    else:
+        placeholders = [n for n in graphs["train"].nodes if n.op == "placeholder"]
+        names = []
+        for p in placeholders:
+            t = str(p.target)
+            names.append(t if t.startswith("*") else t)
+        call = ", ".join(["self", *names])
+        head = heads[0]
+        body = "\n".join(parts) + (
+            f"\n{head}\n    if self.training:\n        return _forward_train({call})\n"
+            f"    return _forward_eval({call})\n"
+        )
+    return "\n".join(imports) + "\n" + body
+
+
+def _compile(source: str) -> Any:
+    fn = _FUNCTIONS.get(source)
+    if fn is None:
+        _counter[0] += 1
+        filename = f"<dropblock_fx spliced forward {_counter[0]}>"
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        namespace: dict[str, Any] = {}
+        exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - our own generated code
+        fn = namespace["forward"]
+        _FUNCTIONS[source] = fn
+    return fn
+
+
+def _after_forward(orig: type):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if args and isinstance(args[0], fx.Proxy):
+            # A tracer that does not treat this module as a leaf: record it as one call,
+            # so the trace still runs the DropBlock (and obeys train()/eval()).
+            tracer = args[0].tracer
+            return tracer.create_proxy("call_module", tracer.path_of_module(self), args, kwargs)
+        return self.dropblock(orig.forward(self, *args, **kwargs))
+
+    return forward
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith("dropblock")
+
+
+def _container_methods(orig: type) -> dict[str, Any]:
+    """Sequential / ModuleDict views that do not show the added DropBlock children."""
+    ns: dict[str, Any] = {}
+    if issubclass(orig, nn.Sequential):
+        def _plain(self):
+            return [(k, v) for k, v in self._modules.items() if not _hidden(k)]
+
+        def __len__(self):
+            return len(_plain(self))
+
+        def __iter__(self):
+            return iter([v for _, v in _plain(self)])
+
+        def __getitem__(self, idx):
+            items = _plain(self)
+            if isinstance(idx, slice):
+                return orig(OrderedDict(items[idx]))
+            return items[idx][1]
+
+        ns.update(__len__=__len__, __iter__=__iter__, __getitem__=__getitem__)
+    elif issubclass(orig, nn.ModuleDict):
+        def keys(self):
+            return [k for k in self._modules if not _hidden(k)]
+
+        def items(self):
+            return [(k, v) for k, v in self._modules.items() if not _hidden(k)]
+
+        def values(self):
+            return [v for k, v in self._modules.items() if not _hidden(k)]
+
+        def __iter__(self):
+            return iter(keys(self))
+
+        def __len__(self):
+            return len(keys(self))
+
+        ns.update(keys=keys, items=items, values=values, __iter__=__iter__, __len__=__len__)
+    return ns
+
+
+def _spliced_class(orig: type, kind: str, source: str) -> type:
+    key = (orig, kind, source)
+    cls = _CLASSES.get(key)
+    if cls is None:
+        forward = _compile(source) if kind == "graph" else _after_forward(orig)
+        ns: dict[str, Any] = {
+            "forward": forward,
+            "__module__": orig.__module__,
+            "__qualname__": orig.__qualname__,
+            "__reduce_ex__": _reduce_ex,
+            "_dropblock_original_class": orig,
+            "_dropblock_kind": kind,
+            "_dropblock_source": source,
+        }
+        ns.update(_container_methods(orig))
+        cls = type(orig.__name__, (orig,), ns)
+        _CLASSES[key] = cls
+    return cls
+
+
+def _reduce_ex(self, protocol: int):
+    cls = type(self)
+    state = self.__dict__.copy()
+    return (_rebuild, (cls._dropblock_original_class, cls._dropblock_kind, cls._dropblock_source), state)
+
+
+def _rebuild(orig: type, kind: str, source: str) -> nn.Module:
+    cls = _spliced_class(orig, kind, source)
+    return cls.__new__(cls)
+
+
+def is_spliced(m: nn.Module) -> bool:
+    return "_dropblock_original_class" in type(m).__dict__
+
+
+def original_class(m: nn.Module) -> type:
+    return type(m).__dict__.get("_dropblock_original_class", type(m))
+
+
+def splice_graph(m: nn.Module, source: str) -> None:
+    """Give ``m`` the ``forward`` in ``source`` (see :func:`graph_source`)."""
+    m.__class__ = _spliced_class(original_class(m), "graph", source)
+
+
+def splice_after(m: nn.Module, dropblock: nn.Module) -> None:
+    """Run ``dropblock`` (registered as ``m.dropblock``) on ``m``'s output."""
+    m.add_module("dropblock", dropblock)
+    m.__class__ = _spliced_class(original_class(m), "after", "")
+
+
+def unsplice(m: nn.Module) -> Optional[type]:
+    """Restore ``m``'s original class; returns it (None if ``m`` was not spliced)."""
+    if not is_spliced(m):
+        return None
+    orig = original_class(m)
+    m.__class__ = orig
+    return orig

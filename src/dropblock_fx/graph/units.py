@@ -1,0 +1,172 @@
+"""Units: the modules that get rewritten, found top-down from the target.
+
+* ``block``: a module whose forward is more than a chain of its children (a residual
+  block, a dense block); traced whole (everything but leaf layers inlined).
+* ``container``: a module whose forward calls its children in a chain (``nn.Sequential``,
+  timm's ``RegStage`` / ``ConvNeXtStage``, ``ConvNormAct``); its child blocks are units of
+  their own, and its loose layers (``conv -> norm -> act`` directly inside it) are traced
+  with the child units as leaves.
+* ``root``: the target itself, never rewritten (it keeps its class and ``forward``); loose
+  layers there, and inside blocks that cannot be traced, only get sites that need no graph
+  (after norm modules), and the plan says so.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from torch import fx, nn
+
+from .layers import LeafTracer, is_container, is_leaf, is_norm
+from .shapes import Call, ShapeRecord
+
+__all__ = ["Unit", "find_units"]
+
+
+@dataclass
+class Unit:
+    path: str
+    module: nn.Module
+    kind: str  # "block" | "container" | "opaque"
+    call: Optional[Call]
+    graphs: Optional[dict[str, fx.Graph]] = None
+    extra_leaves: tuple[nn.Module, ...] = ()
+    error: Optional[str] = None
+    loose_norms: list[tuple[str, nn.Module]] = field(default_factory=list)
+    was_block: bool = False  # an opaque unit that is a block (its output can take a site)
+
+
+def _is_chain(m: nn.Module, children: tuple[nn.Module, ...]) -> bool:
+    """Does ``m.forward`` only call its children one after the other?"""
+    graph = LeafTracer(children).trace(m)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        return False
+    for n in graph.nodes:
+        if n.op in ("placeholder", "output", "get_attr"):
+            continue
+        inputs = [i for i in n.all_input_nodes if i.op != "get_attr"]
+        users = [u for u in n.users if u.op != "output"]
+        if len(inputs) > 1 or len(users) > 1:
+            return False
+    return True
+
+
+def concrete_none_args(m: nn.Module, call: Optional[Call]) -> Optional[dict[str, Any]]:
+    """Arguments the recorded call passed as None (traced as constants, guarded by FX)."""
+    if call is None:
+        return None
+    try:
+        sig = inspect.signature(type(m).forward)
+        bound = sig.bind(m, *call.args, **call.kwargs)
+        bound.apply_defaults()
+    except (TypeError, ValueError):
+        return None
+    out = {k: None for k, v in list(bound.arguments.items())[1:] if v is None
+           and sig.parameters[k].kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
+    return out or None
+
+
+def bound_args(m: nn.Module, call: Call) -> dict[str, Any]:
+    try:
+        sig = inspect.signature(type(m).forward)
+        bound = sig.bind(m, *call.args, **call.kwargs)
+        bound.apply_defaults()
+        return dict(list(bound.arguments.items())[1:])
+    except (TypeError, ValueError):
+        return {}
+
+
+def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by_call: dict[int, int]) -> list[Unit]:
+    """Units under ``root`` that hold feature maps of the ``wanted`` stages, in call order."""
+    position = {id(c): i for i, c in enumerate(record.calls)}
+    units: list[Unit] = []
+
+    def stages_in(m: nn.Module) -> set[int]:
+        out: set[int] = set()
+        for call in record.by_module.get(id(m), ()):
+            i = position[id(call)]
+            for j in range(i, len(record.calls)):
+                if record.calls[j].start > call.end:
+                    break
+                if j in stages_by_call:
+                    out.add(stages_by_call[j])
+        return out
+
+    def composite_children(m: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(n, c) for n, c in m.named_children() if not is_leaf(c)]
+
+    def visit_children(m: nn.Module, path: str) -> None:
+        for name, child in m.named_children():
+            if not is_leaf(child):
+                walk(child, f"{path}.{name}" if path else name)
+
+    def loose_norms(m: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
+        out = []
+        for name, child in m.named_children():
+            if is_norm(child) and stages_in(child) & wanted:
+                out.append((f"{path}.{name}" if path else name, child))
+        return out
+
+    def has_loose_layers(m: nn.Module) -> bool:
+        return any(is_leaf(c) and stages_in(c) & wanted for c in m.children())
+
+    def container(m: nn.Module, path: str, call: Optional[Call], rewritable: bool) -> None:
+        children = tuple(c for _, c in composite_children(m))
+        unit_index = len(units)
+        visit_children(m, path)
+        if not has_loose_layers(m):
+            return
+        unit = Unit(path, m, "container", call, extra_leaves=children)
+        if rewritable and call is not None:
+            try:
+                from .sites import trace_modes
+                unit.graphs = trace_modes(m, children, concrete_none_args(m, call))
+            except Exception as e:  # noqa: BLE001
+                unit.kind, unit.error = "opaque", f"{type(e).__name__}: {e}"
+        else:
+            unit.kind = "opaque"
+            unit.error = "the target module itself is never rewritten" if not path else "not called directly"
+        if unit.kind == "opaque":
+            unit.loose_norms = loose_norms(m, path)
+        units.insert(unit_index, unit)
+
+    def walk(m: nn.Module, path: str) -> None:
+        call = record.first(m)
+        if call is None:
+            if is_container(m):  # ModuleList / ModuleDict: children called by the parent
+                visit_children(m, path)
+            return
+        if not (stages_in(m) & wanted):
+            return
+        if is_container(m):
+            container(m, path, call, rewritable=True)
+            return
+        children = tuple(c for _, c in composite_children(m))
+        try:
+            chain = _is_chain(m, children)
+        except Exception:  # noqa: BLE001 - untraceable at one level: a block (tried whole below)
+            chain = False
+        if chain:
+            container(m, path, call, rewritable=True)
+            return
+        unit = Unit(path, m, "block", call)
+        try:
+            from .sites import trace_modes
+            unit.graphs = trace_modes(m, (), concrete_none_args(m, call))
+            units.append(unit)
+        except Exception as e:  # noqa: BLE001 - fall back: its parts, and norms without a graph
+            unit.kind, unit.error, unit.was_block = "opaque", f"{type(e).__name__}: {e}", True
+            n_before = len(units)
+            container(m, path, call, rewritable=False)
+            mine = [u for u in units[n_before:] if u.module is m]
+            if mine:
+                mine[0].error, mine[0].was_block = unit.error, True
+            else:
+                units.append(unit)
+
+    call = record.first(root)
+    container(root, "", call, rewritable=False)
+    return units

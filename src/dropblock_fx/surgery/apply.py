@@ -1,0 +1,154 @@
+"""``apply_dropblock``, ``remove_dropblock``, ``describe``: the plan, applied atomically."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from torch import nn
+
+from ..graph.splice import is_spliced, splice_after, splice_graph, unsplice
+from ..modules import DropBlock2d, DropBlock3d, DropBlockNd
+from .plan import Action, Plan, PlanRow, RecipeLike, SurgeryError, existing_dropblocks, prepare, resolve_recipe
+
+__all__ = ["apply_dropblock", "remove_dropblock", "describe"]
+
+
+def _make(row: PlanRow, scheduled: bool, parent: nn.Module) -> DropBlockNd:
+    opts = dict(row.options)
+    cls = DropBlock3d if len(row.resolution) == 3 else DropBlock2d
+    m = cls(
+        drop_prob=row.target_drop_prob, block_size=opts["block_size"], mask=opts["mask"],
+        seed_region=opts["seed_region"], gamma_scale=opts["gamma_scale"], scale=opts["scale"],
+        noise=opts["noise"], calibrate=opts["calibrate"],
+    )
+    m.dropblock_stage = row.stage
+    m.dropblock_site = row.kind
+    m.target_drop_prob = row.target_drop_prob
+    m.schedule_pending = scheduled
+    m.train(parent.training)
+    return m
+
+
+def _has_ours(model: nn.Module) -> bool:
+    return getattr(model, "dropblock_plan", None) is not None or any(
+        isinstance(m, DropBlockNd) and hasattr(m, "dropblock_site") for m in model.modules())
+
+
+def apply_dropblock(model: nn.Module, recipe: RecipeLike = None, *, replace: bool = False,
+                    keep_foreign: bool = False, **overrides: Any) -> nn.Module:
+    """Insert DropBlock modules where ``recipe`` says; modifies ``model`` in place and returns it.
+
+    Args:
+        model: any CNN (timm, torchvision, your own). Its class, methods, ``state_dict`` and
+            eval outputs are unchanged.
+        recipe: a built-in recipe name, a YAML path, a dict, a ``Recipe``, or None for the
+            default (last two stages, paper settings).
+        replace: the model already went through ``apply_dropblock``: remove that first
+            (without it, applying twice is an error).
+        keep_foreign: the model has DropBlock modules of another library (timm's
+            ``drop_block_rate``): keep them and add these (without it, an error).
+        **overrides: recipe fields applied on top (``drop_prob=0.2``, ``stages=[4]``,
+            ``target="backbone.body"``).
+
+    Raises:
+        SurgeryError: naming the module and the reason; the model is then unchanged.
+
+    Example:
+        >>> import torchvision, dropblock_fx as dbx
+        >>> m = dbx.apply_dropblock(torchvision.models.resnet50(), "paper-resnet50")  # doctest: +SKIP
+        >>> len(dbx.describe(m).rows)                                                  # doctest: +SKIP
+        36
+    """
+    rec = resolve_recipe(recipe, **overrides)
+    previous: Optional[Plan] = None
+    if _has_ours(model):
+        if not replace:
+            old = getattr(model, "dropblock_plan", None)
+            what = f" (recipe {old.recipe.name!r})" if old is not None and old.recipe.name else ""
+            raise SurgeryError(f"{type(model).__name__}: DropBlock was already applied{what}; call "
+                               "remove_dropblock(model) first, or pass replace=True")
+        previous = getattr(model, "dropblock_plan", None)
+        remove_dropblock(model)
+    try:
+        p, actions = prepare(model, rec, keep_foreign=keep_foreign)
+        _apply_actions(model, p, actions)
+    except Exception:
+        if previous is not None:  # put the previous plan back: the model is as it was
+            p_old, a_old = prepare(model, previous.recipe, keep_foreign=True)
+            _apply_actions(model, p_old, a_old)
+        raise
+    return model
+
+
+def _apply_actions(model: nn.Module, p: Plan, actions: list[Action]) -> None:
+    undo: list[Callable[[], None]] = []
+    scheduled = p.recipe.schedule is not None
+    current = ""
+    try:
+        for act in actions:
+            current = act.path or type(model).__name__
+            if act.kind == "graph":
+                m = act.module
+                for name, row in zip(act.names, act.rows):
+                    if name in m._modules or hasattr(m, name):
+                        raise SurgeryError(f"{current}: it already has an attribute {name!r}")
+                    m.add_module(name, _make(row, scheduled, m))
+                    undo.append(lambda m=m, name=name: m._modules.pop(name, None))
+                if is_spliced(m):
+                    raise SurgeryError(f"{current}: already rewritten")
+                splice_graph(m, act.source)
+                undo.append(lambda m=m: unsplice(m))
+            elif act.kind == "after":
+                m = act.module
+                if "dropblock" in m._modules or is_spliced(m):
+                    raise SurgeryError(f"{current}: already rewritten")
+                splice_after(m, _make(act.rows[0], scheduled, m))
+                undo.append(lambda m=m: (unsplice(m), m._modules.pop("dropblock", None)))
+            else:
+                m = act.module
+                old = m._modules["drop_block"]
+                db = _make(act.rows[0], scheduled, m)
+                db.__dict__["_dropblock_replaced"] = old  # not a child: state_dict and repr unchanged
+                m._modules["drop_block"] = db
+                undo.append(lambda m=m, old=old: m._modules.__setitem__("drop_block", old))
+        model.dropblock_plan = p
+    except Exception as e:
+        for fn in reversed(undo):
+            fn()
+        if isinstance(e, SurgeryError):
+            raise
+        raise SurgeryError(f"{current}: {type(e).__name__}: {e}") from e
+
+
+def remove_dropblock(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_dropblock`: no DropBlock left, original module classes, same outputs.
+
+    Example:
+        >>> import torchvision
+        >>> m = remove_dropblock(torchvision.models.resnet18())   # nothing to undo: no-op
+    """
+    for m in list(model.modules()):
+        for name, child in list(m._modules.items()):
+            if isinstance(child, DropBlockNd) and hasattr(child, "dropblock_site"):
+                replaced = child.__dict__.get("_dropblock_replaced")
+                if replaced is not None:
+                    m._modules[name] = replaced
+                else:
+                    del m._modules[name]
+        unsplice(m)
+    model.__dict__.pop("dropblock_plan", None)
+    return model
+
+
+def describe(model: nn.Module) -> Plan:
+    """The plan of a model modified by :func:`apply_dropblock` (``print`` it for a table).
+
+    Raises:
+        SurgeryError: the model has no DropBlock plan.
+    """
+    p = getattr(model, "dropblock_plan", None)
+    if p is None:
+        ours, foreign = existing_dropblocks(model)
+        extra = f" (it has {len(foreign)} foreign DropBlock modules)" if foreign else ""
+        raise SurgeryError(f"{type(model).__name__}: no DropBlock plan; call apply_dropblock first{extra}")
+    return p
