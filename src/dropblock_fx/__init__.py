@@ -1,6 +1,8 @@
 """dropblock-fx: paper-faithful DropBlock for the CNNs you already use."""
 
 from .modules import DropBlock2d, DropBlock3d, DropBlockNd
+from .graph import register_norm
+from .surgery import Plan, PlanRow, SurgeryError, apply_dropblock, describe, plan, remove_dropblock
 from .op import calibrated_gamma, drop_block, expected_drop_rate, paper_gamma, set_backend
 from .recipe import Recipe, RecipeError, ScheduleSpec, StageSpec, list_recipes, load_recipe, resolve_stage
 from .schedule import (
@@ -16,6 +18,14 @@ from .schedule import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "apply_dropblock",
+    "remove_dropblock",
+    "describe",
+    "plan",
+    "Plan",
+    "PlanRow",
+    "SurgeryError",
+    "register_norm",
     "drop_block",
     "DropBlock2d",
     "DropBlock3d",
