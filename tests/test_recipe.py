@@ -292,3 +292,14 @@ def test_docstring_examples_of_recipe_and_schedule_layers():
                    dropblock_fx.recipe.stages, dropblock_fx.schedule.core, dropblock_fx.schedule.registry):
         result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
         assert result.failed == 0, module.__name__
+
+
+def test_readme_recipe_example_is_a_valid_recipe_of_defaults():
+    text = (REPO / "README.md").read_text()
+    section = text.split("<!-- section: recipes (owner: recipes) -->")[1].split("<!-- section:")[0]
+    example = next(block for block in section.split("```yaml\n")[1:] if "my-recipe" in block).split("```")[0]
+    recipe = Recipe.from_yaml(example)
+    assert recipe.model_dump(exclude={"name", "description", "schedule"}) == Recipe().model_dump(
+        exclude={"name", "description", "schedule"})
+    assert recipe.schedule.model_dump(exclude={"params"}) == dbx.ScheduleSpec().model_dump(exclude={"params"})
+    assert recipe.schedule.params == {"start": 0.0, "end": 1.0}  # linear's defaults, spelled out
