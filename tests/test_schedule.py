@@ -404,7 +404,7 @@ def test_compiled_scheduled_run_compiles_once():
     model = paper_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     sched = attach_schedule(model, total_steps=20, optimizer=opt)
-    backend = CompileCounterWithBackend("aot_eager")
+    backend = CompileCounterWithBackend("eager")  # recompiles are decided by dynamo's guards, whatever the backend
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     x = torch.randn(2, 3, 12, 12)
     seen = []
