@@ -116,7 +116,7 @@ def drop_block_triton(
         scale_t = gamma_t  # unused: the count normaliser is computed on chip
     # The Philox key is drawn from torch's RNG on the device (no host sync, reproducible
     # under torch.manual_seed, and replaced by inductor's own seed handling when compiled).
-    seed_t = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=dev, generator=generator)
+    seed_t = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=dev, generator=generator)
     out = drop_block_fused(x, gamma_t, seed_t, scale_t, list(block), mask, seed_region, scale, noise)[0]
     if inplace:
         return x.copy_(out)

@@ -63,9 +63,10 @@ def _round(y, DT: tl.constexpr, FIX_BF16: tl.constexpr):
         b = y.to(tl.uint32, bitcast=True)
         r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
         r = tl.where(y != y, 0x7FC0, r)
-        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        out = r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
-        return y.to(DT)
+        out = y.to(DT)
+    return out
 
 
 @triton.jit
