@@ -3,7 +3,8 @@
 The model's parameters are swapped for meta tensors with ``torch.func.functional_call``
 only for the duration of the call, so a ResNet-152 plan costs no real compute and no
 memory. Models that create real tensors inside ``forward`` get a second try under
-``FakeTensorMode``. Every module's ``training`` flag is restored afterwards.
+``FakeTensorMode``, and models with data-dependent control flow one real forward on zeros
+(eval mode, no grad; the plan notes it). Every module's ``training`` flag is restored.
 """
 
 from __future__ import annotations
@@ -57,11 +58,11 @@ def record_calls(root: nn.Module, input_size: tuple[int, ...]) -> ShapeRecord:
     """Run ``root`` once on a meta (else fake) batch of one ``input_size`` input, eval mode.
 
     Raises:
-        RuntimeError: when neither a meta nor a fake-tensor pass can run the model.
+        RuntimeError: when no pass (meta, fake, real) can run the model.
     """
     shape = (1, *input_size)
     errors: list[str] = []
-    for mode in ("meta", "fake"):
+    for mode in ("meta", "fake", "real"):
         try:
             return _run(root, shape, mode)
         except Exception as e:  # noqa: BLE001 - try the next mode, report all
@@ -109,6 +110,8 @@ def _run(root: nn.Module, shape: tuple[int, ...], mode: str) -> ShapeRecord:
                 meta = {k: _meta_like(v) for k, v in tensors.items()}
                 x = torch.empty(shape, device="meta")
                 torch.func.functional_call(root, meta, (x,), strict=False, tie_weights=True)
+            elif mode == "real":  # data-dependent control flow: one real forward on zeros
+                root(torch.zeros(shape))
             else:
                 from torch._subclasses.fake_tensor import FakeTensorMode
 

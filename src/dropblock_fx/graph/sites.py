@@ -244,7 +244,7 @@ def find_sites(graph: fx.Graph, unit: nn.Module, values: dict[fx.Node, Any], kin
             used_ends.add(last)
             if "conv_last" in kinds:
                 if ok(last) == s_r:
-                    add(Site("conv_last", name_for("conv_last", scope), f"after {last.name} (end of branch)",
+                    add(Site("conv_last", name_for("conv_last", scope), f"after {_text(last)} (end of branch)",
                              s_r, after=last.name), ("after", last.name))
                 else:
                     add(Site("conv_last", name_for("conv_last", scope), f"branch into {r.name}", s_r,
@@ -261,7 +261,7 @@ def find_sites(graph: fx.Graph, unit: nn.Module, values: dict[fx.Node, Any], kin
             if s is None:
                 continue
             add(Site("conv", name_for(str(conv.target).replace(".", "_"), ""),
-                     f"after {conv.name} > {end.name}" if end is not conv else f"after {conv.name}", s,
+                     f"after {_text(conv)} > {_text(end)}" if end is not conv else f"after {_text(conv)}", s,
                      after=end.name), ("after", end.name))
 
     if "block" in kinds and is_block:
@@ -272,6 +272,10 @@ def find_sites(graph: fx.Graph, unit: nn.Module, values: dict[fx.Node, Any], kin
                 ("edge", val.name, out.name))
     sites.sort(key=lambda s: order[_node(graph, s.after or s.edge[1])])  # type: ignore[index]
     return sites, notes
+
+
+def _text(node: fx.Node) -> str:
+    return str(node.target) if node.op == "call_module" else node.name
 
 
 def _node(graph: fx.Graph, name: str) -> fx.Node:

@@ -37,9 +37,10 @@ def stage_of_shape(input_shape: tuple[int, ...], shape: tuple[int, ...]) -> Opti
     """Stage of a feature map of ``shape`` for an input of ``input_shape`` (None: not spatial)."""
     if len(shape) != len(input_shape) or len(shape) not in (4, 5) or min(shape[2:]) <= 0:
         return None
-    # Every spatial dim must be reduced by the same power of two: this also rejects
+    # H and W must be reduced by the same power of two: this also rejects
     # channels-last tensors (N, H, W, C) inside blocks such as ConvNeXt's.
-    logs = {round(math.log2(i / o)) for i, o in zip(input_shape[2:], shape[2:])}
+    # (H, W) only: video nets often keep or halve the temporal dim at their own pace.
+    logs = {round(math.log2(i / o)) for i, o in zip(input_shape[-2:], shape[-2:])}
     if len(logs) != 1:
         return None
     log = logs.pop()

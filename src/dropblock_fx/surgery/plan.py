@@ -264,6 +264,8 @@ def prepare(model: nn.Module, recipe: Recipe, keep_foreign: bool = False) -> tup
         record = record_calls(root, tuple(recipe.input_size))
     except RuntimeError as e:
         raise SurgeryError(f"{target or type(root).__name__}: {e}") from None
+    if record.mode != "meta":
+        notes.append(f"shapes found with a {record.mode} forward pass (the meta pass failed)")
     by_call = call_stages(record)
     stages = find_stages(root, record, by_call)
     if not stages:

@@ -1,0 +1,202 @@
+"""The graph layer on small hand-made modules: leaf policy, shape pass, stages, site matching,
+splicing (class kept, pickling, containers), train/eval traces, untraceable blocks."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from dropblock_fx import DropBlock2d
+from dropblock_fx.graph import (
+    find_stages,
+    is_leaf,
+    is_spliced,
+    original_class,
+    record_calls,
+    register_norm,
+    stage_of_shape,
+    splice_after,
+    trace_modes,
+    unsplice,
+)
+from dropblock_fx.graph.layers import is_norm, is_norm_act
+from dropblock_fx.graph.shapes import ShapeRecord
+from dropblock_fx.graph.sites import find_sites, insert_sites, replay
+from dropblock_fx.graph.stages import call_stages
+from dropblock_fx.graph.splice import graph_source, splice_graph
+from dropblock_fx.graph.units import bound_args
+
+from test_surgery_models import Residual, SmallCNN, TrainBranch
+
+
+def sites_of(block: nn.Module, shape, kinds=("conv", "conv_last", "shortcut", "block"), norm_free=False):
+    record = record_calls(block, shape)
+    call = record.first(block)
+    graphs = trace_modes(block)
+    g = graphs.get("any") or graphs["eval"]
+    values = replay(g, block, bound_args(block, call), lambda m: record.outputs_within(m, call.start, call.end))
+    sites, _ = find_sites(g, block, values, set(kinds), norm_free, True)
+    return g, sites
+
+
+def test_stage_numbering_convention():
+    assert stage_of_shape((1, 3, 224, 224), (1, 64, 112, 112)) == 0
+    assert stage_of_shape((1, 3, 224, 224), (1, 1024, 14, 14)) == 3
+    assert stage_of_shape((1, 3, 224, 224), (1, 2048, 7, 7)) == 4
+    assert stage_of_shape((1, 3, 224, 224), (1, 8, 224, 224)) == 0  # stride 1 counts as stage 0
+    assert stage_of_shape((1, 3, 224, 160), (1, 8, 14, 10)) == 3  # non-square inputs
+    # channels-last tensors are not feature maps of a stage
+    assert stage_of_shape((1, 3, 224, 224), (1, 56, 56, 96)) is None
+    assert stage_of_shape((1, 3, 224, 224), (1, 1000)) is None
+
+
+def test_leaf_policy():
+    assert is_leaf(nn.Conv2d(1, 1, 1)) and is_leaf(nn.BatchNorm2d(1)) and is_leaf(nn.ReLU())
+    assert is_leaf(DropBlock2d())
+    assert not is_leaf(nn.Sequential(nn.ReLU())) and not is_leaf(Residual(2, 2))
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.ops.misc import Conv2dNormActivation
+
+    assert is_leaf(torchvision.ops.StochasticDepth(0.1, "row"))
+    assert not is_leaf(Conv2dNormActivation(2, 2))  # a Sequential: sites inside it are found
+    timm = pytest.importorskip("timm")
+    bn_act = timm.layers.BatchNormAct2d(4)
+    assert is_leaf(bn_act) and is_norm(bn_act) and is_norm_act(bn_act)
+
+
+def test_register_norm_extension_point():
+    class MyNorm(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1, c, 1, 1))
+
+        def forward(self, x):
+            return x * self.w
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, 1, 1)
+            self.norm = MyNorm(4)
+            self.act = nn.ReLU()
+            self.conv2 = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.conv2(self.act(self.norm(self.conv(x))))
+
+    _, before = sites_of(Block(), (4, 16, 16), kinds=("conv",))
+    assert before == []
+    register_norm(MyNorm)
+    _, after = sites_of(Block(), (4, 16, 16), kinds=("conv",))
+    assert [(s.kind, s.name, s.after) for s in after] == [("conv", "dropblock_conv", "act")]
+
+
+def test_basic_block_sites_projection_and_identity():
+    g, sites = sites_of(Residual(4, 8, 2), (4, 16, 16))
+    assert [(s.kind, s.name) for s in sites] == [
+        ("conv", "dropblock_conv1"), ("conv_last", "dropblock_conv_last"), ("shortcut", "dropblock_shortcut"),
+        ("block", "dropblock_block"),
+    ]
+    conv1 = sites[0]
+    assert conv1.after == "relu" and conv1.shape == (1, 8, 8, 8)  # after BN *and* ReLU (official code)
+    shortcut = sites[2]
+    assert shortcut.edge[0] == "proj_1"  # after the projection conv+norm
+    _, sites = sites_of(Residual(4, 4), (4, 16, 16), kinds=("shortcut",))
+    assert [s.edge[0] for s in sites] == ["x"]  # the identity itself
+
+
+def test_insert_sites_only_reroutes_that_edge():
+    block = Residual(4, 4)
+    g, sites = sites_of(block, (4, 8, 8), kinds=("shortcut", "conv"))
+    insert_sites(g, sites)
+    x = next(n for n in g.nodes if n.op == "placeholder")
+    users = {u.op + ":" + str(u.target) for u in x.users}
+    assert users == {"call_module:conv1", "call_module:dropblock_shortcut"}
+
+
+def test_splice_keeps_class_state_and_pickles():
+    block = Residual(4, 4).eval()
+    x = torch.randn(2, 4, 8, 8)
+    ref = block(x)
+    g, sites = sites_of(block, (4, 8, 8))
+    insert_sites(g, sites)
+    for s in sites:
+        block.add_module(s.name, DropBlock2d(0.3, 3).eval())
+    keys = list(block.state_dict())
+    splice_graph(block, graph_source({"any": g}))
+    assert isinstance(block, Residual) and type(block).__name__ == "Residual" and is_spliced(block)
+    assert block.extra_method() == "still here"
+    assert torch.equal(block(x), ref) and list(block.state_dict()) == keys
+    for clone in (copy.deepcopy(block), pickle.loads(pickle.dumps(block))):
+        assert is_spliced(clone) and torch.equal(clone(x), ref)
+        assert clone.train()(x).shape == ref.shape  # train mode runs the DropBlocks
+    buf = io.BytesIO()
+    torch.save(block, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(loaded(x), ref)
+    assert unsplice(block) is Residual and type(block) is Residual and original_class(block) is Residual
+
+
+def test_splice_after_and_containers_hide_added_children():
+    seq = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2), nn.ReLU())
+    bn = seq[1]
+    splice_after(bn, DropBlock2d(0.5, 1))
+    assert isinstance(bn, nn.BatchNorm2d) and is_spliced(bn)
+    seq.train()
+    y = seq(torch.randn(2, 2, 8, 8))
+    assert (y == 0).any()
+    unsplice(bn)
+    del bn._modules["dropblock"]
+    assert type(bn) is nn.BatchNorm2d
+
+    seq = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2), nn.ReLU()).eval()
+    graphs = trace_modes(seq)
+    g = graphs["any"]
+    relu = next(n for n in g.nodes if n.target == "2")
+    from dropblock_fx.graph.sites import Site
+
+    insert_sites(g, [Site("conv", "dropblock_0", "", (1, 2, 8, 8), after=relu.name)])
+    seq.add_module("dropblock_0", DropBlock2d(0.1, 3))
+    splice_graph(seq, graph_source({"any": g}))
+    assert len(seq) == 3 and isinstance(seq[-1], nn.ReLU) and [type(m) for m in seq] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    assert type(seq[0:2]) is nn.Sequential and len(seq[0:2]) == 2
+    assert "dropblock_0" in dict(seq.named_children())
+
+
+def test_train_and_eval_traces_differ():
+    block = TrainBranch(4)
+    graphs = trace_modes(block)
+    assert set(graphs) == {"train", "eval"}
+    assert block.training  # flags restored
+    block.eval()
+    assert set(trace_modes(block)) == {"train", "eval"} and not block.training
+
+
+def test_meta_shape_pass_records_calls_without_compute():
+    model = SmallCNN()
+    flags = [m.training for m in model.modules()]
+    record = record_calls(model, (3, 64, 64))
+    assert isinstance(record, ShapeRecord) and record.mode == "meta"
+    assert [m.training for m in model.modules()] == flags
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    out = record.first(model.stages[3]).output
+    assert out.device.type == "meta" and tuple(out.shape) == (1, 64, 2, 2)
+    stages = find_stages(model, record, call_stages(record))
+    assert [(s.index, s.name, s.stride) for s in stages] == [
+        (0, "stem", 2), (1, "stages.0", 4), (2, "stages.1", 8), (3, "stages.2", 16), (4, "stages.3", 32)
+    ]
+
+
+def test_resnet152_plan_needs_no_real_compute():
+    torchvision = pytest.importorskip("torchvision")
+    from dropblock_fx import plan
+
+    model = torchvision.models.resnet152()
+    p = plan(model, {"stages": [3, 4]})
+    assert p.count("shortcut") == 36 + 3 and p.count("conv_last") == 39
