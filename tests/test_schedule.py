@@ -295,6 +295,25 @@ def test_forward_hook_counts_training_forwards_only():
     assert sched.count == 2
 
 
+def test_forward_hook_under_compile_counts_or_refuses_loudly():
+    from torch._dynamo.testing import CompileCounter
+
+    x = torch.randn(2, 3, 12, 12)
+    torch._dynamo.reset()
+    model = paper_model().train()
+    sched = attach_schedule(model, total_steps=10, hook="forward")
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    for _ in range(3):
+        compiled(x)
+    assert sched.count == 3 and counter.frame_count == 1  # the hook runs eagerly, no recompiles
+    torch._dynamo.reset()
+    model = paper_model().train()
+    attach_schedule(model, total_steps=10, hook="forward")
+    with pytest.raises(Exception, match="hook='optimizer'"):
+        torch.compile(model, backend=CompileCounter(), fullgraph=True)(x)
+
+
 def test_custom_hook_registry():
     assert {"optimizer", "manual", "epoch", "forward", "lightning"} <= set(list_hooks())
 

@@ -128,12 +128,19 @@ def _optimizer(schedule: "DropBlockSchedule", ctx: HookContext) -> Any:
 def _forward(schedule: "DropBlockSchedule", ctx: HookContext) -> Any:
     model = ctx.model
 
+    # Kept out of compiled graphs: under torch.compile it runs eagerly at a graph break, and
+    # fullgraph=True refuses it loudly rather than silently never advancing (use the
+    # "optimizer" hook there).
     def pre(module: torch.nn.Module, args: Any) -> None:
-        if module.training and not torch.compiler.is_compiling():
+        if module.training:
             schedule.step()
 
-    # Not for torch.compile(fullgraph=True) of the hooked model: use "optimizer" there.
-    return model.register_forward_pre_hook(pre)
+    reason = "dropblock_fx: hook='forward' counts forwards outside the graph; with fullgraph=True use hook='optimizer'"
+    try:
+        eager_pre = torch.compiler.disable(pre, reason=reason)
+    except TypeError:  # torch without disable(reason=...)
+        eager_pre = torch.compiler.disable(pre)
+    return model.register_forward_pre_hook(eager_pre)
 
 
 @register_hook("lightning")
