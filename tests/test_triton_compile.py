@@ -58,9 +58,9 @@ def test_seed_kernels_compile_for_sm90() -> None:
 def test_cover_kernel_compiles_for_sm90() -> None:
     tk, compile_ = _compiler()
     sig = {"hd_ptr": "*i32", "bits_ptr": "*i32", "cnt_ptr": "*i64", "n_rows": "i32", "CM": "i32"} | BITS
-    compile_(tk._cover_rows_kernel, sig, dict(S0=14, S1=1, G0=8, G1=1, K0=7, K1=1, ND=2, FULL=False, CFAST=True,
+    compile_(tk._cover_rows_kernel, sig, dict(S0=14, S1=1, G0=8, G1=1, K0=7, K1=1, ND=2, FULL=False,
                                               R=14, RG=8, NW=1, BQ=512, NWP=1))
-    compile_(tk._cover_rows_kernel, sig, dict(S0=6, S1=9, G0=6, G1=9, K0=3, K1=3, ND=3, FULL=True, CFAST=False,
+    compile_(tk._cover_rows_kernel, sig, dict(S0=6, S1=9, G0=6, G1=9, K0=3, K1=3, ND=3, FULL=True,
                                               R=54, RG=54, NW=2, BQ=256, NWP=2))
 
 

@@ -4,20 +4,24 @@ The keep mask is never materialised at full precision, nor as one byte per unit.
 kernels, all indexing with the geometry of :mod:`dropblock_fx.op.gamma`:
 
 1. ``_seeds_kernel``: one Philox draw per seed position only (``tl.rand4x``: four uniforms
-   per counter, seed position ``4 c + j`` takes output ``j``), so the same seed gives the same
-   mask on any GPU; stores one byte per seed position (the seed grid: ~1/3 of the units at
-   14x14, block 7).
-   ``_seed_rows_kernel``: dilates each seed row along the last spatial dim (column ``w`` is
+   per counter, seed position ``4 c + j`` takes output ``j``), so the same key gives the same
+   mask on any GPU; one byte per seed position (the seed grid: 1/3 of the units at 14x14,
+   block 7).
+2. ``_seed_rows_kernel``: dilates each seed row along the last spatial dim (column ``w`` is
    covered iff the running sum of ``hit[t] - hit[t - k]`` is positive: no ``k``-wide loop)
    and packs it to bits: bit ``w`` of a seed row says "some seed of this row covers column w".
-2. ``_cover_rows_kernel``: for every output row, OR the bit words of the ``k`` (``k x k`` in
+3. ``_cover_rows_kernel``: for every output row, OR the bit words of the ``k`` (``k x k`` in
    3-D) seed rows that cover it: the block expansion, done on words. It stores the packed
    *drop* bits (1 bit per unit; this is all that backward keeps) and adds the row's popcount
    to one int64 counter (one atomic per program).
-3. ``_apply_kernel``: ``out = x * keep * scale`` in one read and one write of ``x``, with the
+4. ``_apply_kernel``: ``out = x * keep * scale`` in one read and one write of ``x``, with the
    count normaliser ``numel / kept`` computed in-kernel from the counter; program 0 stores
    the fp32 scale for backward. Optional N(0, 1) fill of dropped units.
-4. ``_grad_kernel``: ``grad_in = grad * keep * scale`` from the same bits.
+5. ``_grad_kernel``: ``grad_in = grad * keep * scale`` from the same bits.
+
+Memory traffic per unit: forward reads ``x`` and writes ``out`` plus 1/8 byte of bits (and
+~1/3 byte of seeds, L2-resident); backward reads ``grad`` and writes ``grad_in`` (dropout
+also reads and writes a 1-byte mask). Saved for backward: the bits and one fp32 scalar.
 
 Units are addressed through their memory order (contiguous or channels-last, 2-D and 3-D);
 with channels-last inputs the bit words are laid out channel-fastest so that the word loads
@@ -132,23 +136,20 @@ def _cover_rows_kernel(
     hd_ptr, bits_ptr, cnt_ptr, n_rows, CM,
     b_sn, b_sc, b_sr, b_sm,
     S0: tl.constexpr, S1: tl.constexpr, G0: tl.constexpr, G1: tl.constexpr,
-    K0: tl.constexpr, K1: tl.constexpr, ND: tl.constexpr, FULL: tl.constexpr, CFAST: tl.constexpr,
+    K0: tl.constexpr, K1: tl.constexpr, ND: tl.constexpr, FULL: tl.constexpr,
     R: tl.constexpr, RG: tl.constexpr, NW: tl.constexpr, BQ: tl.constexpr, NWP: tl.constexpr,
 ):
     """Per output row: OR the covering seed rows' words; store drop bits; count dropped units."""
     pid = tl.program_id(0)
     q = pid.to(tl.int64) * BQ + tl.arange(0, BQ).to(tl.int64)
     q_ok = q < n_rows
-    if CFAST:  # bits laid out (n, r, word, c): walk rows channel-fastest
-        pc = q % CM
-        tq = q // CM
-        r = tq % R
-        pn = tq // R
-    else:
-        r = q % R
-        tq = q // R
-        pc = tq % CM
-        pn = tq // CM
+    # Rows plane-major, so that the K seed-row loads of neighbouring rows coalesce and hit
+    # the cache; only the (one) store per row follows the bits' layout, channel-fastest for
+    # channels-last inputs.
+    r = q % R
+    tq = q // R
+    pc = tq % CM
+    pn = tq // CM
     plane = pn * CM + pc
     m = tl.arange(0, NWP)
     m_ok = m < NW
@@ -406,7 +407,7 @@ def drop_block_forward(
     _cover_rows_kernel[(triton.cdiv(n_rows, bq),)](
         hd, bits, cnt, n_rows, c_m, bits.stride(0), bits.stride(1), sr, sm,
         S0=s0, S1=s1, G0=g0, G1=g1, K0=ks[0], K1=ks[1] if nd == 3 else 1, ND=nd, FULL=full,
-        CFAST=bool(cl and c_m > 1), R=r, RG=rg, NW=nw, BQ=bq, NWP=nwp,
+        R=r, RG=rg, NW=nw, BQ=bq, NWP=nwp,
     )
 
     total = xd.numel()
