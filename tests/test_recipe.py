@@ -303,3 +303,18 @@ def test_readme_recipe_example_is_a_valid_recipe_of_defaults():
         exclude={"name", "description", "schedule"})
     assert recipe.schedule.model_dump(exclude={"params"}) == dbx.ScheduleSpec().model_dump(exclude={"params"})
     assert recipe.schedule.params == {"start": 0.0, "end": 1.0}  # linear's defaults, spelled out
+
+
+def test_stage_errors_found_after_loading_still_name_file_and_line(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: r\nstages:\n  - 3\n  - stage: 7\n    block_size: 3\n")
+    recipe = load_recipe(p)
+    with pytest.raises(RecipeError) as ei:
+        resolve_stages(recipe, RESNET_STAGES)
+    e = ei.value
+    assert (e.file, e.line, e.path, e.value) == (str(p), 4, "stages[1].stage", 7)
+    assert str(e).startswith(f"{p}:4: ")
+    assert Recipe.from_yaml(recipe.to_yaml()) == recipe  # the remembered source changes nothing
+    with pytest.raises(RecipeError) as ei:
+        resolve_stages(Recipe(stages=[7]), RESNET_STAGES)
+    assert ei.value.file is None and ei.value.line is None

@@ -8,6 +8,7 @@ from .loader import (
     load_recipe,
     recipe_file,
     recipe_from_yaml,
+    recipe_source,
     recipe_to_yaml,
     validate_recipe,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "list_recipes",
     "recipe_file",
     "recipe_from_yaml",
+    "recipe_source",
     "recipe_to_yaml",
     "validate_recipe",
     "resolve_stage",

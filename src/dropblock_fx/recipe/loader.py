@@ -7,6 +7,7 @@ allowed; nothing else escapes (the loader is fuzzed for it).
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -35,7 +36,10 @@ def _builtin_dirs() -> list[Path]:
     # Installed: dropblock_fx/recipes/ (package data). Source checkout: <repo>/recipes/
     # (src/dropblock_fx/recipes is a link to it, this is the fallback if the link is lost).
     here = Path(__file__).resolve().parent
-    return [here.parent / "recipes", here.parents[2] / "recipes"]
+    dirs = [here.parent / "recipes"]
+    if (here.parents[2] / "pyproject.toml").is_file():
+        dirs.append(here.parents[2] / "recipes")
+    return dirs
 
 
 def _builtin_files() -> dict[str, Path]:
@@ -140,7 +144,28 @@ def recipe_from_yaml(text: str, *, file: Optional[str] = None) -> Recipe:
         raise RecipeError(f"not valid YAML: {type(e).__name__}: {e}", file=file) from None
     if data is None:
         data = {}
-    return validate_recipe(data, file=file, text=text)
+    recipe = validate_recipe(data, file=file, text=text)
+    _SOURCES[id(recipe)] = (weakref.ref(recipe, lambda _, key=id(recipe): _SOURCES.pop(key, None)), file, text)
+    return recipe
+
+
+# Where a recipe was read from, so that errors found later (a stage this model does not
+# have) can still name file and line. Kept outside the object: equality and YAML ignore it.
+_SOURCES: dict[int, tuple["weakref.ref[Recipe]", Optional[str], str]] = {}
+
+
+def recipe_source(recipe: Recipe) -> Optional[tuple[Optional[str], str]]:
+    """``(file, yaml_text)`` the recipe was loaded from, or ``None``."""
+    entry = _SOURCES.get(id(recipe))
+    if entry is None or entry[0]() is not recipe:
+        return None
+    return entry[1], entry[2]
+
+
+def line_of(recipe: Recipe, path: tuple[Any, ...]) -> Optional[int]:
+    """The line of ``path`` in the YAML the recipe was loaded from, or ``None``."""
+    source = recipe_source(recipe)
+    return None if source is None else _line_of(_line_index(source[1]), path)
 
 
 def validate_recipe(data: Any, *, file: Optional[str] = None, text: Optional[str] = None) -> Recipe:

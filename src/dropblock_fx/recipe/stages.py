@@ -65,6 +65,7 @@ def resolve_stage(
     *,
     path: Sequence[Any] = ("stages",),
     file: Optional[str] = None,
+    line: Optional[int] = None,
 ) -> int:
     """The model's stage index that ``ref`` means; ``RecipeError`` listing the model's stages
     if it has no such stage.
@@ -101,6 +102,7 @@ def resolve_stage(
             reason=f"this model has no stage {raw!r}{hint}",
             value=raw,
             allowed=f"the model's stages: {_describe(stages)}; or -1 .. -{len(stages)} from the deepest",
+            line=line,
         )],
         file=file,
     )
@@ -110,17 +112,25 @@ def resolve_stages(
     recipe: Recipe, model_stages: StagesLike, *, file: Optional[str] = None
 ) -> list[tuple[int, Optional[StageSpec]]]:
     """``[(model stage index, its StageSpec or None), ...]`` for every stage of the recipe, in
-    the recipe's order; a stage reached twice (``3`` and ``-2``) is an error too."""
+    the recipe's order; a stage reached twice (``3`` and ``-2``) is an error too. Errors name
+    the recipe's file and line when it was loaded from YAML."""
+    from .loader import line_of, recipe_source
+
+    source = recipe_source(recipe)
+    if file is None and source is not None:
+        file = source[0]
     out: list[tuple[int, Optional[StageSpec]]] = []
     seen: dict[int, int] = {}
     for i, item in enumerate(recipe.stages):
-        index = resolve_stage(item, model_stages, path=("stages", i), file=file)
+        key = ("stages", i, "stage") if isinstance(item, StageSpec) else ("stages", i)
+        index = resolve_stage(item, model_stages, path=("stages", i), file=file, line=line_of(recipe, key))
         if index in seen:
             raise RecipeError(
                 [RecipeIssue(
                     path=("stages", i),
                     reason=f"stages[{seen[index]}] and stages[{i}] both mean stage {index}",
                     value=item.stage if isinstance(item, StageSpec) else item,
+                    line=line_of(recipe, ("stages", i)),
                 )],
                 file=file,
             )

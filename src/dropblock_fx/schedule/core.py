@@ -44,7 +44,8 @@ class DropBlockSchedule:
 
     Attributes:
         spec: the :class:`ScheduleSpec` (name, params, length).
-        length: the schedule's length in ``unit`` s (``None`` for a constant schedule).
+        length: the schedule's length in ``unit`` s (``None``: not known yet (Lightning reads it
+            at fit start) or not needed (constant); it then runs at progress 0).
         unit: ``"step"`` or ``"epoch"``.
         modules: ``{qualified name: module}`` of the driven DropBlock modules.
         hook: the installed hook's handle (``remove()`` it with :meth:`detach`).
@@ -79,7 +80,7 @@ class DropBlockSchedule:
     def progress(self) -> float:
         """Fraction of the schedule done, in ``[0, 1]``."""
         if not self.length:
-            return 1.0
+            return 0.0
         return min(1.0, max(0.0, self.count / self.length))
 
     @property
@@ -89,7 +90,7 @@ class DropBlockSchedule:
 
     def value_at(self, count: float) -> float:
         """The factor after ``count`` units (for plots; changes nothing)."""
-        p = 1.0 if not self.length else min(1.0, max(0.0, count / self.length))
+        p = 0.0 if not self.length else min(1.0, max(0.0, count / self.length))
         return schedule_value(self.spec.name, p, self.spec.params)
 
     @property
