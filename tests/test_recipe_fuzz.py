@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from dropblock_fx.recipe import Recipe, RecipeError, load_recipe
 
 # More examples for a soak run: DROPBLOCK_FX_FUZZ_EXAMPLES=5000 pytest tests/test_recipe_fuzz.py
-EXAMPLES = int(os.environ.get("DROPBLOCK_FX_FUZZ_EXAMPLES", "250"))
+EXAMPLES = int(os.environ.get("DROPBLOCK_FX_FUZZ_EXAMPLES", "150"))
 FIELDS = list(Recipe.model_fields) + ["stage", "multiplier", "params", "steps", "epochs", "fraction", "points"]
 
 scalars = st.one_of(

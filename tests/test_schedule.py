@@ -187,6 +187,21 @@ def test_schedule_sources_explicit_over_recipe_over_default():
     assert plain[0].drop_prob == pytest.approx(0.1)
 
 
+def test_recipe_schedule_found_through_wrappers():
+    inner = paper_model()
+    inner.dropblock_plan = Plan(load_recipe({"stages": [3, 4], "schedule": {"name": "cosine"}}))
+    wrapper = nn.Sequential()
+    wrapper.module = inner  # like DistributedDataParallel(model).module
+    sched = attach_schedule(wrapper, total_steps=10)
+    assert sched.spec.name == "cosine" and len(sched.modules) == 3
+    other = paper_model()
+    other.dropblock_plan = Plan(load_recipe({"stages": [3], "schedule": {"name": "step"}}))
+    both = nn.ModuleList([inner, other])
+    with pytest.raises(ValueError, match="different schedules"):
+        attach_schedule(both, total_steps=10)
+    assert attach_schedule(both, total_steps=10, schedule="linear").spec.name == "linear"
+
+
 def test_schedule_lengths():
     model = paper_model()
     assert attach_schedule(model, total_steps=200).length == 200

@@ -217,6 +217,23 @@ def schedule_length(
     return total * (spec.fraction if spec.fraction is not None else 1.0)
 
 
+def _recipe_schedule(model: torch.nn.Module) -> Optional[ScheduleSpec]:
+    """The schedule of the recipe(s) applied to ``model`` or to submodules of it (found through
+    wrappers such as DDP's ``.module`` or torch.compile's ``._orig_mod``)."""
+    specs = []
+    for _, m in model.named_modules():
+        recipe = getattr(getattr(m, "dropblock_plan", None), "recipe", None)
+        if recipe is not None:
+            specs.append(getattr(recipe, "schedule", None))
+    found = [s for s in specs if s is not None]
+    if any(s != found[0] for s in found[1:]):
+        raise ValueError(
+            "the recipes applied to parts of this model have different schedules; pass "
+            "attach_schedule(..., schedule=...) or attach one schedule per part"
+        )
+    return found[0] if found else None
+
+
 def attach_schedule(
     model: torch.nn.Module,
     total_steps: Optional[int] = None,
@@ -257,8 +274,7 @@ def attach_schedule(
     """
     spec = _to_spec(schedule)
     if spec is None:
-        plan = getattr(model, "dropblock_plan", None)
-        spec = getattr(getattr(plan, "recipe", None), "schedule", None)
+        spec = _recipe_schedule(model)
     if spec is None:
         spec = ScheduleSpec()
     hook_name = hook if hook is not None else ("optimizer" if optimizer is not None else "manual")
