@@ -318,3 +318,9 @@ def test_stage_errors_found_after_loading_still_name_file_and_line(tmp_path):
     with pytest.raises(RecipeError) as ei:
         resolve_stages(Recipe(stages=[7]), RESNET_STAGES)
     assert ei.value.file is None and ei.value.line is None
+
+
+def test_tuple_params_round_trip():
+    r = Recipe(schedule={"name": "multistep", "params": {"milestones": (0.5,), "values": (0.0, 1.0)}})
+    assert r.schedule.params == {"milestones": [0.5], "values": [0.0, 1.0]}
+    assert Recipe.from_yaml(r.to_yaml()) == r

@@ -101,6 +101,19 @@ class ScheduleSpec(_Strict):
     epochs: Optional[float] = Field(None, gt=0)
     fraction: Optional[float] = Field(None, gt=0.0, le=1.0)
 
+    @field_validator("params", mode="before")
+    @classmethod
+    def _plain_params(cls, params: Any) -> Any:
+        # Tuples become lists: what YAML gives back, so a recipe round-trips unchanged.
+        def plain(v: Any) -> Any:
+            if isinstance(v, (list, tuple)):
+                return [plain(x) for x in v]
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            return v
+
+        return plain(params)
+
     @field_validator("name")
     @classmethod
     def _known_name(cls, name: str) -> str:
