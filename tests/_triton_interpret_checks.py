@@ -9,6 +9,10 @@ one JSON line ``{name: {"ok": bool, "error": str, "seconds": float}}``.
 Run it by hand::
 
     TRITON_INTERPRET=1 python tests/_triton_interpret_checks.py [name ...]
+
+The same checks on a GPU (compiled kernels, CUDA tensors; ``tests/test_triton_cuda.py``)::
+
+    python tests/_triton_interpret_checks.py --device cuda [name ...]
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ import sys
 import time
 import traceback
 
-if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-    raise SystemExit("set TRITON_INTERPRET=1 (see the module docstring)")
+DEVICE = "cuda" if "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1] == "cuda" else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    raise SystemExit("set TRITON_INTERPRET=1, or pass --device cuda (see the module docstring)")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -207,7 +212,7 @@ def check_determinism_same_seed():
     c = dbx.drop_block(x, 0.2, 3)
     assert torch.equal(a, b), "same torch seed gave different masks"
     assert not torch.equal(a, c), "consecutive calls gave the same mask"
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    g1, g2 = torch.Generator(DEVICE).manual_seed(3), torch.Generator(DEVICE).manual_seed(3)
     assert torch.equal(dbx.drop_block(x, 0.2, 3, generator=g1), dbx.drop_block(x, 0.2, 3, generator=g2))
 
 
@@ -340,7 +345,7 @@ def check_dispatch_rules():
     cuda_like = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)
     assert fn._pick_backend(cuda_like) == ("triton" if fn._HAS_TRITON else "reference")
     assert fn._pick_backend(types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64)) != "triton"
-    assert fn._pick_backend(torch.ones(1, 1, 2, 2)) != "triton"
+    assert fn._pick_backend(torch.ones(1, 1, 2, 2, device="cpu")) != "triton"
     fn.set_backend("reference")
     assert fn._pick_backend(cuda_like) == "reference"
     fn.set_backend("triton")
@@ -349,7 +354,10 @@ def check_dispatch_rules():
 CHECKS = {name[len("check_"):]: f for name, f in sorted(globals().items()) if name.startswith("check_")}
 
 
-def main(names: list[str]) -> None:
+def main(argv: list[str]) -> None:
+    names = [a for i, a in enumerate(argv) if a != "--device" and (i == 0 or argv[i - 1] != "--device")]
+    if DEVICE == "cuda":
+        torch.set_default_device("cuda")  # every factory call in the checks makes CUDA tensors
     results = {}
     for name in names or list(CHECKS):
         fn.set_backend("triton")

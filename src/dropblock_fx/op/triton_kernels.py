@@ -228,7 +228,7 @@ def _apply_kernel(
     ok = offs < total
     if COUNT:
         kept = tl.maximum(mask_numel - tl.load(cnt_ptr), 1)
-        s = mask_numel_f / kept.to(tl.float32)
+        s = tl.math.div_rn(mask_numel_f, kept.to(tl.float32))  # IEEE division, as torch
     else:
         s = tl.load(scale_in_ptr)
     if pid == 0:
