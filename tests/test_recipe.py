@@ -172,6 +172,8 @@ def test_error_names_file_line_key_path_value_and_allowed(tmp_path):
         ({"schedule": {"name": "multistep", "params": {"milestones": [0.6, 0.2]}}}, "schedule.params.milestones", "increase"),
         ({"schedule": "linear"}, "schedule", "valid dictionary"),
         ({"nonsense": 1}, "nonsense", "unknown key"),
+        ({"stages": [{"stage": 3, "keep_prob": 0.9, "drop_prob": 0.1}]}, "stages[0].keep_prob", "not both"),
+        ({"stages": [{"stage": 3, "keep_prob": "high"}]}, "stages[0].keep_prob", "[0, 1]"),
     ],
 )
 def test_bad_recipe_messages(data, path, needle):
@@ -323,4 +325,11 @@ def test_stage_errors_found_after_loading_still_name_file_and_line(tmp_path):
 def test_tuple_params_round_trip():
     r = Recipe(schedule={"name": "multistep", "params": {"milestones": (0.5,), "values": (0.0, 1.0)}})
     assert r.schedule.params == {"milestones": [0.5], "values": [0.0, 1.0]}
+    assert Recipe.from_yaml(r.to_yaml()) == r
+
+
+def test_stage_keep_prob_is_stored_as_drop_prob():
+    r = Recipe(stages=[{"stage": 3, "keep_prob": 0.9}, 4])
+    assert r.stages[0].drop_prob == 0.1
+    assert r.stage_rate(3, 4, r.stages[0]) == 0.1
     assert Recipe.from_yaml(r.to_yaml()) == r

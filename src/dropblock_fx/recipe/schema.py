@@ -64,7 +64,8 @@ class OpOptions(_Strict):
 
 
 class StageSpec(_Strict):
-    """One selected stage, with optional overrides of the recipe-wide settings."""
+    """One selected stage, with optional overrides of the recipe-wide settings (``keep_prob``
+    is accepted as ``1 - drop_prob``)."""
 
     stage: StageRef
     block_size: Optional[int] = Field(None, ge=1)
@@ -78,6 +79,23 @@ class StageSpec(_Strict):
     scale: Optional[Literal["count", "expected", "none"]] = None
     noise: Optional[bool] = None
     calibrate: Optional[bool] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_prob(cls, data: Any) -> Any:
+        # The paper's keep_prob is accepted per stage too; it is stored as drop_prob.
+        if not isinstance(data, dict) or "keep_prob" not in data:
+            return data
+        data = dict(data)
+        keep = data.pop("keep_prob")
+        if "drop_prob" in data:
+            raise KeyedError("give drop_prob or keep_prob, not both", path=("keep_prob",), value=keep,
+                             allowed="drop_prob alone or keep_prob alone (keep_prob = 1 - drop_prob)")
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0.0 <= keep <= 1.0:
+            raise KeyedError("keep_prob must be a number in [0, 1]", path=("keep_prob",), value=keep,
+                             allowed="a number in [0, 1]")
+        data["drop_prob"] = round(1.0 - keep, 12)
+        return data
 
 
 class ScheduleSpec(_Strict):
