@@ -296,6 +296,7 @@ def check_opcheck():
         torch.library.opcheck(co.drop_block_fused, args)
         bits = co.drop_block_fused(*args)[1]
         torch.library.opcheck(co.drop_block_fused_backward, (torch.randn_like(xx), bits, torch.tensor(1.5)))
+        torch.library.opcheck(co.drop_block_mask, (xx,) + base[:2] + ([3] * (xx.dim() - 2), mask, region))
 
 
 def check_fx_sees_one_op():
@@ -335,7 +336,35 @@ def check_compile_fullgraph_no_recompile():
     torch._dynamo.reset()
     torch.compile(m, fullgraph=True, backend=backend)(x)
     targets = [str(n.target) for g in graphs for n in g.graph.nodes]
-    assert any("drop_block_fused" in t for t in targets), targets
+    # Compiled graphs use the mask op and leave the multiply to inductor (fusion).
+    assert any("drop_block_mask" in t for t in targets), targets
+    assert not any("drop_block_fused" in t for t in targets), targets
+
+
+def check_compiled_form_matches_fused_op():
+    """The traced form (mask op + torch multiply) gives the fused op's output and gradient."""
+    for dtype, cl, mask, region, scale in (
+        (torch.float32, False, "channel", "valid", "count"),
+        (torch.bfloat16, True, "channel", "full", "count"),
+        (torch.float16, True, "shared", "valid", "expected"),
+        (torch.float32, False, "batch", "full", "none"),
+    ):
+        x = torch.randn(2, 3, 9, 11, dtype=dtype)
+        if cl:
+            x = x.to(memory_format=torch.channels_last)
+        g, seed, s_in = torch.tensor([0.1]), torch.tensor([77]), torch.tensor([1.25])
+        want, bits, s = co.drop_block_fused(x, g, seed, s_in, [3, 3], mask, region, scale, False)
+
+        def traced(t):
+            return co._apply_traceable(t, g, seed, s_in, (3, 3), mask, region, scale, False, None)
+
+        compiled = torch.compile(traced, backend="aot_eager", fullgraph=True)
+        xg = x.clone().requires_grad_()
+        got = compiled(xg)
+        assert torch.equal(got, want), f"{dtype} {mask} {region} {scale}: forward differs"
+        gy = torch.randn_like(got)
+        got.backward(gy)
+        assert torch.equal(xg.grad, co.drop_block_fused_backward(gy, bits, s)), f"{dtype} {mask}: grad differs"
 
 
 def check_dispatch_rules():

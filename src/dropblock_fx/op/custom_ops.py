@@ -4,6 +4,10 @@
   scale_mode, noise) -> (out, drop_bits, scale)``: the Triton forward. ``gamma`` and
   ``seed`` are tensors, so a new drop rate or a new random draw never recompiles.
 * ``dropblock_fx::drop_block_fused_backward(grad, drop_bits, scale) -> grad_in``.
+* ``dropblock_fx::drop_block_mask(x, gamma, seed, block, mask, seed_region) ->
+  (drop_bits, dropped)``: the mask kernels only (``x`` gives the shape). Under
+  ``torch.compile`` the op uses this one and applies the mask with plain torch ops, so
+  inductor fuses ``x * keep * scale`` (and its backward) into the neighbouring kernels.
 
 Both have fake implementations (shapes, dtypes and strides identical to the real ones) and
 the forward has an autograd formula that saves only the 1-bit mask and the fp32 scale.
@@ -20,7 +24,7 @@ from torch import Tensor
 from . import triton_kernels as tk
 from .gamma import expected_drop_rate, expected_keep_tensor
 
-__all__ = ["drop_block_fused", "drop_block_fused_backward", "drop_block_triton"]
+__all__ = ["drop_block_fused", "drop_block_fused_backward", "drop_block_mask", "drop_block_triton"]
 
 
 @torch.library.custom_op("dropblock_fx::drop_block_fused", mutates_args=())
@@ -54,6 +58,19 @@ def drop_block_fused_backward(grad: Tensor, bits: Tensor, scale: Tensor) -> Tens
 @drop_block_fused_backward.register_fake
 def _drop_block_fused_backward_fake(grad, bits, scale):
     return torch.empty_like(tk.dense_input(grad)[0])
+
+
+@torch.library.custom_op("dropblock_fx::drop_block_mask", mutates_args=())
+def drop_block_mask(
+    x: Tensor, gamma: Tensor, seed: Tensor, block: Sequence[int], mask: str, seed_region: str
+) -> tuple[Tensor, Tensor]:
+    """Drop bits and dropped count; see :func:`dropblock_fx.op.triton_kernels.drop_block_mask`."""
+    return tk.drop_block_mask(x, gamma, seed, list(block), mask, seed_region)
+
+
+@drop_block_mask.register_fake
+def _drop_block_mask_fake(x, gamma, seed, block, mask, seed_region):
+    return tk.alloc_mask_outputs(x, mask)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -117,7 +134,32 @@ def drop_block_triton(
     # The Philox key is drawn from torch's RNG on the device (no host sync, reproducible
     # under torch.manual_seed, and replaced by inductor's own seed handling when compiled).
     seed_t = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=dev, generator=generator)
-    out = drop_block_fused(x, gamma_t, seed_t, scale_t, list(block), mask, seed_region, scale, noise)[0]
+    if torch.compiler.is_compiling():
+        out = _apply_traceable(x, gamma_t, seed_t, scale_t, block, mask, seed_region, scale, noise, generator)
+    else:
+        out = drop_block_fused(x, gamma_t, seed_t, scale_t, list(block), mask, seed_region, scale, noise)[0]
     if inplace:
         return x.copy_(out)
+    return out
+
+
+def _apply_traceable(x, gamma_t, seed_t, scale_t, block, mask, seed_region, scale, noise, generator) -> Tensor:
+    """The compiled-graph form: the mask op, then ``(x * keep) * scale`` in torch ops for inductor.
+
+    Same bits, same scale and the same arithmetic as the fused op; autograd differentiates the
+    multiply, and the partitioner can keep the bits (not a full mask) for backward.
+    """
+    spatial = tuple(int(s) for s in x.shape[2:])
+    bits, dropped = drop_block_mask(x.detach(), gamma_t, seed_t, list(block), mask, seed_region)
+    keep = tk.keep_from_bits(bits, spatial)
+    if scale == "count":
+        mask_numel = keep.numel()
+        kept = (mask_numel - dropped).clamp(min=1).to(torch.float32).reshape(())
+        s = torch.div(float(mask_numel), kept)
+    else:
+        s = scale_t.reshape(())
+    out = (x * keep.to(x.dtype)) * s.to(x.dtype)
+    if noise:
+        fill = torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+        out = out + fill.masked_fill(keep, 0)
     return out

@@ -39,7 +39,8 @@ import triton
 import triton.language as tl
 
 __all__ = [
-    "drop_block_forward", "drop_block_backward", "alloc_outputs", "dense_input", "seed_uniforms", "unpack_keep",
+    "drop_block_forward", "drop_block_backward", "drop_block_mask", "keep_from_bits", "alloc_outputs",
+    "alloc_mask_outputs", "dense_input", "seed_uniforms", "unpack_keep",
 ]
 
 _NEG = -(1 << 20)
@@ -308,10 +309,14 @@ def _word_geometry(width: int) -> tuple[int, int, int]:
     return bw, lw, bw // lw
 
 
-def alloc_outputs(
-    x: torch.Tensor, mask: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """Output, drop-bits and scale tensors of the fused op (shared with the fake impl)."""
+def _bit_strides(bits: torch.Tensor) -> tuple[int, int, int, int]:
+    # Size-1 mask dims broadcast over the batch / channels of x: stride 0.
+    sn = bits.stride(0) if bits.size(0) > 1 else 0
+    sc = bits.stride(1) if bits.size(1) > 1 else 0
+    return sn, sc, bits.stride(2), bits.stride(3)
+
+
+def _alloc_bits(x: torch.Tensor, mask: str) -> torch.Tensor:
     xd, cl = dense_input(x)
     n, c = xd.shape[0], xd.shape[1]
     spatial = tuple(xd.shape[2:])
@@ -320,19 +325,81 @@ def alloc_outputs(
     r = math.prod(spatial[:-1])
     nw = _word_geometry(spatial[-1])[2]
     if cl and c_m > 1:
-        bits = xd.new_empty((n_m, r, nw, c_m), dtype=torch.int32).permute(0, 3, 1, 2)
-    else:
-        bits = xd.new_empty((n_m, c_m, r, nw), dtype=torch.int32)
-    out = torch.empty_like(xd)
-    scale = xd.new_empty((), dtype=torch.float32)
-    return out, bits, scale, cl
+        return xd.new_empty((n_m, r, nw, c_m), dtype=torch.int32).permute(0, 3, 1, 2)
+    return xd.new_empty((n_m, c_m, r, nw), dtype=torch.int32)
 
 
-def _bit_strides(bits: torch.Tensor) -> tuple[int, int, int, int]:
-    # Size-1 mask dims broadcast over the batch / channels of x: stride 0.
-    sn = bits.stride(0) if bits.size(0) > 1 else 0
-    sc = bits.stride(1) if bits.size(1) > 1 else 0
-    return sn, sc, bits.stride(2), bits.stride(3)
+def alloc_outputs(
+    x: torch.Tensor, mask: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Output, drop-bits and scale tensors of the fused op (shared with the fake impl)."""
+    xd, cl = dense_input(x)
+    return torch.empty_like(xd), _alloc_bits(xd, mask), xd.new_empty((), dtype=torch.float32), cl
+
+
+def alloc_mask_outputs(x: torch.Tensor, mask: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop-bits and dropped-count tensors of :func:`drop_block_mask` (shared with the fake impl)."""
+    return _alloc_bits(x, mask), x.new_empty((1,), dtype=torch.int64)
+
+
+def drop_block_mask(
+    x: torch.Tensor,
+    gamma: torch.Tensor,
+    seed: torch.Tensor,
+    block: tuple[int, ...] | list[int],
+    mask: str,
+    seed_region: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the mask kernels (seeds, row dilation, cover + count); ``x`` gives only the shape.
+
+    Returns:
+        ``(drop_bits, dropped)``: the packed drop bits, ``(n_m, c_m, prod(spatial[:-1]), words)``
+        int32 (channel-fastest for channels-last inputs), and the number of dropped units of
+        the ``(n_m, c_m, *spatial)`` mask, a 1-element int64 tensor.
+    """
+    _check_device(x)
+    nd = x.dim() - 2
+    if nd not in (2, 3):
+        raise ValueError(f"expected a 4-D or 5-D tensor, got {x.dim()} dims")
+    bits, _ = alloc_mask_outputs(x, mask)
+    spatial = tuple(int(s) for s in x.shape[2:])
+    ks = tuple(min(int(k), s) for k, s in zip(block, spatial))
+    full = seed_region == "full"
+    grid_shape = spatial if full else tuple(s - k + 1 for s, k in zip(spatial, ks))
+    planes = bits.size(0) * bits.size(1)
+    width = spatial[-1]
+    bw, lw, nw = _word_geometry(width)
+    rg = math.prod(grid_shape[:-1])
+    r = math.prod(spatial[:-1])
+    device = x.device
+    gamma = gamma.reshape(1).to(device=device, dtype=torch.float32)
+    seed = seed.reshape(1).to(device=device, dtype=torch.int64)
+
+    n_seeds = planes * rg * grid_shape[-1]
+    seeds = torch.empty(n_seeds, dtype=torch.uint8, device=device)
+    _seeds_kernel[(triton.cdiv(n_seeds, 4 * _SEED_BLOCK),)](seed, gamma, seeds, n_seeds, BLOCK=_SEED_BLOCK)
+
+    hd = torch.empty((planes * rg, nw), dtype=torch.int32, device=device)
+    n_seed_rows = planes * rg
+    br = max(1, min(64, 2048 // bw))
+    k_last = ks[-1]
+    _seed_rows_kernel[(triton.cdiv(n_seed_rows, br),)](
+        seeds, hd, n_seed_rows,
+        GW=grid_shape[-1], W=width, K=k_last, FULL=full,
+        BR=br, BW=bw, LW=lw, NW=nw, KP=triton.next_power_of_2(k_last),
+    )
+
+    cnt = torch.zeros(1, dtype=torch.int64, device=device)
+    n_rows = planes * r
+    nwp = triton.next_power_of_2(nw)
+    bq = max(1, 512 // nwp)
+    _, _, sr, sm = _bit_strides(bits)
+    _cover_rows_kernel[(triton.cdiv(n_rows, bq),)](
+        hd, bits, cnt, n_rows, bits.size(1), bits.stride(0), bits.stride(1), sr, sm,
+        S0=spatial[0], S1=spatial[1] if nd == 3 else 1, G0=grid_shape[0], G1=grid_shape[1] if nd == 3 else 1,
+        K0=ks[0], K1=ks[1] if nd == 3 else 1, ND=nd, FULL=full, R=r, RG=rg, NW=nw, BQ=bq, NWP=nwp,
+    )
+    return bits, cnt
 
 
 def drop_block_forward(
@@ -360,66 +427,38 @@ def drop_block_forward(
         scale_mode: ``"count"`` (computed on chip), else ``scale_in`` is applied.
         noise: fill dropped units with N(0, 1).
     """
-    _check_device(x)
-    nd = x.dim() - 2
-    if nd not in (2, 3):
-        raise ValueError(f"expected a 4-D or 5-D tensor, got {x.dim()} dims")
-    out, bits, scale_out, cl = alloc_outputs(x, mask)
-    xd, _ = dense_input(x)
-    n, c = xd.shape[0], xd.shape[1]
+    bits, cnt = drop_block_mask(x, gamma, seed, block, mask, seed_region)
+    xd, cl = dense_input(x)
+    out = torch.empty_like(xd)
+    scale_out = xd.new_empty((), dtype=torch.float32)
     spatial = tuple(int(s) for s in xd.shape[2:])
-    ks = tuple(min(int(k), s) for k, s in zip(block, spatial))
-    full = seed_region == "full"
-    grid_shape = spatial if full else tuple(s - k + 1 for s, k in zip(spatial, ks))
-    n_m, c_m = bits.size(0), bits.size(1)
-    planes = n_m * c_m
     width = spatial[-1]
-    bw, lw, nw = _word_geometry(width)
-    rg = math.prod(grid_shape[:-1])
-    r = math.prod(spatial[:-1])
-    device = x.device
-    gamma = gamma.reshape(1).to(device=device, dtype=torch.float32)
-    seed = seed.reshape(1).to(device=device, dtype=torch.int64)
-
-    n_seeds = planes * rg * grid_shape[-1]
-    seeds = torch.empty(n_seeds, dtype=torch.uint8, device=device)
-    _seeds_kernel[(triton.cdiv(n_seeds, 4 * _SEED_BLOCK),)](seed, gamma, seeds, n_seeds, BLOCK=_SEED_BLOCK)
-
-    hd = torch.empty((planes * rg, nw), dtype=torch.int32, device=device)
-    n_seed_rows = planes * rg
-    br = max(1, min(64, 2048 // bw))
-    k_last = ks[-1]
-    _seed_rows_kernel[(triton.cdiv(n_seed_rows, br),)](
-        seeds, hd, n_seed_rows,
-        GW=grid_shape[-1], W=width, K=k_last, FULL=full,
-        BR=br, BW=bw, LW=lw, NW=nw, KP=triton.next_power_of_2(k_last),
-    )
-
-    cnt = torch.zeros(1, dtype=torch.int64, device=device)
-    n_rows = planes * r
-    nwp = triton.next_power_of_2(nw)
-    bq = max(1, 512 // nwp)
+    _, lw, _ = _word_geometry(width)
     sn, sc, sr, sm = _bit_strides(bits)
-    s0 = spatial[0]
-    s1 = spatial[1] if nd == 3 else 1
-    g0 = grid_shape[0]
-    g1 = grid_shape[1] if nd == 3 else 1
-    _cover_rows_kernel[(triton.cdiv(n_rows, bq),)](
-        hd, bits, cnt, n_rows, c_m, bits.stride(0), bits.stride(1), sr, sm,
-        S0=s0, S1=s1, G0=g0, G1=g1, K0=ks[0], K1=ks[1] if nd == 3 else 1, ND=nd, FULL=full,
-        R=r, RG=rg, NW=nw, BQ=bq, NWP=nwp,
-    )
-
     total = xd.numel()
-    mask_numel = planes * math.prod(spatial)
-    scale_in = scale_in.reshape(1).to(device=device, dtype=torch.float32)
+    mask_numel = bits.size(0) * bits.size(1) * math.prod(spatial)
+    scale_in = scale_in.reshape(1).to(device=x.device, dtype=torch.float32)
     _apply_kernel[(triton.cdiv(total, _APPLY_BLOCK),)](
-        xd, out, bits, cnt, scale_in, scale_out, seed,
+        xd, out, bits, cnt, scale_in, scale_out, seed.reshape(1),
         total, mask_numel, float(mask_numel), sn, sc, sr, sm,
-        C=c, W=width, R=r, LW=lw, CL=cl, COUNT=scale_mode == "count", NOISE=bool(noise),
-        FIX_BF16=_fix_bf16(xd), IDX64=total + _APPLY_BLOCK >= 2**31, BLOCK=_APPLY_BLOCK,
+        C=xd.shape[1], W=width, R=math.prod(spatial[:-1]), LW=lw, CL=cl, COUNT=scale_mode == "count",
+        NOISE=bool(noise), FIX_BF16=_fix_bf16(xd), IDX64=total + _APPLY_BLOCK >= 2**31, BLOCK=_APPLY_BLOCK,
     )
     return out, bits, scale_out
+
+
+def keep_from_bits(bits: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+    """Bool keep mask ``(n_m, c_m, *spatial)`` from drop bits, in plain torch ops.
+
+    Traceable: under ``torch.compile`` inductor fuses this unpacking (and the multiply that
+    uses it) into the neighbouring pointwise kernels, forward and backward.
+    """
+    width = spatial[-1]
+    _, lw, _ = _word_geometry(width)
+    col = torch.arange(width, device=bits.device)
+    words = bits.index_select(3, col // lw)  # (n_m, c_m, R, width)
+    dropped = (words >> (col % lw).to(torch.int32)) & 1
+    return (dropped == 0).reshape(bits.shape[0], bits.shape[1], *spatial)
 
 
 def drop_block_backward(grad: torch.Tensor, bits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -464,12 +503,5 @@ def seed_uniforms(seed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def unpack_keep(bits: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """The bool keep mask ``(n_m, c_m, *spatial)`` from drop bits (for tests and ``describe``)."""
-    spatial = tuple(shape[2:])
-    width = spatial[-1]
-    _, lw, nw = _word_geometry(width)
-    words = bits.contiguous().to(torch.int64) & 0xFFFFFFFF  # (n_m, c_m, R, nw)
-    lanes = torch.arange(lw, device=bits.device)
-    b = (words.unsqueeze(-1) >> lanes) & 1  # (n_m, c_m, R, nw, lw)
-    b = b.flatten(-2)[..., :width]
-    return (b == 0).reshape(bits.shape[0], bits.shape[1], *spatial)
+    """The bool keep mask ``(n_m, c_m, *spatial)`` of an input of ``shape`` (tests, ``describe``)."""
+    return keep_from_bits(bits, tuple(int(s) for s in shape[2:]))
