@@ -31,6 +31,8 @@ of a warp are coalesced. The arithmetic matches the reference path exactly: the 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 
@@ -288,6 +290,19 @@ def _check_device(t: torch.Tensor) -> None:
         )
 
 
+def _on_input_device(fn):
+    """Launch on the first argument's GPU (Triton launches on the current device)."""
+
+    @functools.wraps(fn)
+    def wrapper(t: torch.Tensor, *args, **kwargs):
+        _check_device(t)
+        ctx = torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+        with ctx:
+            return fn(t, *args, **kwargs)
+
+    return wrapper
+
+
 def _channels_last(x: torch.Tensor) -> bool:
     fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     return (not x.is_contiguous()) and x.is_contiguous(memory_format=fmt)
@@ -342,6 +357,7 @@ def alloc_mask_outputs(x: torch.Tensor, mask: str) -> tuple[torch.Tensor, torch.
     return _alloc_bits(x, mask), x.new_empty((1,), dtype=torch.int64)
 
 
+@_on_input_device
 def drop_block_mask(
     x: torch.Tensor,
     gamma: torch.Tensor,
@@ -357,7 +373,6 @@ def drop_block_mask(
         int32 (channel-fastest for channels-last inputs), and the number of dropped units of
         the ``(n_m, c_m, *spatial)`` mask, a 1-element int64 tensor.
     """
-    _check_device(x)
     nd = x.dim() - 2
     if nd not in (2, 3):
         raise ValueError(f"expected a 4-D or 5-D tensor, got {x.dim()} dims")
@@ -402,6 +417,7 @@ def drop_block_mask(
     return bits, cnt
 
 
+@_on_input_device
 def drop_block_forward(
     x: torch.Tensor,
     gamma: torch.Tensor,
@@ -461,9 +477,9 @@ def keep_from_bits(bits: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor
     return (dropped == 0).reshape(bits.shape[0], bits.shape[1], *spatial)
 
 
+@_on_input_device
 def drop_block_backward(grad: torch.Tensor, bits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``grad * keep * scale`` from the drop bits saved by :func:`drop_block_forward`."""
-    _check_device(grad)
     gd, cl = dense_input(grad)
     gi = torch.empty_like(gd)
     spatial = tuple(int(s) for s in gd.shape[2:])
@@ -489,13 +505,13 @@ def _uniform_kernel(seed_ptr, u_ptr, n, BLOCK: tl.constexpr):
     tl.store(u_ptr + i + 3, u3, mask=i + 3 < n)
 
 
+@_on_input_device
 def seed_uniforms(seed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """The uniforms the forward kernels draw on the ``(mask planes, *seed grid)`` tensor.
 
     Thresholding them at gamma gives the seeds (for tests: the fused masks can then be
     compared bit for bit with the reference expansion of the same seeds).
     """
-    _check_device(seed)
     u = torch.empty(shape, dtype=torch.float32, device=seed.device)
     n = u.numel()
     _uniform_kernel[(triton.cdiv(n, 4 * _SEED_BLOCK),)](seed.reshape(1), u, n, BLOCK=_SEED_BLOCK)
