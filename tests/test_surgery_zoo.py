@@ -1,0 +1,133 @@
+"""The guarantees on real timm and torchvision models (``pretrained=False``) and a user CNN:
+eval outputs bit-identical, state_dict identical and loadable strictly both ways, class kept,
+train forward/backward, remove_dropblock restores the original tree; deepcopy, torch.save,
+create_feature_extractor; a target submodule of a detection model."""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from dropblock_fx import DropBlockNd, apply_dropblock, describe, remove_dropblock
+
+from test_surgery_models import SmallCNN
+
+timm = pytest.importorskip("timm")
+tv = pytest.importorskip("torchvision")
+
+warnings.filterwarnings("ignore", message=".*no schedule is attached.*")
+
+TV = ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "regnet_y_400mf", "efficientnet_b0",
+      "mobilenet_v3_large", "densenet121", "convnext_tiny", "vgg11_bn"]
+TIMM = ["resnet50", "resnet50d", "efficientnet_b0", "mobilenetv3_large_100", "convnext_atto", "regnetx_002",
+        "cspresnet50", "repvgg_a2", "dla34"]
+MODELS = {f"tv_{n}": (lambda n=n: tv.models.get_model(n, weights=None)) for n in TV}
+MODELS.update({f"timm_{n}": (lambda n=n: timm.create_model(n, pretrained=False)) for n in TIMM})
+MODELS["small_cnn"] = SmallCNN
+
+X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))  # planning uses 224
+
+
+def dropblocks(model: nn.Module) -> dict[str, DropBlockNd]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, DropBlockNd)}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_guarantees(name):
+    torch.manual_seed(0)
+    model = MODELS[name]().eval()
+    cls, tree, classes = type(model), repr(model), [type(m) for m in model.modules()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        ref = model(X)
+
+    apply_dropblock(model)  # the default recipe: last two stages
+    mods = dropblocks(model)
+    plan = describe(model)
+    assert type(model) is cls
+    assert len(mods) == len(plan.rows) > 0
+    assert [r.path for r in plan.rows] == list(mods) or sorted(r.path for r in plan.rows) == sorted(mods)
+    for m in mods.values():
+        assert {m.dropblock_stage for m in mods.values()} <= {s.index for s in plan.stages}
+        assert m.drop_prob == m.target_drop_prob and not m.training
+    with torch.no_grad():
+        assert torch.equal(model(X), ref)
+
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    model.load_state_dict(before, strict=True)  # weights saved before surgery load after
+
+    remove_dropblock(model)
+    assert repr(model) == tree and [type(m) for m in model.modules()] == classes
+    assert not dropblocks(model) and not hasattr(model, "dropblock_plan")
+    model.load_state_dict(after, strict=True)  # and weights saved after surgery load into the original
+    with torch.no_grad():
+        assert torch.equal(model(X), ref)
+
+    apply_dropblock(model)
+    model.train()
+    model(X.repeat(2, 1, 1, 1)).float().sum().backward()
+
+
+@pytest.mark.parametrize("make", [lambda: tv.models.resnet50(), lambda: timm.create_model("efficientnet_b0")],
+                         ids=["tv_resnet50", "timm_efficientnet_b0"])
+def test_deepcopy_save_load_and_feature_extractor(make):
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = apply_dropblock(make().eval(), "paper-resnet50" if hasattr(make(), "layer3") else None)
+    with torch.no_grad():
+        ref = model(X)
+    n = len(dropblocks(model))
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for clone in (copy.deepcopy(model), torch.load(buf, weights_only=False)):
+        assert len(dropblocks(clone)) == n and len(describe(clone).rows) == n
+        with torch.no_grad():
+            assert torch.equal(clone(X), ref)
+        remove_dropblock(clone)
+        assert not dropblocks(clone)
+    last = "layer4" if hasattr(model, "layer4") else "blocks.6"
+    fx_model = create_feature_extractor(model, {last: "out"})
+    drop_nodes = [nd.target for nd in fx_model.graph.nodes if nd.op == "call_module" and "dropblock" in str(nd.target)]
+    assert len(drop_nodes) >= n - 1  # every spliced site is a node of the new trace
+    seen = []
+    hook = model.get_submodule(last).register_forward_hook(lambda mod, i, o: seen.append(o))
+    with torch.no_grad():
+        model(X)
+        assert torch.equal(fx_model.eval()(X)["out"], seen[0])
+    hook.remove()
+    for m in dropblocks(fx_model).values():
+        m.drop_prob = 0.5
+    fx_model.train()
+    a = fx_model(X.repeat(2, 1, 1, 1))["out"]
+    assert a.shape[0] == 2  # the trace obeys train(): DropBlock runs
+
+
+def test_detection_backbone_target():
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    # the paper's COCO model: RetinaNet on a ResNet-50 with FrozenBatchNorm2d (as with pretrained weights)
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, returned_layers=[2, 3, 4],
+                                   extra_blocks=LastLevelP6P7(2048, 256))
+    model = tv.models.detection.RetinaNet(backbone, num_classes=91).eval()
+    body = model.backbone.body
+    with torch.no_grad():
+        ref = body(X)
+    apply_dropblock(model, "paper-resnet50", target="backbone.body")
+    mods = dropblocks(model)
+    assert len(mods) == 36 and all(n.startswith("backbone.body.layer") for n in mods)
+    assert type(body.layer3[0].bn1).__name__ == "FrozenBatchNorm2d"
+    with torch.no_grad():
+        out = body(X)
+    assert all(torch.equal(out[k], ref[k]) for k in ref)
+    assert describe(model).target == "backbone.body"
+    remove_dropblock(model)
+    assert not dropblocks(model)
