@@ -296,7 +296,8 @@ def check_opcheck():
         torch.library.opcheck(co.drop_block_fused, args)
         bits = co.drop_block_fused(*args)[1]
         torch.library.opcheck(co.drop_block_fused_backward, (torch.randn_like(xx), bits, torch.tensor(1.5)))
-        torch.library.opcheck(co.drop_block_mask, (xx,) + base[:2] + ([3] * (xx.dim() - 2), mask, region))
+        cl = not xx.is_contiguous()
+        torch.library.opcheck(co.drop_block_mask, base[:2] + (list(xx.shape), cl, [3] * (xx.dim() - 2), mask, region))
 
 
 def check_fx_sees_one_op():

@@ -4,8 +4,8 @@
   scale_mode, noise) -> (out, drop_bits, scale)``: the Triton forward. ``gamma`` and
   ``seed`` are tensors, so a new drop rate or a new random draw never recompiles.
 * ``dropblock_fx::drop_block_fused_backward(grad, drop_bits, scale) -> grad_in``.
-* ``dropblock_fx::drop_block_mask(x, gamma, seed, block, mask, seed_region) ->
-  (drop_bits, dropped)``: the mask kernels only (``x`` gives the shape). Under
+* ``dropblock_fx::drop_block_mask(gamma, seed, shape, channels_last, block, mask,
+  seed_region) -> (drop_bits, dropped)``: the mask kernels only (no input tensor). Under
   ``torch.compile`` the op uses this one and applies the mask with plain torch ops, so
   inductor fuses ``x * keep * scale`` (and its backward) into the neighbouring kernels.
 
@@ -62,15 +62,16 @@ def _drop_block_fused_backward_fake(grad, bits, scale):
 
 @torch.library.custom_op("dropblock_fx::drop_block_mask", mutates_args=())
 def drop_block_mask(
-    x: Tensor, gamma: Tensor, seed: Tensor, block: Sequence[int], mask: str, seed_region: str
+    gamma: Tensor, seed: Tensor, shape: Sequence[int], channels_last: bool, block: Sequence[int], mask: str,
+    seed_region: str,
 ) -> tuple[Tensor, Tensor]:
     """Drop bits and dropped count; see :func:`dropblock_fx.op.triton_kernels.drop_block_mask`."""
-    return tk.drop_block_mask(x, gamma, seed, list(block), mask, seed_region)
+    return tk.drop_block_mask(gamma, seed, list(shape), channels_last, list(block), mask, seed_region)
 
 
 @drop_block_mask.register_fake
-def _drop_block_mask_fake(x, gamma, seed, block, mask, seed_region):
-    return tk.alloc_mask_outputs(x, mask)
+def _drop_block_mask_fake(gamma, seed, shape, channels_last, block, mask, seed_region):
+    return tk.alloc_mask_outputs(shape, channels_last, mask, gamma.device)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -150,7 +151,8 @@ def _apply_traceable(x, gamma_t, seed_t, scale_t, block, mask, seed_region, scal
     multiply, and the partitioner can keep the bits (not a full mask) for backward.
     """
     spatial = tuple(int(s) for s in x.shape[2:])
-    bits, dropped = drop_block_mask(x.detach(), gamma_t, seed_t, list(block), mask, seed_region)
+    cl = tk.is_channels_last(x)
+    bits, dropped = drop_block_mask(gamma_t, seed_t, list(x.shape), cl, list(block), mask, seed_region)
     keep = tk.keep_from_bits(bits, spatial)
     if scale == "count":
         mask_numel = keep.numel()

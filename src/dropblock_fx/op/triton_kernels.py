@@ -35,6 +35,7 @@ import contextlib
 import functools
 import math
 import os
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -303,7 +304,8 @@ def _on_input_device(fn):
     return wrapper
 
 
-def _channels_last(x: torch.Tensor) -> bool:
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Dense in channels-last order (and not also contiguous): the layout the kernels index."""
     fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
     return (not x.is_contiguous()) and x.is_contiguous(memory_format=fmt)
 
@@ -312,7 +314,7 @@ def dense_input(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """``x`` in a memory order the kernels index (contiguous or channels-last), and which."""
     if x.is_contiguous():
         return x, False
-    if _channels_last(x):
+    if is_channels_last(x):
         return x, True
     return x.contiguous(), False
 
@@ -331,17 +333,16 @@ def _bit_strides(bits: torch.Tensor) -> tuple[int, int, int, int]:
     return sn, sc, bits.stride(2), bits.stride(3)
 
 
-def _alloc_bits(x: torch.Tensor, mask: str) -> torch.Tensor:
-    xd, cl = dense_input(x)
-    n, c = xd.shape[0], xd.shape[1]
-    spatial = tuple(xd.shape[2:])
+def _alloc_bits(shape: Sequence[int], channels_last: bool, mask: str, device: torch.device) -> torch.Tensor:
+    n, c = int(shape[0]), int(shape[1])
+    spatial = tuple(int(s) for s in shape[2:])
     n_m = 1 if mask == "batch" else n
     c_m = c if mask == "channel" else 1
     r = math.prod(spatial[:-1])
     nw = _word_geometry(spatial[-1])[2]
-    if cl and c_m > 1:
-        return xd.new_empty((n_m, r, nw, c_m), dtype=torch.int32).permute(0, 3, 1, 2)
-    return xd.new_empty((n_m, c_m, r, nw), dtype=torch.int32)
+    if channels_last and c_m > 1:
+        return torch.empty((n_m, r, nw, c_m), dtype=torch.int32, device=device).permute(0, 3, 1, 2)
+    return torch.empty((n_m, c_m, r, nw), dtype=torch.int32, device=device)
 
 
 def alloc_outputs(
@@ -349,35 +350,43 @@ def alloc_outputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """Output, drop-bits and scale tensors of the fused op (shared with the fake impl)."""
     xd, cl = dense_input(x)
-    return torch.empty_like(xd), _alloc_bits(xd, mask), xd.new_empty((), dtype=torch.float32), cl
+    bits = _alloc_bits(xd.shape, cl, mask, xd.device)
+    return torch.empty_like(xd), bits, xd.new_empty((), dtype=torch.float32), cl
 
 
-def alloc_mask_outputs(x: torch.Tensor, mask: str) -> tuple[torch.Tensor, torch.Tensor]:
+def alloc_mask_outputs(
+    shape: Sequence[int], channels_last: bool, mask: str, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop-bits and dropped-count tensors of :func:`drop_block_mask` (shared with the fake impl)."""
-    return _alloc_bits(x, mask), x.new_empty((1,), dtype=torch.int64)
+    return _alloc_bits(shape, channels_last, mask, device), torch.empty((1,), dtype=torch.int64, device=device)
 
 
 @_on_input_device
 def drop_block_mask(
-    x: torch.Tensor,
     gamma: torch.Tensor,
     seed: torch.Tensor,
-    block: tuple[int, ...] | list[int],
+    shape: Sequence[int],
+    channels_last: bool,
+    block: Sequence[int],
     mask: str,
     seed_region: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the mask kernels (seeds, row dilation, cover + count); ``x`` gives only the shape.
+    """Launch the mask kernels (seeds, row dilation, cover + count) for an input of ``shape``.
+
+    The input itself is not needed (so that under ``torch.compile`` its producer and the
+    multiply can fuse without materialising it); ``gamma``'s device is the device.
 
     Returns:
         ``(drop_bits, dropped)``: the packed drop bits, ``(n_m, c_m, prod(spatial[:-1]), words)``
-        int32 (channel-fastest for channels-last inputs), and the number of dropped units of
+        int32 (channel-fastest when ``channels_last``), and the number of dropped units of
         the ``(n_m, c_m, *spatial)`` mask, a 1-element int64 tensor.
     """
-    nd = x.dim() - 2
+    nd = len(shape) - 2
     if nd not in (2, 3):
-        raise ValueError(f"expected a 4-D or 5-D tensor, got {x.dim()} dims")
-    bits, _ = alloc_mask_outputs(x, mask)
-    spatial = tuple(int(s) for s in x.shape[2:])
+        raise ValueError(f"expected a 4-D or 5-D shape, got {tuple(shape)}")
+    device = gamma.device
+    bits, _ = alloc_mask_outputs(shape, channels_last, mask, device)
+    spatial = tuple(int(s) for s in shape[2:])
     ks = tuple(min(int(k), s) for k, s in zip(block, spatial))
     full = seed_region == "full"
     grid_shape = spatial if full else tuple(s - k + 1 for s, k in zip(spatial, ks))
@@ -386,8 +395,7 @@ def drop_block_mask(
     bw, lw, nw = _word_geometry(width)
     rg = math.prod(grid_shape[:-1])
     r = math.prod(spatial[:-1])
-    device = x.device
-    gamma = gamma.reshape(1).to(device=device, dtype=torch.float32)
+    gamma = gamma.reshape(1).to(dtype=torch.float32)
     seed = seed.reshape(1).to(device=device, dtype=torch.int64)
 
     n_seeds = planes * rg * grid_shape[-1]
@@ -443,8 +451,8 @@ def drop_block_forward(
         scale_mode: ``"count"`` (computed on chip), else ``scale_in`` is applied.
         noise: fill dropped units with N(0, 1).
     """
-    bits, cnt = drop_block_mask(x, gamma, seed, block, mask, seed_region)
     xd, cl = dense_input(x)
+    bits, cnt = drop_block_mask(gamma.to(x.device), seed, tuple(xd.shape), cl, block, mask, seed_region)
     out = torch.empty_like(xd)
     scale_out = xd.new_empty((), dtype=torch.float32)
     spatial = tuple(int(s) for s in xd.shape[2:])
@@ -466,14 +474,14 @@ def drop_block_forward(
 def keep_from_bits(bits: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
     """Bool keep mask ``(n_m, c_m, *spatial)`` from drop bits, in plain torch ops.
 
-    Traceable: under ``torch.compile`` inductor fuses this unpacking (and the multiply that
-    uses it) into the neighbouring pointwise kernels, forward and backward.
+    Only broadcasts, shifts and views (no gather), so under ``torch.compile`` inductor fuses
+    the unpacking and the multiply using it into the neighbouring pointwise kernels, and the
+    partitioner can recompute it in backward from the bits instead of saving a mask.
     """
-    width = spatial[-1]
-    _, lw, _ = _word_geometry(width)
-    col = torch.arange(width, device=bits.device)
-    words = bits.index_select(3, col // lw)  # (n_m, c_m, R, width)
-    dropped = (words >> (col % lw).to(torch.int32)) & 1
+    _, lw, _ = _word_geometry(spatial[-1])
+    lanes = torch.arange(lw, dtype=torch.int32, device=bits.device)
+    dropped = (bits.unsqueeze(-1) >> lanes) & 1  # (n_m, c_m, R, words, lw)
+    dropped = dropped.flatten(-2)[..., : spatial[-1]]
     return (dropped == 0).reshape(bits.shape[0], bits.shape[1], *spatial)
 
 
