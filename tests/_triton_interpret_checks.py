@@ -342,6 +342,22 @@ def check_compile_fullgraph_no_recompile():
     assert not any("drop_block_fused" in t for t in targets), targets
 
 
+def check_compile_dynamic_batch_one_graph():
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    dbx.set_backend("triton")
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    cm = torch.compile(dbx.DropBlock2d(0.1, 3), backend=counter, fullgraph=True, dynamic=True)
+    for n in (2, 3, 5):
+        x = torch.randn(n, 4, 9, 11, requires_grad=True)
+        y = cm(x)
+        y.sum().backward()
+        assert y.shape == x.shape and (y == 0).any()
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs for 3 batch sizes"
+
+
 def check_compiled_form_matches_fused_op():
     """The traced form (mask op + torch multiply) gives the fused op's output and gradient."""
     for dtype, cl, mask, region, scale in (

@@ -155,9 +155,9 @@ def _apply_traceable(x, gamma_t, seed_t, scale_t, block, mask, seed_region, scal
     bits, dropped = drop_block_mask(gamma_t, seed_t, list(x.shape), cl, list(block), mask, seed_region)
     keep = tk.keep_from_bits(bits, spatial)
     if scale == "count":
-        mask_numel = keep.numel()
+        mask_numel = keep.numel()  # symbolic with a dynamic batch: no float(), no recompile
         kept = (mask_numel - dropped).clamp(min=1).to(torch.float32).reshape(())
-        s = torch.div(float(mask_numel), kept)
+        s = torch.div(mask_numel, kept)
     else:
         s = scale_t.reshape(())
     out = (x * keep.to(x.dtype)) * s.to(x.dtype)

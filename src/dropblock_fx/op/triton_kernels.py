@@ -46,8 +46,6 @@ __all__ = [
     "alloc_mask_outputs", "dense_input", "seed_uniforms", "unpack_keep",
 ]
 
-_NEG = -(1 << 20)
-
 
 # ---------------------------------------------------------------------------- kernels
 
@@ -334,7 +332,7 @@ def _bit_strides(bits: torch.Tensor) -> tuple[int, int, int, int]:
 
 
 def _alloc_bits(shape: Sequence[int], channels_last: bool, mask: str, device: torch.device) -> torch.Tensor:
-    n, c = int(shape[0]), int(shape[1])
+    n, c = shape[0], shape[1]  # may be symbolic under torch.compile(dynamic=True): no int()
     spatial = tuple(int(s) for s in shape[2:])
     n_m = 1 if mask == "batch" else n
     c_m = c if mask == "channel" else 1
