@@ -1,0 +1,206 @@
+"""The dropblock-fx command: every command, --help with examples, one-line errors, the quick demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from dropblock_fx.cli import main
+from dropblock_fx.cli.commands import parse_input_size, parse_overrides
+from dropblock_fx.recipe import list_recipes
+
+COMMANDS = ["plan", "recipes", "validate", "masks", "schedule", "demo"]
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_help_lists_commands_and_every_command_has_examples(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "examples:" in out
+    for c in COMMANDS:
+        assert c in out
+        with pytest.raises(SystemExit):
+            main([c, "--help"])
+        sub = capsys.readouterr().out
+        assert "examples:" in sub and f"dropblock-fx {c}" in sub, c
+    assert main([]) == 2
+
+
+def test_console_script_module_entry():
+    r = subprocess.run([sys.executable, "-m", "dropblock_fx.cli", "recipes"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "paper-resnet50" in r.stdout
+
+
+def test_recipes_lists_builtins_and_prints_one(capsys):
+    code, out, _ = run(capsys, "recipes")
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list_recipes()
+    code, out, _ = run(capsys, "recipes", "paper-resnet50")
+    assert code == 0 and "keep_prob: 0.9" in out
+    code, out, _ = run(capsys, "recipes", "--json")
+    assert {r["name"] for r in json.loads(out)} == set(list_recipes())
+
+
+def test_validate_ok_and_errors_with_line_and_key_path(capsys, tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("stages: [3, 4]\nblock_size: 5\nkeep_prob: 0.9\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(textwrap.dedent("""\
+        name: bad
+        stages:
+          - 3
+          - {stage: 4, block_size: 0}
+        sites: [conv, shortcutt]
+        """))
+    code, out, _ = run(capsys, "validate", str(good))
+    assert code == 0 and "OK" in out
+    code, out, _ = run(capsys, "validate", str(good), str(bad))
+    assert code == 1
+    assert f"{bad}:4: stages[1].block_size:" in out
+    assert f"{bad}:5: sites[1]:" in out and "shortcut" in out
+    code, out, _ = run(capsys, "validate", str(good), "--model", "resnet10t")
+    assert code == 0 and "modules" in out
+    far = tmp_path / "far.yaml"
+    far.write_text("stages: [7]\n")
+    code, out, _ = run(capsys, "validate", str(far), "--model", "resnet10t")
+    assert code == 1 and "no stage 7" in out
+
+
+def test_plan_table_json_and_model_specs(capsys, tmp_path, monkeypatch):
+    code, out, _ = run(capsys, "plan", "resnet10t", "--recipe", "paper-resnet50", "--input-size", "64")
+    assert code == 0
+    for word in ("stage", "resolution", "sites", "block", "target p", "expected p", "layer3", "layer4"):
+        assert word in out
+    code, out, _ = run(capsys, "plan", "resnet10t", "--input-size", "3x64x64", "--json", "--set", "block_size=3")
+    data = json.loads(out)
+    assert code == 0 and data["input_shape"] == [1, 3, 64, 64] and data["recipe"]["block_size"] == 3
+    assert {s["stage"] for s in data["summary"]} == {3, 4}
+    assert all({"path", "kind", "block_size", "target_drop_prob", "expected_drop_prob"} <= set(r) for r in data["rows"])
+    code, out, _ = run(capsys, "plan", "torchvision:resnet18", "--input-size", "64", "64", "--modules")
+    assert code == 0 and "layer4.1.dropblock" in out
+    (tmp_path / "mynets.py").write_text(textwrap.dedent("""\
+        import torch.nn as nn
+        def small():
+            return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                 nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                 nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        """))
+    code, out, _ = run(capsys, "plan", f"{tmp_path / 'mynets.py'}:small", "--input-size", "32")
+    assert code == 0 and "DropBlock modules" in out
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, _ = run(capsys, "plan", "mynets:small", "--input-size", "32", "--json")
+    assert code == 0 and json.loads(out)["model"] == "mynets:small"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["plan", "resnet5O"], "did you mean 'resnet50'"),
+    (["plan", "torchvision:resnet5"], "did you mean 'resnet50'"),
+    (["plan", "resnet10t", "--recipe", "nope"], "neither a built-in recipe"),
+    (["plan", "resnet10t", "--set", "block_size=0"], "block_size"),
+    (["plan", "resnet10t", "--set", "block_size"], "KEY=VALUE"),
+    (["plan", "resnet10t", "--input-size", "a"], "--input-size"),
+    (["plan", "no_such_pkg.mod:f"], "cannot import"),
+    (["masks", "--image", "/no/such.png"], "/no/such.png"),
+    (["schedule", "paper-resnet50", "--steps", "0"], "--steps"),
+])
+def test_errors_are_one_line_without_traceback(capsys, argv, message):
+    code, out, err = run(capsys, *argv)
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and "Traceback" not in err and message in err, err
+    assert err.startswith(f"dropblock-fx {argv[0]}: error: ")
+
+
+def test_debug_shows_the_traceback(capsys):
+    with pytest.raises(ValueError):
+        main(["--debug", "plan", "resnet5O"])
+    with pytest.raises(ValueError):
+        main(["plan", "resnet5O", "--debug"])
+
+
+def test_schedule_prints_and_plots_each_stage(capsys, tmp_path):
+    png = tmp_path / "s.png"
+    code, out, _ = run(capsys, "schedule", "paper-resnet50", "--steps", "100", "--points", "3", "--out", str(png))
+    assert code == 0 and png.stat().st_size > 1000
+    lines = out.splitlines()
+    assert "stage 3" in lines[1] and "stage 4" in lines[1]
+    first, last = lines[3].split(), lines[-2].split()  # step 0 and step 100
+    assert first[0] == "0" and float(first[2]) == 0.0 and float(first[3]) == 0.0
+    assert last[0] == "100" and float(last[2]) == pytest.approx(0.025) and float(last[3]) == pytest.approx(0.1)
+    code, out, _ = run(capsys, "schedule", "timm-resnet", "--steps", "10", "--json")
+    data = json.loads(out)
+    assert data["constant"] and all(r["factor"] == 1.0 for r in data["rows"])
+    code, out, _ = run(capsys, "schedule", "last-two-stages", "--steps", "10", "--model", "resnet10t", "--json")
+    assert json.loads(out)["stages"] == ["3 layer3", "4 layer4"]
+
+
+def test_masks_writes_png_for_sample_and_user_image(capsys, tmp_path):
+    from PIL import Image
+
+    png = tmp_path / "m.png"
+    code, out, _ = run(capsys, "masks", "--out", str(png), "--block-sizes", "3", "5", "--channels", "2")
+    assert code == 0 and png.stat().st_size > 10_000 and "dropout" in out and "DropBlock 5x5" in out
+    img = tmp_path / "in.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(img)
+    code, out, _ = run(capsys, "masks", "--image", str(img), "--out", str(png), "--size", "14", "--block-sizes", "7")
+    assert code == 0 and "in.png" in out
+    code, _, err = run(capsys, "masks", "--size", "5", "--block-sizes", "7")
+    assert code == 1 and "block-sizes" in err
+
+
+def test_masks_match_the_methods():
+    from dropblock_fx.cli.masks import method_masks
+
+    masks = method_masks(14, 64, 0.2, [5], seed=0)
+    (t1, drop, _), (t2, spatial, _), (t3, block, exp) = masks
+    assert (t1, t2, t3) == ("dropout", "SpatialDropout", "DropBlock 5x5")
+    per_channel = spatial.reshape(64, -1)
+    assert set(per_channel.min(1)) <= {0.0, 1.0} and (per_channel.min(1) == per_channel.max(1)).all()
+    assert 0.1 < 1 - drop.mean() < 0.3 and abs((1 - block.mean()) - exp) < 0.08
+
+
+def test_parsers():
+    assert parse_input_size(["224"], 3) == [3, 224, 224]
+    assert parse_input_size(["1x32x48"], 3) == [1, 32, 48]
+    assert parse_input_size(["32", "48"], 1) == [1, 32, 48]
+    assert parse_overrides(["stages=[3, 4]", "drop_prob=0.2", "target=backbone.body"]) == \
+        {"stages": [3, 4], "drop_prob": 0.2, "target": "backbone.body"}
+
+
+def test_demo_quick_trains_both_runs(capsys, tmp_path):
+    png, js = tmp_path / "demo.png", tmp_path / "demo.json"
+    code, out, err = run(capsys, "demo", "--quick", "--out", str(png), "--json", str(js))
+    assert code == 0 and png.stat().st_size > 10_000
+    assert "no DropBlock" in out and "last-two-stages" in out and "val acc" in out
+    assert "drop=" in err  # the progress bar shows the scheduled rate
+    data = json.loads(js.read_text())
+    base, db = data["runs"]
+    assert base["modules"] == 0 and db["modules"] > 0
+    assert all(v == 0 for _, v in base["drop"]) and db["drop"][-1][1] > 0
+    assert [s for s, _ in db["drop"]] == [s for s, _ in base["drop"]]
+
+
+def test_demo_on_an_image_folder(capsys, tmp_path):
+    from PIL import Image
+
+    for c, color in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (20, 20), tuple(min(255, v + 5 * i) for v in color)).save(tmp_path / "data" / c / f"{i}.png")
+    code, out, _ = run(capsys, "demo", "--quick", "--data", str(tmp_path / "data"), "--no-plot", "--no-progress")
+    assert code == 0 and "2 classes" in out and "32x32x3" in out
+    code, _, err = run(capsys, "demo", "--quick", "--data", str(tmp_path / "missing"))
+    assert code == 1 and "missing" in err
