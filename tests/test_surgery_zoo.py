@@ -131,3 +131,22 @@ def test_detection_backbone_target():
     assert describe(model).target == "backbone.body"
     remove_dropblock(model)
     assert not dropblocks(model)
+
+
+def test_fpn_target_whose_input_is_a_dict_of_feature_maps():
+    model = tv.models.detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None).eval()
+    images = [torch.rand(3, 64, 64)]
+    with torch.no_grad():
+        ref = model(images)
+    apply_dropblock(model, "ppyolo-neck")
+    mods = dropblocks(model)
+    assert sorted(mods) == sorted(f"backbone.fpn.{k}_blocks.{i}.dropblock_0" for k in ("inner", "layer")
+                                  for i in range(3))
+    assert {m.block_size for m in mods.values()} == {3}
+    p = describe(model)
+    assert any("shapes found by running BackboneWithFPN" in n for n in p.notes)
+    assert sorted({r.stage for r in p.rows}) == [2, 3, 4]
+    with torch.no_grad():
+        out = model(images)
+    assert all(torch.equal(out[0][k], ref[0][k]) for k in ref[0])
+    assert len(model.backbone.fpn.inner_blocks[0]) == 1  # the added child is hidden from the Sequential

@@ -40,6 +40,7 @@ class ShapeRecord:
     calls: list[Call] = field(default_factory=list)
     by_module: dict[int, list[Call]] = field(default_factory=dict)
     mode: str = "meta"
+    runner: str = ""  # the ancestor run to reach the target ('' : the target itself)
 
     def first(self, m: nn.Module) -> Optional[Call]:
         calls = self.by_module.get(id(m))
@@ -54,27 +55,41 @@ def _meta_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t, device="meta")
 
 
-def record_calls(root: nn.Module, input_size: tuple[int, ...]) -> ShapeRecord:
-    """Run ``root`` once on a meta (else fake) batch of one ``input_size`` input, eval mode.
+class _Reached(Exception):
+    """Raised once the target's call is recorded: the rest of the runner is not needed."""
+
+
+def record_calls(root: nn.Module, input_size: tuple[int, ...], runners: tuple[nn.Module, ...] = ()) -> ShapeRecord:
+    """Run ``root`` once on a meta (else fake, else real) batch of one ``input_size`` input, in
+    eval mode, recording the calls of ``root`` and its submodules.
+
+    Args:
+        root: the module whose calls are recorded.
+        input_size: the input without the batch dim, e.g. ``(3, 224, 224)``.
+        runners: ancestors of ``root`` (nearest first) to run instead when ``root`` does not
+            take an image tensor (an FPN takes a dict of feature maps): the first one that
+            reaches ``root`` is used, and stopped there.
 
     Raises:
-        RuntimeError: when no pass (meta, fake, real) can run the model.
+        RuntimeError: when no pass can run the model.
     """
     shape = (1, *input_size)
     errors: list[str] = []
-    for mode in ("meta", "fake", "real"):
-        try:
-            return _run(root, shape, mode)
-        except Exception as e:  # noqa: BLE001 - try the next mode, report all
-            errors.append(f"{mode} pass: {type(e).__name__}: {e}")
+    for runner in (root, *runners):
+        for mode in ("meta", "fake", "real"):
+            try:
+                return _run(root, shape, mode, runner)
+            except Exception as e:  # noqa: BLE001 - try the next mode, report all
+                who = "" if runner is root else f"{type(runner).__name__} "
+                errors.append(f"{who}{mode} pass: {type(e).__name__}: {e}")
     raise RuntimeError(
         f"could not run {type(root).__name__} on an input of shape {shape} to find its stages "
         f"({'; '.join(errors)}); check the recipe's input_size or give target=<submodule>"
     )
 
 
-def _run(root: nn.Module, shape: tuple[int, ...], mode: str) -> ShapeRecord:
-    record = ShapeRecord(input_shape=shape, mode=mode)
+def _run(root: nn.Module, shape: tuple[int, ...], mode: str, runner: nn.Module) -> ShapeRecord:
+    record = ShapeRecord(input_shape=shape, mode=mode, runner="" if runner is root else type(runner).__name__)
     counter = itertools.count()
     stack: list[Call] = []
     handles = []
@@ -93,6 +108,8 @@ def _run(root: nn.Module, shape: tuple[int, ...], mode: str) -> ShapeRecord:
         call = stack.pop()
         call.end = next(counter)
         call.output = out
+        if mod is root and runner is not root:
+            raise _Reached()
 
     for path, m in named:
         if id(m) in seen:
@@ -100,24 +117,29 @@ def _run(root: nn.Module, shape: tuple[int, ...], mode: str) -> ShapeRecord:
         seen.add(id(m))
         handles.append(m.register_forward_pre_hook(pre(path), with_kwargs=True))
         handles.append(m.register_forward_hook(post, with_kwargs=True))
-    flags = [(m, m.training) for _, m in named]
+    flags = [(m, m.training) for m in runner.modules()]
     try:
-        root.eval()
+        runner.eval()
         with torch.no_grad():
-            if mode == "meta":
-                tensors = dict(itertools.chain(root.named_parameters(remove_duplicate=False),
-                                               root.named_buffers(remove_duplicate=False)))
-                meta = {k: _meta_like(v) for k, v in tensors.items()}
-                x = torch.empty(shape, device="meta")
-                torch.func.functional_call(root, meta, (x,), strict=False, tie_weights=True)
-            elif mode == "real":  # data-dependent control flow: one real forward on zeros
-                root(torch.zeros(shape))
-            else:
-                from torch._subclasses.fake_tensor import FakeTensorMode
+            try:
+                if mode == "meta":
+                    tensors = dict(itertools.chain(runner.named_parameters(remove_duplicate=False),
+                                                   runner.named_buffers(remove_duplicate=False)))
+                    meta = {k: _meta_like(v) for k, v in tensors.items()}
+                    x = torch.empty(shape, device="meta")
+                    torch.func.functional_call(runner, meta, (x,), strict=False, tie_weights=True)
+                elif mode == "real":  # data-dependent control flow: one real forward on zeros
+                    runner(torch.zeros(shape))
+                else:
+                    from torch._subclasses.fake_tensor import FakeTensorMode
 
-                with FakeTensorMode(allow_non_fake_inputs=True):
-                    x = torch.empty(shape)
-                    root(x)
+                    with FakeTensorMode(allow_non_fake_inputs=True):
+                        x = torch.empty(shape)
+                        runner(x)
+            except _Reached:
+                pass
+        if record.first(root) is None:
+            raise RuntimeError(f"{type(runner).__name__} did not call the target")
     finally:
         for h in handles:
             h.remove()

@@ -3,7 +3,8 @@
 Site kinds (positions in the unit's graph):
 
 * ``conv``: after ``conv -> norm``, after the activation where one follows (the official
-  code: after BN+ReLU); in norm-free models after ``conv -> act``. Chains on a residual
+  code: after BN+ReLU); in norm-free models after ``conv -> act``, or after the conv when
+  nothing follows it (an FPN's convs). Chains on a residual
   shortcut or ending a residual branch are not ``conv`` sites (see below).
 * ``conv_last``: after the last ``conv -> norm (-> act)`` chain of a residual branch,
   before the add (on the branch's edge into the add when that chain's output is not the
@@ -140,15 +141,15 @@ def _single_user(node: fx.Node, unit: nn.Module) -> Optional[fx.Node]:
 def _chain_end(conv: fx.Node, unit: nn.Module, norm_free: bool) -> Optional[fx.Node]:
     nxt = _single_user(conv, unit)
     if nxt is None:
-        return None
+        return conv if norm_free else None
     m = _mod(nxt, unit)
     if m is not None and is_norm(m):
         if is_norm_act(m):
             return nxt
         act = _single_user(nxt, unit)
         return act if act is not None and is_act_node(act, unit) else nxt
-    if norm_free and is_act_node(nxt, unit):
-        return nxt
+    if norm_free:  # after the activation, or after the conv itself when none follows (an FPN)
+        return nxt if is_act_node(nxt, unit) else conv
     return None
 
 

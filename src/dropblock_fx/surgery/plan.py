@@ -261,9 +261,13 @@ def prepare(model: nn.Module, recipe: Recipe, keep_foreign: bool = False) -> tup
         notes.append(f"the model already has {len(foreign)} foreign DropBlock module(s): {where}")
 
     try:
-        record = record_calls(root, tuple(recipe.input_size))
+        parts = target.split(".") if target else []
+        runners = tuple(model.get_submodule(".".join(parts[:i])) for i in range(len(parts) - 1, -1, -1))
+        record = record_calls(root, tuple(recipe.input_size), runners)
     except RuntimeError as e:
         raise SurgeryError(f"{target or type(root).__name__}: {e}") from None
+    if record.runner:
+        notes.append(f"{target} does not take an image tensor: shapes found by running {record.runner} up to it")
     if record.mode != "meta":
         notes.append(f"shapes found with a {record.mode} forward pass (the meta pass failed)")
     by_call = call_stages(record)
@@ -278,7 +282,7 @@ def prepare(model: nn.Module, recipe: Recipe, keep_foreign: bool = False) -> tup
     all_kinds = set().union(*(s["sites"] for s in settings.values()))
     norm_free = not any(isinstance(m, norm_types()) for m in root.modules())
     if norm_free:
-        notes.append("no norm layers: conv sites are after conv -> activation")
+        notes.append("no norm layers: conv sites are after conv -> activation (or the conv, if none)")
 
     units = find_units(root, record, set(selected), by_call)
     candidates: list[_Candidate] = []
