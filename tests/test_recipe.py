@@ -333,3 +333,8 @@ def test_stage_keep_prob_is_stored_as_drop_prob():
     assert r.stages[0].drop_prob == 0.1
     assert r.stage_rate(3, 4, r.stages[0]) == 0.1
     assert Recipe.from_yaml(r.to_yaml()) == r
+
+
+def test_json_schema_for_editors_and_the_cli():
+    schema = Recipe.model_json_schema()
+    assert {"stages", "sites", "block_size", "keep_prob", "schedule"} <= set(schema["properties"])
