@@ -119,6 +119,31 @@ def check_masks_bit_exact_vs_reference_expansion():
         assert torch.equal(out, x * keep * _count_scale(keep)), f"{shape} k={k} {mask} {region}: output"
 
 
+def check_random_configs_bit_exact():
+    """A seeded sweep of odd shapes (sizes 1, one and two words per row, blocks larger than
+    the map, even blocks, 3-D), every mode and layout: mask and output exact."""
+    rng = __import__("random").Random(1234)
+    for i in range(40):
+        nd = rng.choice((2, 2, 3))
+        spatial = [rng.choice((1, 2, 3, 5, 8, 13, 33)) for _ in range(nd)]
+        if nd == 3:
+            spatial = [min(s, 6) for s in spatial[:2]] + [spatial[2]]
+        shape = (rng.choice((1, 2)), rng.choice((1, 2, 3))) + tuple(spatial)
+        block = tuple(rng.choice((1, 2, 3, 4, 7, 40)) for _ in range(nd))
+        mask, region = rng.choice(("channel", "shared", "batch")), rng.choice(("valid", "full"))
+        dtype = rng.choice(DTYPES)
+        gamma = rng.choice((0.02, 0.1, 0.3))
+        x = torch.randn(shape).to(dtype)
+        if rng.random() < 0.5:
+            x = x.to(memory_format=_fmt(nd))
+        out, keep, s, _, seed_t, clipped = _fused(x, gamma, block, mask, region, seed=i)
+        ref = _ref_keep(x, gamma, clipped, mask, region, seed_t)
+        what = f"case {i}: {shape} block {block} {mask} {region} {dtype}"
+        assert torch.equal(keep, ref), what + ": mask"
+        assert torch.equal(out, torch.mul(x, keep).mul_(_count_scale(keep).to(dtype))), what + ": output"
+        assert out.stride() == x.stride() or not (x.is_contiguous() or tk.is_channels_last(x)), what + ": layout"
+
+
 def check_valid_mask_is_union_of_whole_blocks():
     torch.manual_seed(1)
     for shape, k in (((2, 3, 9, 11), 3), ((2, 3, 12, 10), 4), ((1, 2, 6, 7, 8), 3)):
