@@ -137,6 +137,17 @@ def test_amoebanet_style_last_half_of_blocks():
     assert {round(m.target_drop_prob, 12) for m in mods.values()} == {0.1}
 
 
+def test_amoebanet_style_on_a_nas_cell_network():
+    # NASNet-A (timm nasnetalarge) is AmoebaNet's family: stacks of 6 normal cells, 331 px.
+    model = apply_dropblock(timm.create_model("nasnetalarge"), "amoebanet-style")
+    mods = dropblocks(model)
+    cells = {n.split(".")[0] for n in mods}
+    normal = sorted(int(c.split("_")[1]) for c in cells if c.startswith("cell_"))
+    assert normal == list(range(8, 18))  # about the last half of the 18 normal cells
+    assert {m.block_size for m in mods.values()} == {11}
+    assert {"conv", "conv_last", "shortcut"} == {m.dropblock_site for m in mods.values()}
+
+
 @pytest.fixture(scope="module")
 def retinanet():
     return lambda: tv.models.detection.retinanet_resnet50_fpn(weights=None, weights_backbone=None)
