@@ -162,13 +162,11 @@ def test_retinanet_coco_all_four_groups_constant(retinanet):
     assert not any(m.schedule_pending for m in mods.values())  # constant: nothing to warn about
 
 
-@pytest.mark.xfail(
-    reason="surgery (issue 7) cannot yet plan a target whose forward takes a dict of feature maps "
-    "(torchvision FeaturePyramidNetwork); it builds the target's input from input_size",
-    strict=False,
-)
 def test_ppyolo_neck_only_in_the_fpn(retinanet):
     model = apply_dropblock(retinanet(), "ppyolo-neck")
     mods = dropblocks(model)
     assert mods and all(n.startswith("backbone.fpn.") for n in mods)
+    assert Counter(m.dropblock_stage for m in mods.values()) == {2: 2, 3: 2, 4: 2}  # P3-P5, not P6/P7
     assert {m.block_size for m in mods.values()} == {3}
+    assert {round(m.drop_prob, 12) for m in mods.values()} == {0.1}
+    assert not any(m.schedule_pending for m in mods.values())
