@@ -149,7 +149,7 @@ def _call_sequence(model: nn.Module) -> list[tuple]:
 @pytest.mark.parametrize("arch", ["resnet18", "resnet26"])  # BasicBlock and Bottleneck
 def test_timm_resnet_recipe_reproduces_drop_block_rate(arch):
     timm_model = timm.create_model(arch, drop_block_rate=0.1)
-    ours = apply_dropblock(timm.create_model(arch), "timm-resnet")
+    ours = apply_dropblock(timm.create_model(arch), "timm-resnet", input_size=[3, 64, 64])
     expected = _call_sequence(timm_model)
     got = _call_sequence(ours)
     assert [e for e in expected if e[0] == "dropblock"] == [e for e in got if e[0] == "dropblock"]

@@ -285,6 +285,9 @@ def run_demo(args: argparse.Namespace) -> list[RunResult]:
         data = load_image_folder(args.data, args.image_size, args.val_fraction, args.seed)
     else:
         data = load_digits(args.image_size, args.val_fraction, args.seed)
+    if args.quick:  # a smoke test: a slice of the data is enough
+        data.train_x, data.train_y = data.train_x[:max_batches * args.batch_size], data.train_y[:max_batches * args.batch_size]
+        data.val_x, data.val_y = data.val_x[:64], data.val_y[:64]
     overrides = dict(DEMO_OVERRIDES) if args.recipe is None else {}
     overrides["input_size"] = [data.in_chans, args.image_size, args.image_size]
     overrides.update(parse_overrides(args.overrides))

@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", metavar="NAME", default="resnet10t", help="a timm ResNet (default resnet10t)")
     p.add_argument("--width", type=int, default=24,
                    help="channels of the first stage, doubled per stage (default 24; 0 = timm's own)")
-    p.add_argument("--epochs", type=int, default=10, help="epochs per run (default 10)")
+    p.add_argument("--epochs", type=int, default=8, help="epochs per run (default 8)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size (default 64)")
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
     p.add_argument("--image-size", type=int, default=64, help="images are resized to this (default 64)")
