@@ -193,6 +193,25 @@ def test_demo_quick_trains_both_runs(capsys, tmp_path):
     assert [s for s, _ in db["drop"]] == [s for s, _ in base["drop"]]
 
 
+def test_demo_constant_recipe_keeps_a_constant_rate(capsys, tmp_path):
+    js = tmp_path / "demo.json"
+    code, _, _ = run(capsys, "demo", "--quick", "--recipe", "timm-resnet", "--no-plot", "--no-progress",
+                     "--json", str(js))
+    rates = {v for _, v in json.loads(js.read_text())["runs"][1]["drop"]}
+    assert code == 0 and rates == {0.1}
+
+
+def test_docstring_examples():
+    import doctest
+
+    import dropblock_fx.cli.models
+    import dropblock_fx.timm
+
+    for module in (dropblock_fx.cli.models, dropblock_fx.timm):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.attempted > 0 and result.failed == 0, module
+
+
 def test_demo_on_an_image_folder(capsys, tmp_path):
     from PIL import Image
 
@@ -201,6 +220,6 @@ def test_demo_on_an_image_folder(capsys, tmp_path):
         for i in range(6):
             Image.new("RGB", (20, 20), tuple(min(255, v + 5 * i) for v in color)).save(tmp_path / "data" / c / f"{i}.png")
     code, out, _ = run(capsys, "demo", "--quick", "--data", str(tmp_path / "data"), "--no-plot", "--no-progress")
-    assert code == 0 and "2 classes" in out and "32x32x3" in out
+    assert code == 0 and "2 classes" in out and "64x64x3" in out
     code, _, err = run(capsys, "demo", "--quick", "--data", str(tmp_path / "missing"))
     assert code == 1 and "missing" in err

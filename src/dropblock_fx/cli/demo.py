@@ -191,7 +191,8 @@ def train_run(
         from ..surgery import describe
 
         res.modules = len(describe(model).rows)
-        sched = attach_schedule(model, total_steps=total, optimizer=opt)
+        # a recipe without a schedule is a constant rate (attach_schedule's own default is linear)
+        sched = attach_schedule(model, total_steps=total, optimizer=opt, schedule=recipe.schedule or "constant")
     torch.manual_seed(args.seed + 1)  # same DropBlock-free randomness (order) in both runs
     order_gen = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
@@ -276,7 +277,7 @@ def run_demo(args: argparse.Namespace) -> list[RunResult]:
         torch.set_num_threads(args.threads)
     max_batches = None
     if args.quick:
-        args.epochs, args.image_size, args.width, args.batch_size = 1, 32, 8, 32
+        args.epochs, args.image_size, args.width, args.batch_size = 1, 64, 8, 32
         max_batches = 3
     for name in ("epochs", "batch_size", "image_size"):
         if getattr(args, name) < 1:
