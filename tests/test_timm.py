@@ -86,6 +86,9 @@ def test_registered_pretrained_tag_resolves_and_loads_local_file(resnet10t_file)
     base_cfg = timm.create_model("resnet10t.c3_in1k").pretrained_cfg
     m = timm.create_model("resnet10t_dropblock.c3_in1k", pretrained=True,
                           pretrained_cfg_overlay=dict(file=str(path)), recipe_overrides=SMALL)
+    registry_cfg = timm.models.get_pretrained_cfg("resnet10t_dropblock.c3_in1k")
+    assert registry_cfg.hf_hub_id == timm.models.get_pretrained_cfg("resnet10t.c3_in1k").hf_hub_id  # base weights
+    assert registry_cfg.architecture == "resnet10t_dropblock" and registry_cfg.tag == "c3_in1k"
     assert m.pretrained_cfg["tag"] == "c3_in1k"
     assert m.pretrained_cfg["architecture"] == "resnet10t_dropblock"
     assert {k: v for k, v in m.pretrained_cfg.items() if k not in ("architecture", "file")} == \

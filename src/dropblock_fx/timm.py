@@ -130,8 +130,12 @@ def _variant_default_cfg(arch: str, variant: str) -> Optional[Any]:
     if base is None:
         return None
     cfg = copy.deepcopy(base)
-    # hf_hub_id etc. keep pointing at the base weights; architecture is set by register_model.
-    cfg.cfgs = {tag: replace(c) for tag, c in cfg.cfgs.items()}
+    # The weights are the base architecture's: timm completes a bare "timm/" hub id with the
+    # registered name, which for a variant would be a repository that does not exist.
+    cfg.cfgs = {
+        tag: replace(c, hf_hub_id=f"timm/{arch}.{tag}" if tag else f"timm/{arch}") if c.hf_hub_id == "timm/" else c
+        for tag, c in cfg.cfgs.items()
+    }
     return cfg
 
 
