@@ -86,6 +86,16 @@ def test_timm_placement_reproduces_drop_block_rate():
     assert all(type(b.drop_block) is nn.Identity for b in [*ours.layer3, *ours.layer4])
 
 
+def test_timm_placement_on_byobnet_repvgg():
+    """timm puts byobnet's DropBlocks in the .drop slot of a BatchNormAct2d: same positions."""
+    ours = apply_dropblock(timm.create_model("repvgg_a2"), "timm-resnet",
+                           stages=[{"stage": -2, "block_size": 5, "gamma_scale": 0.25}, {"stage": -1, "block_size": 3}])
+    theirs = timm.create_model("repvgg_a2", drop_block_rate=0.1)
+    want = {n: (m.block_size, m.gamma_scale) for n, m in theirs.named_modules() if type(m).__name__ == "DropBlock2d"}
+    assert {n: (m.block_size, m.gamma_scale) for n, m in dropblocks(ours).items()} == want
+    assert all(n.endswith("conv_kxk.bn.drop") for n in want)
+
+
 def test_small_cnn_sites_and_names():
     model = apply_dropblock(SmallCNN(), {"stages": [3, 4], "sites": ["conv", "conv_last", "shortcut", "block"]},
                             input_size=[3, 64, 64])

@@ -105,12 +105,12 @@ def _apply_actions(model: nn.Module, p: Plan, actions: list[Action]) -> None:
                 splice_after(m, _make(act.rows[0], scheduled, m))
                 undo.append(lambda m=m: (unsplice(m), m._modules.pop("dropblock", None)))
             else:
-                m = act.module
-                old = m._modules["drop_block"]
+                m, attr = act.module, act.names[0]
+                old = m._modules[attr]
                 db = _make(act.rows[0], scheduled, m)
                 db.__dict__["_dropblock_replaced"] = old  # not a child: state_dict and repr unchanged
-                m._modules["drop_block"] = db
-                undo.append(lambda m=m, old=old: m._modules.__setitem__("drop_block", old))
+                m._modules[attr] = db
+                undo.append(lambda m=m, attr=attr, old=old: m._modules.__setitem__(attr, old))
         model.dropblock_plan = p
     except Exception as e:
         for fn in reversed(undo):

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+import torch
 from torch import nn
 
 from ..graph.layers import foreign_dropblock, is_norm, norm_types
@@ -341,18 +342,22 @@ def prepare(model: nn.Module, recipe: Recipe, keep_foreign: bool = False) -> tup
             if u.was_block and ustage is not None and u.call is not None and hasattr(u.call.output, "shape"):
                 candidate(ustage, u.path, base + "dropblock", "block", tuple(u.call.output.shape),
                           "block output (no graph)", "after-block", ("after", id(u.module)))
-        # timm's own DropBlock slots (ResNet blocks: bn -> drop_block -> act)
-        if u.kind == "block" and ustage is not None and isinstance(getattr(u.module, "drop_block", None), nn.Identity):
-            call = None
-            values_shape = None
-            for n, c in u.module.named_children():
-                if n == "drop_block":
-                    call = record.first(c)
-            if call is not None and hasattr(call.output, "shape"):
-                values_shape = tuple(call.output.shape)
-            if values_shape is not None:
-                candidate(ustage, u.path, base + "drop_block", "timm", values_shape, "timm's drop_block slot",
-                          "slot", ("slot", id(u.module)))
+    if "timm" in all_kinds:
+        slots, how = timm_slots(root, units)
+        unit_of = sorted(((u.path, u) for u in units if u.path), key=lambda t: -len(t[0]))
+        for path in slots:
+            slot = root.get_submodule(path)
+            call = record.first(slot)
+            if not isinstance(slot, nn.Identity) or call is None or not hasattr(call.output, "shape"):
+                continue
+            owner = next((u for p, u in unit_of if path.startswith(p + ".")), None)
+            st = unit_stage(owner) if owner is not None else None
+            shape = tuple(call.output.shape)
+            if st is None:
+                st = stage_of_shape(record.input_shape, shape)
+            parent, _, attr = path.rpartition(".")
+            candidate(st, owner.path if owner is not None else path, prefix + path, "timm", shape,
+                      f"timm's DropBlock slot ({how})", "slot", ("slot", id(root.get_submodule(parent)), attr))
     if "timm" in all_kinds and not any(c.row_args["kind"] == "timm" for c in candidates):
         notes.append("site kind 'timm': this model has no timm drop_block slots in the selected stages")
 
@@ -386,7 +391,7 @@ def prepare(model: nn.Module, recipe: Recipe, keep_foreign: bool = False) -> tup
         row = PlanRow(c.stage, stage_by_index[c.stage].name, tuple(a["shape"][2:]), a["path"], a["kind"], block,
                       cfg["target"], exp, a["anchor"], a["mechanism"], tuple(sorted(opts.items())))
         rows.append(row)
-        kind, ident = c.action_key
+        kind, ident = c.action_key[:2]
         act = actions.get(c.action_key)
         if act is None:
             if kind == "graph":
@@ -395,8 +400,8 @@ def prepare(model: nn.Module, recipe: Recipe, keep_foreign: bool = False) -> tup
             elif kind == "after":
                 act = Action("after", module_by_id[ident], a["path"].rsplit(".", 1)[0], [], ["dropblock"])
             else:
-                u = next(x for x in units if id(x.module) == ident)
-                act = Action("slot", u.module, prefix + u.path, [], ["drop_block"])
+                parent_path, _, attr = a["path"].rpartition(".")
+                act = Action("slot", model.get_submodule(parent_path), parent_path, [], [attr])
             actions[c.action_key] = act
         act.rows.append(row)
         if kind == "graph":
@@ -420,6 +425,28 @@ def prepare(model: nn.Module, recipe: Recipe, keep_foreign: bool = False) -> tup
             raise SurgeryError(f"{act.path}: could not generate its new forward ({type(e).__name__}: {e})") from e
     p = Plan(rows, recipe, stages, target, record.input_shape, notes)
     return p, list(actions.values())
+
+
+def timm_slots(root: nn.Module, units: list[Unit]) -> tuple[list[str], str]:
+    """Paths (under ``root``) where timm's ``drop_block_rate`` would put DropBlock modules.
+
+    A timm model is rebuilt on the meta device with ``drop_block_rate`` (exact for every
+    architecture that supports it, when the rebuilt model has the same parameters); else the
+    ``drop_block`` slots of timm's ResNet blocks.
+    """
+    arch = (getattr(root, "pretrained_cfg", None) or {}).get("architecture")
+    if arch:
+        try:
+            import timm
+
+            with torch.device("meta"):
+                twin = timm.create_model(arch, pretrained=False, drop_block_rate=0.1)
+            if list(twin.state_dict()) == list(root.state_dict()):
+                return [n for n, m in twin.named_modules() if foreign_dropblock(m)], f"timm {arch}"
+        except Exception:  # noqa: BLE001 - the architecture has no drop_block_rate: heuristic below
+            pass
+    return [f"{u.path}.drop_block" for u in units
+            if u.kind == "block" and isinstance(getattr(u.module, "drop_block", None), nn.Identity)], "drop_block"
 
 
 def _copy_graph(g):
