@@ -316,9 +316,13 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     if table["constant"]:
         how = "no schedule: constant at the target rate (attach_schedule would use 'linear')"
     else:
-        length = f"{table['length']:g} steps" if table["length"] else "the run"
-        how = f"schedule {table['schedule']} {table['params'] or ''} over {length}".replace("  ", " ")
-    print(f"{name}: {how}, {args.steps} steps")
+        params = f" {table['params']}" if table["params"] else ""
+        if not table["length"] or table["length"] == args.steps:
+            span = "the whole run"
+        else:
+            span = f"the first {table['length']:g} steps, then held"
+        how = f"{table['schedule']}{params} over {span}"
+    print(f"{name}: {how}; {args.steps} steps")
     head = ["step", "factor"] + table["stages"]
     body = [[str(r["step"]), f"{r['factor']:.3f}"] + [f"{r['rates'][k]:.4f}" for k in table["stages"]]
             for r in table["rows"]]
