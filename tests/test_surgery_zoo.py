@@ -163,3 +163,29 @@ def test_fpn_target_whose_input_is_a_dict_of_feature_maps():
         out = model(images)
     assert all(torch.equal(out[0][k], ref[0][k]) for k in ref[0])
     assert len(model.backbone.fpn.inner_blocks[0]) == 1  # the added child is hidden from the Sequential
+
+
+def test_torch_load_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    model = apply_dropblock(SmallCNN().eval(), "paper-resnet50", input_size=[3, 64, 64])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    torch.save({"model": model, "x": x, "ref": ref}, tmp_path / "m.pt")
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        f"d = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False)\n"
+        "m = d['model']\n"
+        "with torch.no_grad(): assert torch.equal(m(d['x']), d['ref'])\n"
+        f"assert len(m.dropblock_plan.rows) == {len(dropblocks(model))} and type(m.stages[2][0]).__name__ == 'Residual'\n"
+        "m.train()(d['x'].repeat(2, 1, 1, 1)).sum().backward()\n"
+        "print('ok')\n"
+    )
+    import os
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.stdout.strip().endswith("ok"), out.stderr
