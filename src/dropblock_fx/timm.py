@@ -30,7 +30,7 @@ from timm.models import _registry as timm_registry
 from torch import nn
 
 from .modules import DropBlock2d, DropBlockNd
-from .recipe import DEFAULT_RECIPE, Recipe, load_recipe
+from .recipe import Recipe, load_recipe
 
 __all__ = [
     "create_model",
@@ -126,7 +126,7 @@ def _timm_entrypoint_name(arch: str, suffix: str) -> str:
 
 
 def _variant_default_cfg(arch: str, variant: str) -> Optional[Any]:
-    base = timm_registry._model_default_cfgs.get(arch)
+    base = getattr(timm_registry, "_model_default_cfgs", {}).get(arch)
     if base is None:
         return None
     cfg = copy.deepcopy(base)
@@ -224,7 +224,9 @@ def register(
         fn = _make_entrypoint(arch, variant, recipe)
         setattr(this, variant, fn)
         if overwrite and timm.is_model(variant):
-            timm_registry._clear_model_entries(variant)
+            clear = getattr(timm_registry, "_clear_model_entries", None)  # timm >= 1.0.2x
+            if clear is not None:
+                clear(variant)
             timm_registry._model_entrypoints.pop(variant, None)
         timm.models.register_model(fn)
         _REGISTERED[variant] = (arch, recipe)
