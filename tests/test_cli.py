@@ -130,7 +130,7 @@ def test_debug_shows_the_traceback(capsys):
         main(["plan", "resnet5O", "--debug"])
 
 
-def test_schedule_prints_and_plots_each_stage(capsys, tmp_path):
+def test_schedule_prints_and_plots_each_stage(capsys, tmp_path, monkeypatch):
     png = tmp_path / "s.png"
     code, out, _ = run(capsys, "schedule", "paper-resnet50", "--steps", "100", "--points", "3", "--out", str(png))
     assert code == 0 and png.stat().st_size > 1000
@@ -139,6 +139,11 @@ def test_schedule_prints_and_plots_each_stage(capsys, tmp_path):
     first, last = lines[3].split(), lines[-2].split()  # step 0 and step 100
     assert first[0] == "0" and float(first[2]) == 0.0 and float(first[3]) == 0.0
     assert last[0] == "100" and float(last[2]) == pytest.approx(0.025) and float(last[3]) == pytest.approx(0.1)
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(capsys, "schedule", "paper-resnet50", "--steps", "10")  # plots by default
+    assert code == 0 and (tmp_path / "dropblock_schedule.png").is_file() and "wrote" in out
+    code, out, _ = run(capsys, "schedule", "paper-resnet50", "--steps", "10", "--no-plot")
+    assert code == 0 and "wrote" not in out
     code, out, _ = run(capsys, "schedule", "timm-resnet", "--steps", "10", "--json")
     data = json.loads(out)
     assert data["constant"] and all(r["factor"] == 1.0 for r in data["rows"])

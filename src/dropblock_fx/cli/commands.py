@@ -306,6 +306,10 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
         model = load_model(args.model)
     table = schedule_table(recipe, args.steps, args.points, model, args.steps_per_epoch)
+    if args.no_plot:
+        args.out = None
+    elif args.out is None and not args.json:
+        args.out = "dropblock_schedule.png"
     if args.out:
         plot_schedule(recipe, table, args.steps, args.out, model, args.steps_per_epoch)
     if args.json:

@@ -89,9 +89,9 @@ as attach_schedule drives it (the recipe's schedule times each stage's multiplie
 --model, stage references are resolved against the model (names, negative indices).""",
         """\
 examples:
-  dropblock-fx schedule paper-resnet50 --steps 1000
+  dropblock-fx schedule paper-resnet50 --steps 1000        # also writes dropblock_schedule.png
   dropblock-fx schedule my-recipe.yaml --steps 20000 --out schedule.png
-  dropblock-fx schedule last-two-stages --steps 500 --model resnet50 --json
+  dropblock-fx schedule last-two-stages --steps 500 --model resnet50 --no-plot
 """,
     ),
     "demo": (
@@ -181,8 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="needed when the schedule's length is given in epochs")
     p.add_argument("--model", metavar="MODEL", default=None, help="resolve stages against " + MODEL_HELP)
     p.add_argument("--points", type=int, default=11, help="rows printed (default 11)")
-    p.add_argument("--out", "-o", metavar="PNG", default=None, help="write a plot here (default: no plot)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--out", "-o", metavar="PNG", default=None,
+                   help="plot file (default: dropblock_schedule.png, none with --json)")
+    p.add_argument("--no-plot", action="store_true", help="print only")
+    p.add_argument("--json", action="store_true", help="machine-readable output (no plot unless --out is given)")
 
     p = command("demo")
     _recipe_args(p, "default: last-two-stages with block_size 3, for the demo's small feature maps")
