@@ -13,6 +13,7 @@ Two properties the rest of the library relies on:
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any
 
@@ -67,6 +68,7 @@ class DropBlockNd(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
+        _register_timm_leaves()
         p = check_drop_prob(drop_prob)
         normalize_block_size(block_size, self.n_spatial)
         check_options(mask, seed_region, scale, gamma_scale, noise, calibrate, inplace)
@@ -171,13 +173,26 @@ class DropBlock3d(DropBlockNd):
     n_spatial = 3
 
 
+_timm_registered = False
+
+
 def _register_timm_leaves() -> None:
+    """Register the modules as timm no-trace leaves, if timm is loaded.
+
+    Importing timm costs seconds, so this never imports it: it runs at import when timm is
+    already loaded and again whenever a module is built. (Tracing works without it: the
+    modules record themselves as leaf calls under any FX tracer.)
+    """
+    global _timm_registered
+    if _timm_registered or "timm" not in sys.modules:
+        return
     try:
         from timm.layers import register_notrace_module
-    except Exception:  # pragma: no cover - timm is a dependency, but keep the op importable
+    except Exception:  # pragma: no cover - a broken timm must not break the op
         return
     for cls in (DropBlock2d, DropBlock3d):
         register_notrace_module(cls)
+    _timm_registered = True
 
 
 _register_timm_leaves()
