@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Optional
 
 from torch import nn
@@ -72,6 +73,9 @@ def apply_dropblock(model: nn.Module, recipe: RecipeLike = None, *, replace: boo
     try:
         p, actions = prepare(model, rec, keep_foreign=keep_foreign)
         _apply_actions(model, p, actions)
+        if not p.rows:
+            warnings.warn(f"apply_dropblock: no site of the recipe matched in {type(model).__name__}; "
+                          f"see describe(model).notes: {'; '.join(p.notes) or 'none'}", UserWarning, stacklevel=2)
     except Exception:
         if previous is not None:  # put the previous plan back: the model is as it was
             p_old, a_old = prepare(model, previous.recipe, keep_foreign=True)
