@@ -17,7 +17,7 @@ from dropblock_fx import DropBlock2d, DropBlock3d, DropBlockNd, Plan, SurgeryErr
 from dropblock_fx import remove_dropblock
 from dropblock_fx.recipe import Recipe, StageSpec
 
-from test_surgery_models import NormFree, Residual, SmallCNN, TrainBranchNet, WithUntraceable
+from test_surgery_models import NormFree, SmallCNN, TrainBranchNet, WithUntraceable
 
 timm = pytest.importorskip("timm")
 tv = pytest.importorskip("torchvision")

@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from ..graph.layers import foreign_dropblock, is_norm, norm_types
+from ..graph.layers import foreign_dropblock, norm_types
 from ..graph.shapes import record_calls
 from ..graph.sites import Site, find_sites, insert_sites, replay
 from ..graph.splice import _compile, graph_source
