@@ -4,15 +4,20 @@ Defaults follow the official TensorFlow code: seeds only where a whole block fit
 an independent mask per sample and per channel, the paper's gamma, and the output
 normalised by the kept fraction actually drawn over the whole tensor.
 
-Two interchangeable ways to expand seeds into blocks, picked by :func:`_pick_backend`:
+Three ways to build the mask, picked by :func:`_pick_backend` (or forced with
+:func:`set_backend` / ``DROPBLOCK_FX_BACKEND``):
 
-* ``"reference"``: dense, plain torch ops (separable max-pool over the seed grid), the
-  official algorithm as written; traceable by ``torch.compile``.
-* ``"sparse"``: work proportional to the number of seeds (a scatter of ``k x k`` offsets).
-  At the paper's settings gamma is ~0.006, so this touches a few percent of the map.
+* ``"reference"``: dense, plain torch ops (a separable sliding max over the seed grid),
+  the official algorithm as written; traceable by ``torch.compile``.
+* ``"sparse"`` (the CPU default): samples the seeds' positions directly (the gaps between
+  Bernoulli successes are geometric) and scatters their ``k x k`` blocks, so the cost
+  follows the number of seeds (gamma is ~0.006 at the paper's settings).
+* ``"triton"`` (the CUDA default when Triton is importable): fused kernels with Philox
+  seeds, on-chip block expansion and count, and a 1-bit mask for backward
+  (``triton_kernels.py``, registered as ``torch.library`` ops in ``custom_ops.py``).
 
-Both draw the same uniform numbers for the same seed grid, so given the same RNG state
-they give bit-identical masks (a test holds this).
+Given the same seed grid, "reference" and "sparse" expand to bit-identical masks; the
+three paths agree statistically (different random streams), which the tests check.
 """
 
 from __future__ import annotations

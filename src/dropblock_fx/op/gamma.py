@@ -184,7 +184,9 @@ def calibrated_gamma_tensor(
         >>> abs(float(g) - calibrated_gamma(0.1, (14, 14), (5, 5))) < 1e-6
         True
     """
-    values, weights = coverage_histogram(tuple(spatial), tuple(block), seed_region)
+    # The uncached function: under torch.compile it folds to constants either way, and
+    # Dynamo warns about tracing through lru_cache.
+    values, weights = coverage_histogram.__wrapped__(tuple(spatial), tuple(block), seed_region)
     v = torch.tensor(values, dtype=torch.float32, device=target.device)
     w = torch.tensor(weights, dtype=torch.float32, device=target.device)
     keep_target = 1.0 - target.float()
@@ -209,7 +211,9 @@ def expected_keep_tensor(
         >>> abs(float(k) - (1 - expected_drop_rate(0.01, (7, 7), (3, 3)))) < 1e-6
         True
     """
-    values, weights = coverage_histogram(tuple(spatial), tuple(block), seed_region)
+    # The uncached function: under torch.compile it folds to constants either way, and
+    # Dynamo warns about tracing through lru_cache.
+    values, weights = coverage_histogram.__wrapped__(tuple(spatial), tuple(block), seed_region)
     v = torch.tensor(values, dtype=torch.float32, device=gamma.device)
     w = torch.tensor(weights, dtype=torch.float32, device=gamma.device)
     return (w * torch.pow(1.0 - gamma.float(), v)).sum()
