@@ -10,6 +10,7 @@ norms and convs, and DropBlock modules (ours and foreign ones).
 from __future__ import annotations
 
 import operator
+import sys
 from typing import Any
 
 import torch
@@ -74,71 +75,60 @@ def register_leaf(cls: type) -> type:
 
 
 def norm_types() -> tuple[type, ...]:
+    _extras()
     return tuple(_NORMS)
 
 
-def _register_builtin_norms() -> None:
-    for cls in (nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm2d,
-                nn.InstanceNorm3d, nn.LayerNorm):
-        register_norm(cls)
-    try:
-        from torchvision.ops import FrozenBatchNorm2d
-        register_norm(FrozenBatchNorm2d)
-    except Exception:  # pragma: no cover - torchvision is optional
-        pass
-    try:
-        from timm.layers import norm, norm_act
-        for name in ("LayerNorm2d", "LayerNorm", "GroupNorm", "GroupNorm1", "RmsNorm2d"):
-            if hasattr(norm, name):
-                register_norm(getattr(norm, name))
-        for name in ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d", "GroupNormAct",
-                     "GroupNorm1Act", "LayerNormAct", "LayerNormAct2d"):
-            if hasattr(norm_act, name):
-                register_norm(getattr(norm_act, name), with_act=True)
-    except Exception:  # pragma: no cover
-        pass
+_LOADED: set[str] = set()
+_TIMM_LEAVES: set[type] = set()
+_AUTOWRAP: list[Any] = []
+_FOREIGN: list[type] = []
 
 
-_register_builtin_norms()
+def _extras() -> None:
+    """Norms, leaves and DropBlocks of torchvision and timm, once those are imported.
+
+    Importing timm costs seconds, so this never imports a library itself: a model from it can
+    only exist once it is loaded, and every predicate here calls this first.
+    """
+    if "torchvision" in sys.modules and "torchvision" not in _LOADED:
+        _LOADED.add("torchvision")
+        try:
+            from torchvision.ops import DropBlock2d as TvDropBlock2d, DropBlock3d as TvDropBlock3d, FrozenBatchNorm2d
+
+            register_norm(FrozenBatchNorm2d)
+            _FOREIGN.extend([TvDropBlock2d, TvDropBlock3d])
+        except Exception:  # pragma: no cover - a broken torchvision must not break planning
+            pass
+    if "timm" in sys.modules and "timm" not in _LOADED:
+        _LOADED.add("timm")
+        try:
+            from timm.layers import DropBlock2d as TimmDropBlock2d, get_notrace_functions, get_notrace_modules
+            from timm.layers import norm, norm_act
+
+            for name in ("LayerNorm2d", "LayerNorm", "GroupNorm", "GroupNorm1", "RmsNorm2d"):
+                if hasattr(norm, name):
+                    register_norm(getattr(norm, name))
+            for name in ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d", "GroupNormAct",
+                         "GroupNorm1Act", "LayerNormAct", "LayerNormAct2d"):
+                if hasattr(norm_act, name):
+                    register_norm(getattr(norm_act, name), with_act=True)
+            _TIMM_LEAVES.update(get_notrace_modules())
+            _AUTOWRAP.extend(get_notrace_functions())
+            _FOREIGN.append(TimmDropBlock2d)
+        except Exception:  # pragma: no cover
+            pass
 
 
-def _timm_leaves() -> tuple[type, ...]:
-    try:
-        from timm.layers import get_notrace_modules
-        return tuple(get_notrace_modules())
-    except Exception:  # pragma: no cover
-        return ()
-
-
-def _timm_autowrap() -> tuple[Any, ...]:
-    try:
-        from timm.layers import get_notrace_functions
-        return tuple(get_notrace_functions())
-    except Exception:  # pragma: no cover
-        return ()
-
-
-def _foreign_dropblock_types() -> tuple[type, ...]:
-    out: list[type] = []
-    try:
-        from timm.layers import DropBlock2d as TimmDropBlock2d
-        out.append(TimmDropBlock2d)
-    except Exception:  # pragma: no cover
-        pass
-    try:
-        from torchvision.ops import DropBlock2d as TvDropBlock2d, DropBlock3d as TvDropBlock3d
-        out += [TvDropBlock2d, TvDropBlock3d]
-    except Exception:  # pragma: no cover
-        pass
-    return tuple(out)
-
-
-_FOREIGN = _foreign_dropblock_types()
+for _cls in (nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm2d,
+             nn.InstanceNorm3d, nn.LayerNorm):
+    register_norm(_cls)
 
 
 def foreign_dropblock(m: nn.Module) -> bool:
     """A DropBlock module from another library (timm, torchvision, the ``dropblock`` package)."""
-    if isinstance(m, _FOREIGN):
+    _extras()
+    if isinstance(m, tuple(_FOREIGN)):
         return True
     cls = type(m)
     return cls.__name__.startswith("DropBlock") and not isinstance(m, DropBlockNd)
@@ -149,10 +139,12 @@ def is_conv(m: Any) -> bool:
 
 
 def is_norm(m: Any) -> bool:
+    _extras()
     return isinstance(m, tuple(_NORMS))
 
 
 def is_norm_act(m: Any) -> bool:
+    _extras()
     return any(isinstance(m, cls) and act for cls, act in _NORMS.items())
 
 
@@ -186,6 +178,7 @@ def is_container(m: nn.Module) -> bool:
 
 def is_leaf(m: nn.Module) -> bool:
     """Never traced into by this library (see module docstring)."""
+    _extras()
     if isinstance(m, DropBlockNd) or foreign_dropblock(m):
         return True
     if is_conv(m) or is_norm(m) or _is_act_module(m) or isinstance(m, tuple(_LEAVES)):
@@ -200,15 +193,14 @@ def is_leaf(m: nn.Module) -> bool:
     return False
 
 
-_TIMM_LEAVES = frozenset(_timm_leaves())
-
 
 class LeafTracer(fx.Tracer):
     """An FX tracer with this library's leaf policy; ``extra_leaves`` are treated as leaves too
     (child units of a container are traced as single calls)."""
 
     def __init__(self, extra_leaves: tuple[nn.Module, ...] = ()) -> None:
-        super().__init__(autowrap_functions=_timm_autowrap())
+        _extras()
+        super().__init__(autowrap_functions=tuple(_AUTOWRAP))
         self._extra = {id(m) for m in extra_leaves}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
