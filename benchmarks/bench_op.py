@@ -38,19 +38,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _time(fn: Callable[[], object], device: torch.device, reps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples) * 1e3
-
-
 def _variants(drop: float, block: int) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     from timm.layers.drop import drop_block_2d
     from torchvision.ops import drop_block2d
@@ -88,19 +75,37 @@ def main(argv: list[str] | None = None) -> dict:
     xg = x.clone().requires_grad_(True)
     g = torch.randn_like(x)
 
+    # Round-robin: every round runs each variant once, so a transient load on the machine
+    # hits all variants alike; the median over rounds is reported.
+    variants = _variants(args.drop, args.block)
+    errors: dict[str, str] = {}
+    samples: dict[str, dict[str, list[float]]] = {n: {"fwd": [], "fwd_bwd": []} for n in variants}
+
+    def fwd_bwd(fn) -> None:
+        fn(xg).backward(g)
+        xg.grad = None
+
+    for rnd in range(reps + 3):
+        for name, fn in variants.items():
+            if name in errors:
+                continue
+            try:
+                for kind, call in (("fwd", lambda: fn(x)), ("fwd_bwd", lambda: fwd_bwd(fn))):
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    call()
+                    _sync(device)
+                    if rnd >= 3:  # warm-up rounds
+                        samples[name][kind].append((time.perf_counter() - t0) * 1e3)
+            except Exception as e:  # an anchor crashing is a result worth printing
+                errors[name] = f"{type(e).__name__}: {e}"[:120]
     rows = []
-    for name, fn in _variants(args.drop, args.block).items():
-        try:
-            fwd = _time(lambda: fn(x), device, reps, 3)
-
-            def fwd_bwd() -> None:
-                fn(xg).backward(g)
-                xg.grad = None
-
-            fb = _time(fwd_bwd, device, reps, 3)
-            rows.append({"variant": name, "fwd_ms": fwd, "fwd_bwd_ms": fb})
-        except Exception as e:  # an anchor crashing is a result worth printing
-            rows.append({"variant": name, "error": f"{type(e).__name__}: {e}"[:120]})
+    for name in variants:
+        if name in errors:
+            rows.append({"variant": name, "error": errors[name]})
+        else:
+            rows.append({"variant": name, "fwd_ms": statistics.median(samples[name]["fwd"]),
+                         "fwd_bwd_ms": statistics.median(samples[name]["fwd_bwd"])})
 
     base = {r["variant"]: r for r in rows}
     drop_fb = base["F.dropout"].get("fwd_bwd_ms")
