@@ -326,3 +326,17 @@ def test_public_names():
     for name in ("apply_dropblock", "remove_dropblock", "describe", "plan", "Plan", "PlanRow", "SurgeryError",
                  "register_norm"):
         assert hasattr(dbx, name) and name in dbx.__all__
+
+
+def test_nfnet_norm_free_blocks_are_units():
+    """timm's NormFreeBlock is a no-trace leaf for other tracers, but a unit of its own here."""
+    model = timm.create_model("nfnet_l0").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    apply_dropblock(model)
+    p = describe(model)
+    assert Counter(r.kind for r in p.rows) == {"conv": 36, "conv_last": 9, "shortcut": 9}
+    assert p.rows[0].anchor == "after conv1 > act2" and any("no norm layers" in n for n in p.notes)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)

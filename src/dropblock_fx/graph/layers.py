@@ -30,6 +30,7 @@ __all__ = [
     "is_identity",
     "is_leaf",
     "is_container",
+    "is_walkable",
     "foreign_dropblock",
     "LeafTracer",
 ]
@@ -192,6 +193,14 @@ def is_leaf(m: nn.Module) -> bool:
         return True
     return False
 
+
+
+def is_walkable(m: nn.Module) -> bool:
+    """A module to look inside for units: not a leaf, or a composite timm no-trace module
+    (``NormFreeBlock``: other tracers must not enter it, but it can be a unit of its own)."""
+    if not is_leaf(m):
+        return True
+    return type(m) in _TIMM_LEAVES and not (is_norm(m) or is_conv(m)) and next(m.children(), None) is not None
 
 
 class LeafTracer(fx.Tracer):

@@ -19,7 +19,7 @@ from typing import Any, Optional
 
 from torch import fx, nn
 
-from .layers import LeafTracer, is_container, is_leaf, is_norm
+from .layers import LeafTracer, is_container, is_norm, is_walkable
 from .shapes import Call, ShapeRecord
 
 __all__ = ["Unit", "find_units"]
@@ -96,11 +96,11 @@ def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by
         return out
 
     def composite_children(m: nn.Module) -> list[tuple[str, nn.Module]]:
-        return [(n, c) for n, c in m.named_children() if not is_leaf(c)]
+        return [(n, c) for n, c in m.named_children() if is_walkable(c)]
 
     def visit_children(m: nn.Module, path: str) -> None:
         for name, child in m.named_children():
-            if not is_leaf(child):
+            if is_walkable(child):
                 walk(child, f"{path}.{name}" if path else name)
 
     def loose_norms(m: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
@@ -111,7 +111,7 @@ def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by
         return out
 
     def has_loose_layers(m: nn.Module) -> bool:
-        return any(is_leaf(c) and stages_in(c) & wanted for c in m.children())
+        return any(not is_walkable(c) and stages_in(c) & wanted for c in m.children())
 
     def container(m: nn.Module, path: str, call: Optional[Call], rewritable: bool) -> None:
         children = tuple(c for _, c in composite_children(m))
