@@ -457,3 +457,17 @@ def test_compiled_scheduled_run_compiles_once():
     sched.set_count(20)
     assert not torch.equal(compiled(x).detach(), reference)
     assert backend.frame_count == 1 and not counters["recompiles"]
+
+
+def test_recipe_without_schedule_runs_constant_and_hand_placed_modules_ramp():
+    import timm
+
+    import dropblock_fx as dbx
+
+    model = dbx.apply_dropblock(timm.create_model("resnet10t"), "timm-resnet", input_size=[3, 64, 64])
+    sched = dbx.attach_schedule(model, total_steps=10)
+    rates = [m.drop_prob for m in model.modules() if isinstance(m, dbx.DropBlockNd)]
+    assert sched.value == 1.0 and rates and all(r == m for r, m in zip(rates, [0.1] * len(rates)))
+    hand = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), dbx.DropBlock2d(0.1, 3))
+    s2 = dbx.attach_schedule(hand, total_steps=10)
+    assert s2.value == 0.0 and hand[1].drop_prob == 0.0

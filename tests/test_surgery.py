@@ -340,3 +340,20 @@ def test_nfnet_norm_free_blocks_are_units():
     assert p.rows[0].anchor == "after conv1 > act2" and any("no norm layers" in n for n in p.notes)
     with torch.no_grad():
         assert torch.equal(model(x), ref)
+
+
+def test_bad_overrides_raise_recipe_error_and_leave_the_model_alone():
+    import copy
+
+    import torchvision
+
+    from dropblock_fx import RecipeError
+
+    model = torchvision.models.resnet18()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RecipeError, match="block_size"):
+        dbx.apply_dropblock(model, "paper-resnet50", block_size=0)
+    with pytest.raises(RecipeError, match="block_size"):
+        dbx.apply_dropblock(model, {"stages": [3], "block_size": "x"})
+    assert not any(isinstance(m, dbx.DropBlockNd) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -72,7 +72,8 @@ def test_registered_names_are_listed_and_build():
               "convnext_atto_dropblock", "mobilenetv3_large_100_dropblock"):
         assert n in names
     assert not any(n.endswith("_dropblock_dropblock") for n in names)
-    assert set(dbt.registered()) <= set(names)
+    # other tests (doctests) may register names with other suffixes
+    assert {n for n in dbt.registered() if n.endswith("_dropblock")} <= set(names)
     assert "resnet50_dropblock.a1_in1k" in timm.list_models("resnet50_dropblock", pretrained=True)
     m = timm.create_model("resnet10t_dropblock", num_classes=5, recipe_overrides=SMALL)
     assert m.num_classes == 5 and describe(m).recipe.name == "last-two-stages"

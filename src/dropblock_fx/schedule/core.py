@@ -256,7 +256,8 @@ def attach_schedule(
         hook: what advances the schedule: ``"optimizer"``, ``"manual"``, ``"epoch"``,
             ``"forward"``, ``"lightning"`` or one you registered (:func:`register_hook`).
         schedule: overrides the recipe's schedule (a name, dict or :class:`ScheduleSpec`);
-            default: ``model.dropblock_plan.recipe.schedule``, else the paper's ``linear``.
+            default: ``model.dropblock_plan.recipe.schedule``; ``constant`` when the applied
+            recipe has none; the paper's ``linear`` for modules placed by hand.
         hook_options: extra options for a custom hook (``HookContext.options``).
 
     Returns:
@@ -276,7 +277,10 @@ def attach_schedule(
     if spec is None:
         spec = _recipe_schedule(model)
     if spec is None:
-        spec = ScheduleSpec()
+        # A recipe without a schedule means a constant rate (its docs say so); modules placed
+        # by hand get the paper's linear ramp.
+        applied = any(getattr(m, "dropblock_plan", None) is not None for m in model.modules())
+        spec = ScheduleSpec(name="constant") if applied else ScheduleSpec()
     hook_name = hook if hook is not None else ("optimizer" if optimizer is not None else "manual")
     hdef: HookDef = get_hook(hook_name)
     if hdef.name == "lightning" and total_steps is None and epochs is None:

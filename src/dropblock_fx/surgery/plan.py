@@ -107,19 +107,15 @@ RecipeLike = Union[None, str, dict, Recipe]
 
 def resolve_recipe(recipe: RecipeLike = None, **overrides: Any) -> Recipe:
     """A validated :class:`Recipe` from a name, path, dict or Recipe, with ``overrides`` applied."""
-    try:
-        from ..recipe import load_recipe  # type: ignore[attr-defined]
-    except ImportError:  # the recipe layer's loader is not there: dicts and Recipes only
-        load_recipe = None
+    from ..recipe.loader import load_recipe, validate_recipe
+
     if isinstance(recipe, Recipe):
         base = recipe
     elif recipe is None:
-        base = load_recipe(None) if load_recipe is not None else Recipe()
+        base = load_recipe(None)
     elif isinstance(recipe, dict):
-        base = Recipe.model_validate(recipe)
+        base = validate_recipe(recipe)
     elif isinstance(recipe, str) or hasattr(recipe, "__fspath__"):
-        if load_recipe is None:
-            raise SurgeryError(f"recipe {recipe!r}: loading recipes by name or path needs dropblock_fx.recipe.load_recipe")
         base = load_recipe(recipe)
     else:
         raise SurgeryError(f"recipe must be None, a name, a path, a dict or a Recipe, not {type(recipe).__name__}")
@@ -131,7 +127,8 @@ def resolve_recipe(recipe: RecipeLike = None, **overrides: Any) -> Recipe:
     if "keep_prob" in overrides:
         data.pop("drop_prob", None)
     data.update(overrides)
-    return Recipe.model_validate(data)
+    # RecipeError (key path, bad value, allowed values), never a raw pydantic error
+    return validate_recipe(data, file="overrides of apply_dropblock")
 
 
 # ---------------------------------------------------------------------------- planning
