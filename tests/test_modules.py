@@ -147,8 +147,9 @@ def test_timm_feature_extractor_and_leaf_registration():
     from timm.layers import get_notrace_modules
     from timm.models._features_fx import create_feature_extractor
 
+    net = Net()  # building a module registers the classes once timm is loaded
     assert dbx.DropBlock2d in get_notrace_modules() and dbx.DropBlock3d in get_notrace_modules()
-    fe = create_feature_extractor(Net(), return_nodes={"drop": "feat"})
+    fe = create_feature_extractor(net, return_nodes={"drop": "feat"})
     _assert_trace_obeys_mode(fe, "feat")
 
 
