@@ -34,14 +34,7 @@ from dropblock_fx.graph.units import bound_args
 from test_surgery_models import Residual, SmallCNN, TrainBranch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny inputs gain nothing from intra-op threads, and on a shared 2-core box the spinning
-    threads cost 10x; restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sites_of(block: nn.Module, shape, kinds=("conv", "conv_last", "shortcut", "block"), norm_free=False):

@@ -25,14 +25,7 @@ tv = pytest.importorskip("torchvision")
 warnings.filterwarnings("ignore", message=".*no schedule is attached.*")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny inputs gain nothing from intra-op threads, and on a shared 2-core box the spinning
-    threads cost 10x; restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dropblocks(model: nn.Module) -> dict[str, DropBlockNd]:

@@ -23,14 +23,7 @@ tv = pytest.importorskip("torchvision")
 warnings.filterwarnings("ignore", message=".*no schedule is attached.*")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny inputs gain nothing from intra-op threads, and on a shared 2-core box the spinning
-    threads cost 10x; restored after this module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TV = ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "regnet_y_400mf", "efficientnet_b0",
       "mobilenet_v3_large", "densenet121", "convnext_tiny", "vgg11_bn"]
