@@ -1,0 +1,341 @@
+"""DDP on CPU: two real processes (gloo), a scheduled recipe, per-rank masks, resume, compile.
+
+Each test starts two worker processes (``python -c`` running :func:`_worker` of this file)
+that meet through a ``file://`` rendezvous in ``tmp_path`` (no TCP port to pick, so nothing
+to collide with), with a process-group timeout and a subprocess timeout: a hang fails the
+test instead of blocking CI. Each rank writes what it saw to ``rank<r>.json``; the
+assertions run here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parent
+WORLD = 2
+TOTAL = 10  # schedule length (optimizer steps)
+STOP = 4  # the first run saves its checkpoint after this many steps
+RUN_TIMEOUT = 150
+APPLY = {"input_size": [3, 64, 64], "block_size": 3}  # seconds for one two-process run (a hang fails the test)
+
+
+# -- worker side ------------------------------------------------------------------------------
+
+def _build(recipe=None, apply=True):
+    import timm
+    import torch
+
+    import dropblock_fx as dbx
+
+    # The same initial weights on every rank (DDP would broadcast rank 0's anyway), without
+    # touching the process's global RNG: that stays as torch seeded it, different per process.
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = timm.create_model("resnet10t", pretrained=False, num_classes=4)
+    if not apply:
+        return model
+    return dbx.apply_dropblock(model, recipe if recipe is not None else "last-two-stages", **APPLY)
+
+
+def _batch(rank: int, step: int):
+    import torch
+
+    g = torch.Generator().manual_seed(1000 * rank + step)  # per-rank data; the global RNG is not touched
+    return torch.randn(2, 3, 64, 64, generator=g), torch.randint(0, 4, (2,), generator=g)
+
+
+def _train_step(model, opt, rank, step):
+    import torch
+
+    x, y = _batch(rank, step)
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
+def _probe_masks(modules, seed_fn=None):
+    """The drop mask each DropBlock module draws on a ones input at its current rate
+    (a list of 0/1 lists; the module's state is left as it was)."""
+    import torch
+
+    out = []
+    for m in modules:
+        prob = m.drop_prob
+        m.drop_prob = 0.3
+        if seed_fn is not None:
+            seed_fn(m)
+        y = m(torch.ones(2, 4, 6, 6))
+        m.drop_prob = prob
+        out.append((y == 0).flatten().int().tolist())
+    return out
+
+
+def _worker(rank: int, cfg: dict) -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    import dropblock_fx as dbx
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=cfg["init"], rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    result: dict = {"rank": rank}
+    try:
+        mode = cfg["mode"]
+        if mode == "resume":
+            ckpt = torch.load(cfg["ckpt"], weights_only=True)
+            model = _build(dbx.Recipe.from_yaml(ckpt["recipe"]))
+            model.load_state_dict(ckpt["model"])
+        elif cfg.get("wrap_first"):
+            # apply_dropblock on a model already wrapped in DDP: it goes through the wrapper
+            # (the DropBlocks land in ddp.module, the plan on the wrapper)
+            model = _build(apply=False).train()
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            before = {k: v.clone() for k, v in ddp.state_dict().items()}
+            dbx.apply_dropblock(ddp, "last-two-stages", **APPLY)
+            after = ddp.state_dict()
+            result["wrapped_state_unchanged"] = list(before) == list(after) and all(
+                torch.equal(before[k], after[k]) for k in before)
+        else:
+            model = _build()
+        model.train()
+        if not cfg.get("wrap_first"):
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+        sched = dbx.attach_schedule(ddp, total_steps=TOTAL, optimizer=opt)
+        start = 0
+        if mode == "resume":
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["schedule"])
+            start = int(sched.count)
+        runner = ddp
+        if mode == "compile":
+            from torch._dynamo.testing import CompileCounterWithBackend
+
+            backend = CompileCounterWithBackend(cfg["backend"])
+            runner = torch.compile(ddp, backend=backend)
+        result["plan"] = [r.path for r in dbx.describe(ddp if cfg.get("wrap_first") else model).rows]
+        result["rates"] = [sched.rates()]
+        for step in range(start, TOTAL):
+            _train_step(runner, opt, rank, step)
+            result["rates"].append(sched.rates())
+            if mode == "compile":
+                result.setdefault("frames_per_step", []).append(backend.frame_count)
+            if mode == "train" and step + 1 == STOP:
+                if rank == 0:
+                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                "schedule": sched.state_dict(),
+                                "recipe": dbx.describe(model).recipe.to_yaml()}, cfg["ckpt"])
+                dist.barrier()  # the checkpoint is complete before anyone goes on
+        result["count"] = sched.count
+        # DDP semantics: gradients are averaged, so every rank holds the same weights.
+        result["checksum"] = float(sum(p.double().sum() for p in model.parameters()))
+        gathered: list = [None] * WORLD
+        dist.all_gather_object(gathered, result["rates"])
+        result["rates_equal_across_ranks"] = all(g == result["rates"] for g in gathered)
+        if mode == "compile":
+            from torch._dynamo.utils import counters
+
+            result["frames"] = backend.frame_count
+            result["recompiles"] = dict(counters["recompiles"])
+        if mode == "train":
+            mods = [m for m in model.modules() if isinstance(m, dbx.DropBlockNd)]
+            result["masks_default"] = _probe_masks(mods)
+            # the user's choice 1: the same global seed on every rank (as seed_everything does)
+            torch.manual_seed(1234)
+            result["masks_same_seed"] = _probe_masks(mods)
+            # the user's choice 2: a generator per module, seeded the same on every rank
+            gens = {}
+            result["masks_generator"] = _probe_masks(
+                mods, lambda m: setattr(m, "generator", gens.setdefault(id(m), torch.Generator().manual_seed(7))))
+            for m in mods:
+                m.generator = None
+            # ... and seed + rank (timm's train.py) gives per-rank masks again
+            torch.manual_seed(1234 + rank)
+            result["masks_seed_plus_rank"] = _probe_masks(mods)
+    finally:
+        Path(cfg["out"], f"rank{rank}.json").write_text(json.dumps(result))
+        dist.destroy_process_group()
+
+
+# -- test side ---------------------------------------------------------------------------------
+
+def _run(tmp_path: Path, name: str, **cfg) -> list[dict]:
+    """Run :func:`_worker` in two processes; returns each rank's result."""
+    out = tmp_path / name
+    out.mkdir()
+    cfg = {"init": f"file://{out / 'rendezvous'}", "out": str(out), **cfg}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    procs = []
+    for rank in range(WORLD):
+        code = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import test_distributed as t; "
+                f"t._worker({rank}, {cfg!r})")
+        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    deadline = time.monotonic() + RUN_TIMEOUT
+    logs = []
+    try:
+        for p in procs:
+            try:
+                logs.append(p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{name}: the two-process run did not finish in {RUN_TIMEOUT} s (hang?)")
+    finally:
+        for p in procs:  # only the processes this test started
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"{name} rank {rank} failed:\n{log[-4000:]}"
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+EXPECTED_PLAN = [f"layer{s}.0.dropblock_{k}" for s in (3, 4) for k in ("conv1", "conv_last", "shortcut")]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    ckpt = tmp / "ckpt.pt"
+    return _run(tmp, "train", mode="train", ckpt=str(ckpt)), ckpt, tmp
+
+
+def test_ddp_schedule_identical_across_ranks_and_weights_in_sync(first_run):
+    results, _, _ = first_run
+    r0, r1 = results
+    assert r0["plan"] == r1["plan"] == EXPECTED_PLAN
+    assert r0["rates_equal_across_ranks"] and r1["rates_equal_across_ranks"]
+    assert r0["rates"] == r1["rates"] and len(r0["rates"]) == TOTAL + 1
+    assert r0["count"] == r1["count"] == TOTAL
+    # the rates moved: 0 at step 0, the recipe's target at the end (linear schedule)
+    assert set(r0["rates"][0].values()) == {0.0}
+    final = r0["rates"][-1]
+    assert max(final.values()) == pytest.approx(0.1) and min(final.values()) == pytest.approx(0.025)
+    assert all(name.startswith("module.") for name in final)  # the schedule was attached to the DDP wrapper
+    assert r0["checksum"] == r1["checksum"]
+
+
+def test_ddp_masks_per_rank_by_default_and_identical_on_request(first_run):
+    r0, r1 = first_run[0]
+    # by default (no seeding: torch seeds each process differently) each rank draws its own masks
+    assert r0["masks_default"] != r1["masks_default"]
+    assert all(any(mask) for mask in r0["masks_default"])  # something was dropped
+    # the same torch.manual_seed on every rank (Lightning's seed_everything does that) -> same masks
+    assert r0["masks_same_seed"] == r1["masks_same_seed"]
+    # an explicit generator per module, seeded the same on every rank -> same masks
+    assert r0["masks_generator"] == r1["masks_generator"]
+    # seed + rank (timm's train.py) -> per-rank masks
+    assert r0["masks_seed_plus_rank"] != r1["masks_seed_plus_rank"]
+
+
+def test_ddp_resume_from_rank0_checkpoint_continues_the_schedule_exactly(first_run):
+    results, ckpt, tmp = first_run
+    assert ckpt.exists()
+    resumed = _run(tmp, "resume", mode="resume", ckpt=str(ckpt))
+    full = results[0]["rates"]
+    for r in resumed:
+        assert r["plan"] == results[0]["plan"]  # the same model structure
+        assert r["rates"] == full[STOP:]  # the same rate at every later step, bit for bit
+        assert r["count"] == TOTAL and r["rates_equal_across_ranks"]
+    assert resumed[0]["checksum"] == resumed[1]["checksum"]
+
+
+def test_torch_compile_with_ddp_on_cpu(tmp_path):
+    """torch.compile of a DDP model (dynamo's DDPOptimizer splits the graph at the gradient
+    buckets); here the recipe is applied to the model after it was wrapped in DDP. The
+    ``aot_eager`` backend runs dynamo and AOTAutograd (forward and backward graphs) without
+    generating C++, which keeps this under ~20 s on 2 cores; inductor's code generation does
+    not depend on DDP and is tested on one process (tests/test_modules.py)."""
+    results = _run(tmp_path, "compile", mode="compile", backend="aot_eager", wrap_first=True)
+    r0, r1 = results
+    # this run also applies the recipe to the model *after* wrapping it in DDP, on both ranks:
+    # the planning forward goes through DDP, nothing in the state changes, the same 6 sites
+    for r in results:
+        assert r["wrapped_state_unchanged"]
+        assert r["plan"] == ["module." + p for p in EXPECTED_PLAN]
+    assert r0["rates"] == r1["rates"] and r0["rates_equal_across_ranks"]
+    assert r0["rates"][-1] != r0["rates"][1]  # the schedule moved under the compiled model
+    assert r0["checksum"] == pytest.approx(r1["checksum"], rel=0, abs=0)
+    # Changing the rates every step does not recompile: every frame is compiled at the first
+    # step and never again (DDP's own forward wrapper breaks the graph, hence more than one
+    # frame: dynamo reports DDP's Logger call and _inside_ddp_forward).
+    for r in results:
+        assert r["frames"] >= 1 and r["frames_per_step"] == [r["frames"]] * TOTAL, r["frames_per_step"]
+        assert not r["recompiles"]
+
+
+# -- Lightning: Trainer(devices=2, strategy="ddp") on CPU ------------------------------------------
+
+LIGHTNING_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, warnings
+    warnings.simplefilter("ignore")
+    import torch
+    import lightning.pytorch as L
+    from torch import nn
+    from dropblock_fx import DropBlock2d, DropBlockNd
+    from dropblock_fx.schedule.lightning import DropBlockScheduleCallback
+
+    class Net(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), DropBlock2d(0.2, 3),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1))
+            self.seen = []
+        def training_step(self, batch, batch_idx):
+            self.seen.append(self.body[1].drop_prob)
+            return self.body(batch).pow(2).mean()
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.randn(32, 3, 8, 8), batch_size=2)
+
+    if __name__ == "__main__":
+        torch.set_num_threads(1)
+        net = Net()
+        cb = DropBlockScheduleCallback()
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            enable_checkpointing=False, callbacks=[cb])
+        trainer.fit(net)
+        seen = trainer.strategy.all_gather(torch.tensor(net.seen)).tolist()
+        if trainer.global_rank == 0:
+            out = {"world": trainer.world_size, "seen": seen, "length": cb.schedule.length,
+                   "count": cb.schedule.count, "final": net.body[1].drop_prob}
+            open(sys.argv[1], "w").write(json.dumps(out))
+    """
+)
+
+
+def test_lightning_trainer_ddp_two_cpu_processes(tmp_path):
+    pytest.importorskip("lightning")
+    script = tmp_path / "train_lightning.py"
+    script.write_text(LIGHTNING_SCRIPT)
+    out = tmp_path / "out.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1"}
+    env.pop("LOCAL_RANK", None)
+    # Lightning's "ddp" strategy starts rank 1 by re-running this script, so it runs as a file
+    # in its own process (not inside pytest). Lightning picks a free port itself.
+    proc = subprocess.run([sys.executable, str(script), str(out)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["world"] == 2
+    steps = 32 // 2 // 2  # 32 samples, batch 2, split over 2 ranks: 8 steps each
+    assert res["length"] == steps and res["count"] == steps
+    expected = [0.2 * k / steps for k in range(steps)]
+    assert len(res["seen"]) == 2
+    for per_rank in res["seen"]:
+        assert per_rank == pytest.approx(expected)  # both ranks, the same schedule
+    assert res["final"] == pytest.approx(0.2)
