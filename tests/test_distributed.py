@@ -109,7 +109,14 @@ def _worker(rank: int, cfg: dict) -> None:
         else:
             model = _build()
         model.train()
-        if not cfg.get("wrap_first"):
+        if mode == "fsdp":
+            from torch.distributed.fsdp import fully_shard  # FSDP2
+
+            for block in [*model.layer3, *model.layer4]:
+                fully_shard(block)
+            ddp = fully_shard(model)  # the same object, its class swapped for FSDP<cls>
+            result["class"] = type(model).__name__
+        elif not cfg.get("wrap_first"):
             ddp = torch.nn.parallel.DistributedDataParallel(model)
         opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
         sched = dbx.attach_schedule(ddp, total_steps=TOTAL, optimizer=opt)
@@ -139,7 +146,8 @@ def _worker(rank: int, cfg: dict) -> None:
                 dist.barrier()  # the checkpoint is complete before anyone goes on
         result["count"] = sched.count
         # DDP semantics: gradients are averaged, so every rank holds the same weights.
-        result["checksum"] = float(sum(p.double().sum() for p in model.parameters()))
+        result["checksum"] = float(sum(getattr(p, "full_tensor", lambda p=p: p)().double().sum()
+                                       for p in model.parameters()))
         gathered: list = [None] * WORLD
         dist.all_gather_object(gathered, result["rates"])
         result["rates_equal_across_ranks"] = all(g == result["rates"] for g in gathered)
@@ -272,6 +280,18 @@ def test_torch_compile_with_ddp_on_cpu(tmp_path):
     for r in results:
         assert r["frames"] >= 1 and r["frames_per_step"] == [r["frames"]] * TOTAL, r["frames_per_step"]
         assert not r["recompiles"]
+
+
+def test_fsdp2_fully_shard_on_cpu(tmp_path):
+    """FSDP2 (``fully_shard``) with gloo on CPU: DropBlock applied before sharding (it has no
+    parameters, so sharding does not see it), the schedule attached to the sharded model."""
+    r0, r1 = _run(tmp_path, "fsdp", mode="fsdp")
+    assert r0["class"] == "FSDPResNet"
+    assert r0["plan"] == r1["plan"] == EXPECTED_PLAN
+    assert r0["rates"] == r1["rates"] and r0["rates_equal_across_ranks"]
+    assert set(r0["rates"][0].values()) == {0.0} and max(r0["rates"][-1].values()) == pytest.approx(0.1)
+    assert r0["count"] == TOTAL
+    assert r0["checksum"] == r1["checksum"]  # the gathered full weights agree
 
 
 # -- Lightning: Trainer(devices=2, strategy="ddp") on CPU ------------------------------------------
