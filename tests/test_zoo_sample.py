@@ -1,0 +1,86 @@
+"""A fixed sample of the zoo run (``benchmarks/zoo.py``) as a CI test: the same check function,
+in process, on small models from every major timm family and every torchvision kind
+(classification, segmentation, video with DropBlock3d, detection backbones).
+
+Each model: default recipe at the model's small input size (64x64 mostly, batch 2), eval
+outputs bit-identical, state_dict identical, every site in the last two stages, train
+forward+backward with finite gradients, ``remove_dropblock`` round-trip. The full run and its
+results: ``docs/coverage.md``."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("timm")
+pytest.importorskip("torchvision")
+pytest.importorskip("tqdm")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+_path = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo.py"
+_spec = importlib.util.spec_from_file_location("dropblock_fx_zoo", _path)
+zoo = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = zoo
+_spec.loader.exec_module(zoo)
+
+# (timm family in comments); small members chosen so the whole sample runs in ~1-2 min on 2 cores
+TIMM = [
+    "resnet10t", "resnet18d", "seresnext26t_32x4d",           # resnet
+    "resnetv2_18",                                            # resnetv2
+    "efficientnet_b0", "tf_efficientnet_lite0", "mixnet_s",   # efficientnet
+    "tinynet_e", "fbnetc_100", "lcnet_050", "mnasnet_small",  # efficientnet (builder variants)
+    "mobilenetv3_small_050",                                  # mobilenetv3
+    "mobilenetv4_conv_small",                                 # mobilenetv3 (MobileNetV4)
+    "convnext_atto", "convnextv2_atto",                       # convnext, convnext v2
+    "regnetx_002", "regnety_002",                             # regnet
+    "cs3darknet_s", "cspresnet50",                            # cspnet
+    "dla46_c",                                                # dla
+    "densenet121",                                            # densenet
+    "dpn48b",                                                 # dpn
+    "hrnet_w18_small",                                        # hrnet
+    "repvgg_a0", "gernet_s",                                  # byobnet
+    "mobileone_s0",                                           # byobnet (MobileOne)
+    "res2net50_14w_8s",                                       # res2net
+    "resnest14d",                                             # resnest
+    # selecsls42b is left out on purpose: a surgery bug (its blocks take a list [x, skip]; the
+    # rewritten forward hands the list to conv2d -> TypeError), recorded in docs/coverage.md
+    "skresnet18",                                             # sknet
+    "ghostnet_050",                                           # ghostnet
+    "rexnet_100",                                             # rexnet
+    "hardcorenas_a",                                          # hardcorenas
+    "nf_regnet_b0",                                           # nfnet (norm-free)
+    "ese_vovnet19b_slim_dw",                                  # vovnet
+    "hgnetv2_b0",                                             # hgnet
+    "repghostnet_050",                                        # repghost
+    "inception_next_atto",                                    # inception_next
+    "fastvit_t8",                                             # fastvit
+    "starnet_s1",                                             # starnet
+    "xception41",                                             # xception_aligned
+]
+TV = [
+    ("tv-classification", "resnet18"), ("tv-classification", "mobilenet_v3_small"),
+    ("tv-classification", "squeezenet1_1"), ("tv-classification", "shufflenet_v2_x0_5"),
+    ("tv-classification", "mnasnet0_5"), ("tv-classification", "googlenet"),
+    ("tv-classification", "regnet_x_400mf"), ("tv-classification", "efficientnet_b0"),
+    ("tv-segmentation", "lraspp_mobilenet_v3_large"),
+    ("tv-video", "r3d_18"),
+    ("tv-detection", "fasterrcnn_mobilenet_v3_large_320_fpn"),
+    ("tv-detection", "ssdlite320_mobilenet_v3_large"),
+]
+SPECS = [zoo.Spec("timm", n) for n in TIMM] + [zoo.Spec(s, n) for s, n in TV]
+
+
+def test_sample_is_large_and_spread():
+    assert len(SPECS) >= 40
+    assert len({zoo.family_of(s) for s in SPECS}) >= 25
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=[s.key for s in SPECS])
+def test_zoo_model(spec):
+    r = zoo.check(spec, timeout=0)
+    assert r.status == "passed", f"{r.key}: {r.status}: {r.reason}"
+    assert r.sites > 0
