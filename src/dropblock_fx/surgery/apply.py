@@ -9,7 +9,8 @@ from torch import nn
 
 from ..graph.splice import is_spliced, splice_after, splice_graph, unsplice
 from ..modules import DropBlock2d, DropBlock3d, DropBlockNd
-from .plan import Action, Plan, PlanRow, RecipeLike, SurgeryError, existing_dropblocks, prepare, resolve_recipe
+from .plan import (Action, Plan, PlanRow, RecipeLike, SurgeryError, check_model, existing_dropblocks, prepare,
+                   resolve_recipe)
 
 __all__ = ["apply_dropblock", "remove_dropblock", "describe"]
 
@@ -60,6 +61,7 @@ def apply_dropblock(model: nn.Module, recipe: RecipeLike = None, *, replace: boo
         >>> len(dbx.describe(m).rows)                                                  # doctest: +SKIP
         36
     """
+    check_model(model, "apply_dropblock")
     rec = resolve_recipe(recipe, **overrides)
     previous: Optional[Plan] = None
     if _has_ours(model):
@@ -131,6 +133,8 @@ def remove_dropblock(model: nn.Module) -> nn.Module:
         >>> import torchvision
         >>> m = remove_dropblock(torchvision.models.resnet18())   # nothing to undo: no-op
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"remove_dropblock(model): model must be a torch.nn.Module, not {type(model).__name__}")
     for m in list(model.modules()):
         for name, child in list(m._modules.items()):
             if isinstance(child, DropBlockNd) and hasattr(child, "dropblock_site"):
@@ -150,6 +154,8 @@ def describe(model: nn.Module) -> Plan:
     Raises:
         SurgeryError: the model has no DropBlock plan.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"describe(model): model must be a torch.nn.Module, not {type(model).__name__}")
     p = getattr(model, "dropblock_plan", None)
     if p is None:
         ours, foreign = existing_dropblocks(model)

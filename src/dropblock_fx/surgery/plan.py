@@ -33,6 +33,19 @@ class SurgeryError(RuntimeError):
     """``apply_dropblock`` / ``plan`` could not do what was asked; says which module and why."""
 
 
+def check_model(model: Any, func: str) -> None:
+    """Refuse, before anything is touched, what surgery cannot work on."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{func}(model, ...): model must be a torch.nn.Module, not "
+                        f"{type(model).__name__} ({model!r:.60})")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise SurgeryError(
+            f"{func}: this model is already compiled (torch.compile); apply DropBlock before "
+            f"torch.compile, or to the original module: {func}(compiled._orig_mod, ...)"
+        )
+
+
+
 @dataclass(frozen=True)
 class PlanRow:
     """One DropBlock module of a plan."""
@@ -238,6 +251,7 @@ def plan(model: nn.Module, recipe: RecipeLike = None, **overrides: Any) -> Plan:
         >>> len(p.rows)                                                  # doctest: +SKIP
         36
     """
+    check_model(model, "plan")
     return prepare(model, resolve_recipe(recipe, **overrides), keep_foreign=True)[0]
 
 
