@@ -214,8 +214,8 @@ def _same(a, b) -> bool:
 
 
 def _input_sizes(spec: Spec, model, shape) -> list[tuple[int, ...]]:
-    if shape is not None:
-        return [shape]
+    if shape is not None:  # video: S3D pools over (2, 7, 7) at stride (8, 32, 32), so needs 16x224x224
+        return [shape, (3, 16, 224, 224)]
     sizes = [(3, 64, 64)]
     cfg = getattr(model, "pretrained_cfg", None) or {}
     if cfg.get("min_input_size"):
@@ -429,10 +429,11 @@ def select(specs: list[Spec], kinds: dict, models: Optional[list[str]], families
     chosen, skipped = [], []
     for s in specs:
         c = kinds.get(s.key)
-        if c is not None and max_params and c.get("mparams", 0) > max_params:
-            skipped.append(Result(s.key, family_of(s), "not run", f"{c['mparams']} M params"))
-        elif c is None or "error" in c or is_cnn(c):
-            chosen.append(s)
+        if c is None or "error" in c or is_cnn(c):
+            if c is not None and max_params and c.get("mparams", 0) > max_params:
+                skipped.append(Result(s.key, family_of(s), "not run", f"{c['mparams']} M params"))
+            else:
+                chosen.append(s)
         else:
             skipped.append(Result(s.key, family_of(s), "skipped",
                                   f"not a CNN ({c['spatial_convs']} spatial convs, {c['attention']} attention)"))
@@ -451,7 +452,10 @@ def select(specs: list[Spec], kinds: dict, models: Optional[list[str]], families
     return chosen, skipped
 
 
-def run(specs: list[Spec], jobs: int, timeout: float, progress: bool = True) -> list[Result]:
+def run(specs: list[Spec], jobs: int, timeout: float, progress: bool = True,
+        log: Optional[Path] = None) -> list[Result]:
+    """Check every spec in ``jobs`` processes; each result is also appended to ``log`` (JSON lines)
+    as it arrives, so an interrupted run keeps what it measured (``--from-log`` rebuilds the table)."""
     from tqdm import tqdm
 
     results = []
@@ -465,6 +469,9 @@ def run(specs: list[Spec], jobs: int, timeout: float, progress: bool = True) -> 
             except Exception as e:  # noqa: BLE001  (a worker died: out of memory, segfault)
                 r = Result(s.key, family_of(s), "failed", f"worker died: {type(e).__name__}: {e}"[:200])
             results.append(r)
+            if log is not None:
+                with open(log, "a") as fh:
+                    fh.write(json.dumps(asdict(r)) + "\n")
             bar.set_postfix_str(f"{sum(x.status == 'passed' for x in results)} ok "
                                 f"{sum(x.status == 'failed' for x in results)} failed")
             bar.update()
@@ -482,7 +489,7 @@ def write_markdown(results: list[Result], path: Path, header: str, totals: Optio
              + (f" (of {sum(totals.values())} CNNs selected)" if totals else "")
              + (f"; {n['not run']} CNNs not run (over --max-params)" if n["not run"] else "")
              + f"; {n['skipped']} models skipped as not CNNs", "",
-             "| family | CNNs in zoo | run | passed | failed / timed out (reason) |", "|---|---:|---:|---:|---|"]
+             "| family | CNNs (under --max-params) | run | passed | failed / timed out (reason) |", "|---|---:|---:|---:|---|"]
     for fam in sorted(fams, key=lambda f: (not f.startswith("tv-"), f)):
         rs = [r for r in fams[fam] if r in tested]
         if not rs:
@@ -527,6 +534,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                         "tv-classification / tv-segmentation / tv-video / tv-detection")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "coverage.md")
     ap.add_argument("--json", type=Path, default=None, help="also write every result as JSON")
+    ap.add_argument("--log", type=Path, default=None, help="append each result to this JSON-lines file")
+    ap.add_argument("--from-log", type=Path, nargs="+", default=None,
+                    help="do not run: write the table from --log files (an interrupted run; later files win)")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
 
@@ -534,7 +544,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     specs = list_specs()
     kinds = classify_all(specs, a.jobs, not a.no_progress)
     chosen, skipped = select(specs, kinds, a.models, a.family, a.sample, a.seed, a.max_params)
-    results = run(chosen, a.jobs, a.timeout, not a.no_progress) + skipped
+    if a.from_log:
+        done = {}
+        for f in a.from_log:
+            for line in f.read_text().splitlines():
+                r = Result(**json.loads(line))
+                done[r.key] = r
+        results = [done[s.key] for s in chosen if s.key in done] + skipped
+    else:
+        results = run(chosen, a.jobs, a.timeout, not a.no_progress, a.log) + skipped
     cmd = "python benchmarks/zoo.py " + " ".join(argv if argv is not None else sys.argv[1:])
     import timm
     import torch
