@@ -22,6 +22,7 @@ from ..graph.stages import Stage, call_stages, find_stages, stage_of_shape
 from ..graph.units import Unit, bound_args, find_units
 from ..modules import DropBlockNd
 from ..op.gamma import clip_block, expected_drop_rate, paper_gamma
+from ..recipe import resolve_stages
 from ..recipe.schema import Recipe, StageSpec
 
 __all__ = ["PlanRow", "Plan", "SurgeryError", "plan", "resolve_recipe"]
@@ -168,49 +169,14 @@ class _Candidate:
 
 
 def _selected(recipe: Recipe, stages: list[Stage]) -> dict[int, Optional[StageSpec]]:
-    try:
-        from ..recipe import resolve_stages  # type: ignore[attr-defined]
-    except ImportError:
-        resolve_stages = None
-    if resolve_stages is not None:
-        return dict(resolve_stages(recipe, stages))
-    out: dict[int, Optional[StageSpec]] = {}
-    indices = [s.index for s in stages]
-    for item in recipe.stages:
-        ref = item.stage if isinstance(item, StageSpec) else item
-        found = None
-        if isinstance(ref, int):
-            found = indices[ref] if ref < 0 and -ref <= len(indices) else (ref if ref in indices else None)
-        else:
-            found = next((s.index for s in stages if s.name == ref), None)
-        if found is None:
-            raise SurgeryError(f"stages: this model has no stage {ref!r}; it has "
-                               + ", ".join(f"{s.index} ({s.name})" for s in stages))
-        out[found] = item if isinstance(item, StageSpec) else None
-    return out
-
-
-def _multiplier(recipe: Recipe, stage: Stage, spec: Optional[StageSpec], deepest: int) -> float:
-    if spec is not None and spec.multiplier is not None:
-        return spec.multiplier
-    m = recipe.stage_multiplier
-    if m == "paper":
-        return 1.0 / 4 ** (deepest - stage.index)
-    if isinstance(m, dict):
-        for key in (stage.index, stage.name, str(stage.index)):
-            if key in m:
-                return float(m[key])
-    return 1.0
+    return dict(resolve_stages(recipe, stages))
 
 
 def _stage_settings(recipe: Recipe, stage: Stage, spec: Optional[StageSpec], deepest: int) -> dict[str, Any]:
     opts = {k: getattr(recipe, k) for k in _OPTION_NAMES}
     if spec is not None:
         opts.update({k: getattr(spec, k) for k in _OPTION_NAMES if getattr(spec, k) is not None})
-    if spec is not None and spec.drop_prob is not None:
-        target = spec.drop_prob * (spec.multiplier if spec.multiplier is not None else 1.0)
-    else:
-        target = recipe.rate * _multiplier(recipe, stage, spec, deepest)
+    target = recipe.stage_rate(stage.index, deepest, spec, stage.name)
     return dict(
         options=opts,
         block_size=spec.block_size if spec is not None and spec.block_size is not None else recipe.block_size,
