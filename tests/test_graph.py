@@ -203,3 +203,59 @@ def test_resnet152_plan_needs_no_real_compute():
     model = torchvision.models.resnet152()
     p = plan(model, {"stages": [3, 4]})
     assert p.count("shortcut") == 36 + 3 and p.count("conv_last") == 39
+
+
+class _ListBlock(nn.Module):
+    """A SelecSLS-style block: takes ``[x, skip]`` (or a bare tensor) and returns a list.
+
+    FX feeds ``x`` as one Proxy, so a trace takes the ``not isinstance(x, list)`` branch;
+    a forward generated from that trace would pass the list to the conv."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.proj = nn.Conv2d(2 * c, c, 1, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        if not isinstance(x, list):
+            x = [x]
+        y = self.conv(x[0])
+        skip = x[1] if len(x) == 2 else y
+        return [self.bn(self.proj(torch.cat([y, skip], 1))), skip]
+
+
+class _ListNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b1 = _ListBlock(8)
+        self.b2 = _ListBlock(8)
+        self.down = nn.Sequential(nn.Conv2d(8, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU())
+
+    def forward(self, x):
+        out = self.b2(self.b1(self.stem(x)))
+        return self.down(out[0]).mean((2, 3))
+
+
+def test_blocks_called_with_a_list_of_tensors_are_not_retraced():
+    from dropblock_fx import apply_dropblock, plan, remove_dropblock
+
+    torch.manual_seed(0)
+    model = _ListNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    ref = model(x)
+    p = plan(model, stages=[-2, -1], input_size=(3, 16, 16))
+    why = [n for n in p.notes if "list of tensors" in n]
+    assert any("b2" in n for n in why), p.notes  # b2 got [x, skip]: no graph, a note says why
+    out = apply_dropblock(model, stages=[-2, -1], input_size=(3, 16, 16))
+    assert torch.equal(out(x), ref)
+    # b2's inner conv chain (called with a tensor) still gets its site, after BN+ReLU, and its
+    # loose norm one after it (no graph needed); b1 (called with a tensor) is rewritten whole
+    assert isinstance(getattr(out.b2.conv, "dropblock_0", None), DropBlock2d)
+    assert isinstance(getattr(out.b2.bn, "dropblock", None), DropBlock2d)
+    assert "b1.dropblock_proj" in [r.path for r in p.rows]  # b1's graph site after proj -> bn
+    trained = copy.deepcopy(out).train()  # a train step moves BN statistics: on a copy
+    trained(x).sum().backward()
+    assert all(p.grad is not None for p in trained.parameters())
+    assert torch.equal(remove_dropblock(out).eval()(x), ref)

@@ -46,8 +46,7 @@ TIMM = [
     "mobileone_s0",                                           # byobnet (MobileOne)
     "res2net50_14w_8s",                                       # res2net
     "resnest14d",                                             # resnest
-    # selecsls42b is left out on purpose: a surgery bug (its blocks take a list [x, skip]; the
-    # rewritten forward hands the list to conv2d -> TypeError), recorded in docs/coverage.md
+    "selecsls42b",                                            # selecsls (blocks take [x, skip])
     "skresnet18",                                             # sknet
     "ghostnet_050",                                           # ghostnet
     "rexnet_100",                                             # rexnet

@@ -79,6 +79,33 @@ def bound_args(m: nn.Module, call: Call) -> dict[str, Any]:
         return {}
 
 
+def tensor_container_arg(m: nn.Module, call: Optional[Call]) -> Optional[str]:
+    """Why ``m`` cannot be traced faithfully from its recorded call, or None.
+
+    FX feeds every argument as one Proxy. A forward that received a list / tuple / dict of
+    tensors (timm's SelecSLS blocks take ``[x, skip]``) and branches on it
+    (``if not isinstance(x, list): x = [x]``) would be traced down the wrong branch, and the
+    rewritten forward would hand the list to a conv.
+    """
+    if call is None:
+        return None
+    try:
+        sig = inspect.signature(type(m).forward)
+    except (TypeError, ValueError):
+        return None
+    import torch
+    from torch.utils._pytree import tree_leaves
+
+    for name, value in bound_args(m, call).items():
+        param = sig.parameters.get(name)
+        if param is None or param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        if isinstance(value, (list, tuple, dict)) and any(isinstance(v, torch.Tensor) for v in tree_leaves(value)):
+            return (f"its forward was called with a {type(value).__name__} of tensors as `{name}`, "
+                    f"which FX traces as one value")
+    return None
+
+
 def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by_call: dict[int, int]) -> list[Unit]:
     """Units under ``root`` that hold feature maps of the ``wanted`` stages, in call order."""
     position = {id(c): i for i, c in enumerate(record.calls)}
@@ -123,6 +150,9 @@ def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by
         if rewritable and call is not None:
             try:
                 from .sites import trace_modes
+                why = tensor_container_arg(m, call)
+                if why:
+                    raise TypeError(why)
                 unit.graphs = trace_modes(m, children, concrete_none_args(m, call))
             except Exception as e:  # noqa: BLE001
                 unit.kind, unit.error = "opaque", f"{type(e).__name__}: {e}"
@@ -155,6 +185,9 @@ def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by
         unit = Unit(path, m, "block", call)
         try:
             from .sites import trace_modes
+            why = tensor_container_arg(m, call)
+            if why:
+                raise TypeError(why)
             unit.graphs = trace_modes(m, (), concrete_none_args(m, call))
             units.append(unit)
         except Exception as e:  # noqa: BLE001 - fall back: its parts, and norms without a graph
