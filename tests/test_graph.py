@@ -259,3 +259,63 @@ def test_blocks_called_with_a_list_of_tensors_are_not_retraced():
     trained(x).sum().backward()
     assert all(p.grad is not None for p in trained.parameters())
     assert torch.equal(remove_dropblock(out).eval()(x), ref)
+
+
+class _NHWCBlock(nn.Module):
+    """MambaOut-style: the block works on channels-last ``N, H, W, C`` tensors."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(c)
+        self.conv = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.fc = nn.Linear(c, c)
+
+    def forward(self, x):
+        y = self.conv(self.norm(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return x + self.fc(y)
+
+
+class _NHWCNet(nn.Module):
+    def __init__(self, c: int = 32):  # C far from W: an N, H, W, C map is not a stage's N, C, H, W
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 2, 1), nn.BatchNorm2d(c), nn.ReLU())
+        self.blocks = nn.Sequential(_NHWCBlock(c), _NHWCBlock(c))
+        self.down = nn.Conv2d(c, c, 3, 2, 1)
+
+    def forward(self, x):
+        x = self.blocks(self.stem(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.down(x).mean((2, 3))
+
+
+def test_channels_last_blocks_get_permuted_sites():
+    from dropblock_fx import apply_dropblock, plan
+
+    torch.manual_seed(0)
+    model = _NHWCNet().eval()
+    x = torch.randn(2, 3, 20, 20)
+    ref = model(x)
+    kw = dict(stages=[0], sites=["shortcut", "conv_last"], block_size=3, drop_prob=0.3, input_size=(3, 20, 20))
+    p = plan(model, **kw)
+    rows = {r.path: r for r in p.rows}
+    assert set(rows) == {f"blocks.{i}.dropblock_{k}" for i in (0, 1) for k in ("shortcut", "conv_last")}
+    assert all(r.resolution == (10, 10) and "[channels-last]" in r.anchor for r in rows.values())
+    out = apply_dropblock(model, **kw)
+    assert torch.equal(out(x), ref)  # eval: identity
+    seen = []
+    block = out.blocks[0]
+    block.dropblock_shortcut.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    out.train()
+    h = torch.randn(2, 10, 10, 32)
+    torch.manual_seed(1)
+    got = block(h)
+    # the DropBlocks see N, C, H, W views (C = 32 channels, not W = 10 columns)
+    assert seen[0].shape == (2, 32, 10, 10) and seen[0].is_contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(1)
+    short = block.dropblock_shortcut(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    y = block.conv(block.norm(h).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    branch = block.dropblock_conv_last(block.fc(y).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    assert torch.equal(got, short + branch)
+    dropped = (short == 0).permute(0, 3, 1, 2)  # zeros come in whole 3x3 blocks of one channel's H x W map
+    assert dropped.any() and not dropped.all()
+    # a dropped element's channel row is not zeroed across channels (per-channel masks over H, W)
+    assert not dropped.all(dim=1)[dropped.any(dim=1)].all()

@@ -15,6 +15,12 @@ Site kinds (positions in the unit's graph):
 
 A residual add is a two-input add of equal-shape feature maps; its shortcut is the input
 whose own ancestors (those not shared with the other input) hold fewer convs.
+
+Feature maps are ``N, C, (D,) H, W`` tensors, or channels-last ``N, (D,) H, W, C`` ones
+(MambaOut's stages, ConvNeXt's MLPs) whose middle dims match a conv output's spatial size:
+a site on one of those is wrapped in two permutes (a view on each side, so the DropBlock
+sees an ``N, C, H, W`` view with channels_last strides). ``Site.shape`` is always the
+channels-first shape.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class Site:
     shape: tuple[int, ...]
     after: Optional[str] = None  # node name: insert after it (all users rerouted)
     edge: Optional[tuple[str, str]] = None  # (src node, dst node): insert on this edge only
+    channels_last: bool = False  # the tensor is N, (D,) H, W, C: permuted around the DropBlock
 
 
 def trace_modes(module: nn.Module, extra_leaves: tuple[nn.Module, ...] = (),
@@ -148,6 +155,11 @@ def _chain_end(conv: fx.Node, unit: nn.Module, norm_free: bool) -> Optional[fx.N
             return nxt
         act = _single_user(nxt, unit)
         return act if act is not None and is_act_node(act, unit) else nxt
+    if is_act_node(nxt, unit):  # conv -> act -> norm (post-activation norm: ConvMixer)
+        after = _single_user(nxt, unit)
+        am = _mod(after, unit) if after is not None else None
+        if am is not None and is_norm(am):
+            return after
     if norm_free:  # after the activation, or after the conv itself when none follows (an FPN)
         return nxt if is_act_node(nxt, unit) else conv
     return None
@@ -195,10 +207,19 @@ def find_sites(graph: fx.Graph, unit: nn.Module, values: dict[fx.Node, Any], kin
         conv_spatial = {s[2:] for n in nodes if n.op == "placeholder" and (s := _shape(values.get(n)))}
 
     def ok(node: fx.Node) -> Optional[tuple[int, ...]]:
+        """The channels-first shape of a feature map at a conv's resolution (else None)."""
         s = _shape(values.get(node))
-        if s is None or s[2:] not in conv_spatial or all(d == 1 for d in s[2:]):
+        if s is None:
             return None
-        return s
+        if s[2:] not in conv_spatial and s[1:-1] in conv_spatial:
+            s = (s[0], s[-1], *s[1:-1])  # channels-last
+        elif s[2:] not in conv_spatial:
+            return None
+        return None if all(d == 1 for d in s[2:]) else s
+
+    def last(node: fx.Node) -> bool:
+        s = _shape(values.get(node))
+        return s is not None and s[2:] not in conv_spatial and s[1:-1] in conv_spatial
 
     chains = {c: e for c in convs if (e := _chain_end(c, unit, norm_free)) is not None}
     ends = {e: c for c, e in chains.items()}
@@ -236,23 +257,23 @@ def find_sites(graph: fx.Graph, unit: nn.Module, values: dict[fx.Node, Any], kin
         used_ends.update(e for e in ends if e in s_own)
         scope = _scope(r)
         if "shortcut" in kinds:
-            add(Site("shortcut", name_for("shortcut", scope), f"shortcut into {r.name}", s_r,
-                     edge=(short.name, r.name)), ("edge", short.name, r.name))
+            add(Site("shortcut", name_for("shortcut", scope), f"shortcut into {r.name}" + _nhwc(last(r)), s_r,
+                     edge=(short.name, r.name), channels_last=last(r)), ("edge", short.name, r.name))
         on_branch = [e for e in ends if e in b_own]
         has_norm = any(n.op == "call_module" and is_norm(_mod(n, unit)) for n in b_own)
         if on_branch:
-            last = max(on_branch, key=order.__getitem__)
-            used_ends.add(last)
+            end_ = max(on_branch, key=order.__getitem__)
+            used_ends.add(end_)
             if "conv_last" in kinds:
-                if ok(last) == s_r:
-                    add(Site("conv_last", name_for("conv_last", scope), f"after {_text(last)} (end of branch)",
-                             s_r, after=last.name), ("after", last.name))
+                if ok(end_) == s_r and last(end_) == last(r):
+                    add(Site("conv_last", name_for("conv_last", scope), f"after {_text(end_)} (end of branch)"
+                             + _nhwc(last(r)), s_r, after=end_.name, channels_last=last(r)), ("after", end_.name))
                 else:
-                    add(Site("conv_last", name_for("conv_last", scope), f"branch into {r.name}", s_r,
-                             edge=(branch.name, r.name)), ("edge", branch.name, r.name))
+                    add(Site("conv_last", name_for("conv_last", scope), f"branch into {r.name}" + _nhwc(last(r)),
+                             s_r, edge=(branch.name, r.name), channels_last=last(r)), ("edge", branch.name, r.name))
         elif (has_norm or norm_free) and "conv_last" in kinds:
-            add(Site("conv_last", name_for("conv_last", scope), f"branch into {r.name}", s_r,
-                     edge=(branch.name, r.name)), ("edge", branch.name, r.name))
+            add(Site("conv_last", name_for("conv_last", scope), f"branch into {r.name}" + _nhwc(last(r)), s_r,
+                     edge=(branch.name, r.name), channels_last=last(r)), ("edge", branch.name, r.name))
 
     if "conv" in kinds:
         for conv, end in chains.items():
@@ -262,17 +283,21 @@ def find_sites(graph: fx.Graph, unit: nn.Module, values: dict[fx.Node, Any], kin
             if s is None:
                 continue
             add(Site("conv", name_for(str(conv.target).replace(".", "_"), ""),
-                     f"after {_text(conv)} > {_text(end)}" if end is not conv else f"after {_text(conv)}", s,
-                     after=end.name), ("after", end.name))
+                     (f"after {_text(conv)} > {_text(end)}" if end is not conv else f"after {_text(conv)}")
+                     + _nhwc(last(end)), s, after=end.name, channels_last=last(end)), ("after", end.name))
 
     if "block" in kinds and is_block:
         out = next(n for n in nodes if n.op == "output")
         val = out.args[0]
         if isinstance(val, fx.Node) and (s := ok(val)) is not None:
-            add(Site("block", "dropblock_block", "block output", s, edge=(val.name, out.name)),
-                ("edge", val.name, out.name))
+            add(Site("block", "dropblock_block", "block output" + _nhwc(last(val)), s, edge=(val.name, out.name),
+                     channels_last=last(val)), ("edge", val.name, out.name))
     sites.sort(key=lambda s: order[_node(graph, s.after or s.edge[1])])  # type: ignore[index]
     return sites, notes
+
+
+def _nhwc(channels_last: bool) -> str:
+    return " [channels-last]" if channels_last else ""
 
 
 def _text(node: fx.Node) -> str:
@@ -287,21 +312,33 @@ def _node(graph: fx.Graph, name: str) -> fx.Node:
 
 
 def insert_sites(graph: fx.Graph, sites: list[Site]) -> None:
-    """Insert one ``call_module`` per site (target: the site's name) into ``graph``."""
+    """Insert one ``call_module`` per site (target: the site's name) into ``graph``; a
+    channels-last site gets ``permute`` views before and after it."""
     by_name = {n.name: n for n in graph.nodes}
+
+    def dropblock(src: fx.Node, site: Site) -> tuple[fx.Node, fx.Node]:
+        """(first new node, output node), inserted at the current insert point, in order."""
+        if not site.channels_last:
+            new = graph.call_module(site.name, (src,))
+            return new, new
+        nd = len(site.shape)
+        first = graph.call_method("permute", (src, 0, nd - 1, *range(1, nd - 1)))
+        mid = graph.call_module(site.name, (first,))
+        return first, graph.call_method("permute", (mid, 0, *range(2, nd), 1))
+
     for site in sites:
         if site.after is not None:
             node = by_name.get(site.after)
             if node is None:
                 continue
-            with graph.inserting_after(node):
-                new = graph.call_module(site.name, (node,))
-            node.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
+            with graph.inserting_before(node.next):  # keeps the new nodes in order
+                first, new = dropblock(node, site)
+            node.replace_all_uses_with(new, delete_user_cb=lambda u, first=first: u is not first)
         else:
             src, dst = by_name.get(site.edge[0]), by_name.get(site.edge[1])  # type: ignore[index]
             if src is None or dst is None:
                 continue
             with graph.inserting_before(dst):
-                new = graph.call_module(site.name, (src,))
+                _, new = dropblock(src, site)
             dst.replace_input_with(src, new)
     graph.lint()

@@ -87,12 +87,13 @@ def _feature_info_names(root: nn.Module, record: ShapeRecord) -> dict[int, str]:
         return {}
     try:
         entries = list(info.info) if hasattr(info, "info") else list(info)
-        out: dict[int, str] = {}
+        found: dict[int, list[str]] = {}
         for e in entries:
             module, red = e["module"], int(e["reduction"])
             st = max(0, round(math.log2(red)) - 1) if red >= 1 else 0
-            out[st] = f"{out[st]}+{module}" if st in out else module
-        return out
+            found.setdefault(st, []).append(module)
+        # two entries of one stage: "a+b"; an isotropic run of blocks (ConvMixer): "first..last"
+        return {st: "+".join(ms) if len(ms) <= 2 else f"{ms[0]}..{ms[-1]}" for st, ms in found.items()}
     except Exception:  # noqa: BLE001 - not timm's format: fall back to module names
         return {}
 
