@@ -12,6 +12,7 @@ import torch
 
 import dropblock_fx as dbx
 from dropblock_fx import DropBlockNd, attach_schedule, load_recipe
+from dropblock_fx.recipe import validate_recipe
 
 apply_dropblock = getattr(dbx, "apply_dropblock", None)
 if apply_dropblock is None:
@@ -126,6 +127,54 @@ def test_last_two_stages_on_generic_cnns(make):
 def test_last_two_stages_is_the_default():
     model = apply_dropblock(timm.create_model("mobilenetv3_large_100"))
     assert model.dropblock_plan.recipe == load_recipe("last-two-stages")
+
+
+class _Isotropic(torch.nn.Module):
+    """ConvMixer-like: a patchify stem, then every block at one resolution (one stage)."""
+
+    def __init__(self, c: int = 16, depth: int = 3):
+        super().__init__()
+        nn = torch.nn
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 4, 4), nn.GELU(), nn.BatchNorm2d(c))
+        self.blocks = nn.Sequential(*[
+            nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c), nn.GELU(), nn.BatchNorm2d(c),
+                          nn.Conv2d(c, c, 1), nn.GELU(), nn.BatchNorm2d(c))
+            for _ in range(depth)
+        ])
+
+    def forward(self, x):
+        return self.blocks(self.stem(x)).mean((2, 3))
+
+
+def test_default_recipe_fits_a_single_stage_network():
+    model = _Isotropic().eval()
+    x = torch.randn(2, 3, 32, 32)
+    ref = model(x)
+    p = dbx.plan(model, input_size=[3, 32, 32])
+    assert [s.index for s in p.stages] == [1]  # stride 4: one stage, numbered 1
+    assert {r.stage for r in p.rows} == {1} and len(p.rows) == 3 * 2 + 1  # 2 norms per block + stem's
+    assert {r.target_drop_prob for r in p.rows} == {0.1}  # the deepest stage: the full rate
+    assert any("stage(s) -2 skipped" in n and "missing_stages: skip" in n for n in p.notes), p.notes
+    out = apply_dropblock(model, input_size=[3, 32, 32])
+    assert torch.equal(out(x), ref)
+    # a stage list the user gives is exact again: -2 is an error naming the one stage
+    with pytest.raises(dbx.RecipeError, match=r"no stage -2.*-1 \.\. -1 from the deepest"):
+        dbx.plan(_Isotropic(), stages=[-2, -1], input_size=[3, 32, 32])
+    # ... unless it asks for skipping too; skipping everything is still an error
+    assert len(dbx.plan(_Isotropic(), stages=[-2, -1], missing_stages="skip", input_size=[3, 32, 32]).rows) == 7
+    with pytest.raises(dbx.RecipeError, match="no stage 3"):
+        dbx.plan(_Isotropic(), stages=[3, 4], missing_stages="skip", input_size=[3, 32, 32])
+
+
+def test_missing_stages_skip_in_a_recipe_file(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("stages: [3, 4, 5]\nmissing_stages: skip\nkeep_prob: 0.9\nstage_multiplier: paper\n")
+    p = dbx.plan(tv.models.resnet18(), str(path), input_size=[3, 64, 64])
+    assert {r.stage for r in p.rows} == {3, 4}
+    assert {r.target_drop_prob for r in p.rows if r.stage == 4} == {0.1}  # deepest *selected*: 4
+    assert any("stage(s) 5 skipped" in n for n in p.notes)
+    with pytest.raises(dbx.RecipeError, match="missing_stages"):
+        validate_recipe({"stages": [3], "missing_stages": "ignore"})
 
 
 def test_amoebanet_style_last_half_of_blocks():

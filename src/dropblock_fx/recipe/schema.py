@@ -185,6 +185,10 @@ class Recipe(_Strict):
             Discriminator(_stage_item_kind),
         ]
     ] = Field(default_factory=lambda: [-2, -1], min_length=1)
+    # "error": a stage the model does not have is a RecipeError naming the model's stages;
+    # "skip": it is left out (the plan notes it) as long as at least one stage exists, so
+    # "the two deepest stages" also fits an isotropic network with one stage (ConvMixer).
+    missing_stages: Literal["error", "skip"] = "error"
     sites: list[SiteKind] = Field(default_factory=lambda: ["conv", "conv_last", "shortcut"], min_length=1)
     block_size: int = Field(7, ge=1)
     drop_prob: Optional[float] = Field(None, ge=0.0, le=1.0)

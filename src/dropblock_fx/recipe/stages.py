@@ -109,11 +109,22 @@ def resolve_stage(
 
 
 def resolve_stages(
-    recipe: Recipe, model_stages: StagesLike, *, file: Optional[str] = None
+    recipe: Recipe, model_stages: StagesLike, *, file: Optional[str] = None,
+    skipped: Optional[list[Union[int, str]]] = None,
 ) -> list[tuple[int, Optional[StageSpec]]]:
     """``[(model stage index, its StageSpec or None), ...]`` for every stage of the recipe, in
     the recipe's order; a stage reached twice (``3`` and ``-2``) is an error too. Errors name
-    the recipe's file and line when it was loaded from YAML."""
+    the recipe's file and line when it was loaded from YAML.
+
+    With ``recipe.missing_stages == "skip"`` a stage the model lacks is left out (and its
+    reference appended to ``skipped``) unless that leaves no stage at all.
+
+    Example:
+        >>> r = Recipe(stages=[-2, -1], missing_stages="skip")
+        >>> left_out = []
+        >>> resolve_stages(r, {0: "blocks"}, skipped=left_out), left_out
+        ([(0, None)], [-2])
+    """
     from .loader import line_of, recipe_source
 
     source = recipe_source(recipe)
@@ -121,9 +132,18 @@ def resolve_stages(
         file = source[0]
     out: list[tuple[int, Optional[StageSpec]]] = []
     seen: dict[int, int] = {}
+    first_error: Optional[RecipeError] = None
+    missing: list[Union[int, str]] = []
     for i, item in enumerate(recipe.stages):
         key = ("stages", i, "stage") if isinstance(item, StageSpec) else ("stages", i)
-        index = resolve_stage(item, model_stages, path=("stages", i), file=file, line=line_of(recipe, key))
+        try:
+            index = resolve_stage(item, model_stages, path=("stages", i), file=file, line=line_of(recipe, key))
+        except RecipeError as e:
+            if recipe.missing_stages != "skip":
+                raise
+            first_error = first_error or e
+            missing.append(item.stage if isinstance(item, StageSpec) else item)
+            continue
         if index in seen:
             raise RecipeError(
                 [RecipeIssue(
@@ -136,4 +156,8 @@ def resolve_stages(
             )
         seen[index] = i
         out.append((index, item if isinstance(item, StageSpec) else None))
+    if not out and first_error is not None:
+        raise first_error
+    if skipped is not None:
+        skipped.extend(missing)
     return out

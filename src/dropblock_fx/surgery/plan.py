@@ -140,6 +140,8 @@ def resolve_recipe(recipe: RecipeLike = None, **overrides: Any) -> Recipe:
         data.pop("keep_prob", None)
     if "keep_prob" in overrides:
         data.pop("drop_prob", None)
+    if "stages" in overrides and "missing_stages" not in overrides:
+        data.pop("missing_stages", None)  # "skip" was about the recipe's own stage list
     data.update(overrides)
     # RecipeError (key path, bad value, allowed values), never a raw pydantic error
     return validate_recipe(data, file="overrides of apply_dropblock")
@@ -168,8 +170,14 @@ class _Candidate:
     action_key: Any
 
 
-def _selected(recipe: Recipe, stages: list[Stage]) -> dict[int, Optional[StageSpec]]:
-    return dict(resolve_stages(recipe, stages))
+def _selected(recipe: Recipe, stages: list[Stage], notes: list[str]) -> dict[int, Optional[StageSpec]]:
+    skipped: list[Any] = []
+    selected = dict(resolve_stages(recipe, stages, skipped=skipped))
+    if skipped:
+        have = ", ".join(str(s.index) for s in stages)
+        notes.append(f"recipe stage(s) {', '.join(map(repr, skipped))} skipped: the model has "
+                     f"{len(stages)} stage(s) ({have}) and the recipe says missing_stages: skip")
+    return selected
 
 
 def _stage_settings(recipe: Recipe, stage: Stage, spec: Optional[StageSpec], deepest: int) -> dict[str, Any]:
@@ -253,7 +261,7 @@ def prepare(model: nn.Module, recipe: Recipe, keep_foreign: bool = False) -> tup
     if not stages:
         raise SurgeryError(f"{target or type(root).__name__}: no spatial feature maps found at input size "
                            f"{tuple(recipe.input_size)}")
-    selected = _selected(recipe, stages)
+    selected = _selected(recipe, stages, notes)
     deepest = max(selected)
     stage_by_index = {s.index: s for s in stages}
     settings = {i: _stage_settings(recipe, stage_by_index[i], spec, deepest) for i, spec in selected.items()}
@@ -313,6 +321,8 @@ def prepare(model: nn.Module, recipe: Recipe, keep_foreign: bool = False) -> tup
                 if not hasattr(out, "shape") or out.dim() not in (4, 5):
                     continue
                 shape = tuple(out.shape)
+                if stage_of_shape(record.input_shape, shape) is None:
+                    continue  # a channels-last norm (N, H, W, C): "after" cannot permute
                 st = ustage if ustage is not None else stage_of_shape(record.input_shape, shape)
                 candidate(st, (u.path, path), prefix + path + ".dropblock", "conv", shape,
                           f"after {path} (no graph)", "after-norm", ("after", id(norm)))
