@@ -44,7 +44,7 @@ import sys
 import time
 import traceback
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -75,6 +75,9 @@ class Result:
     input: str = ""
     seconds: float = 0.0
     stages: list = field(default_factory=list)
+    kinds: dict = field(default_factory=dict)  # site kind -> count
+    fallback: int = 0  # sites placed without a graph (after a norm / a block that FX cannot trace)
+    example: list = field(default_factory=list)  # "kind: anchor" of the deepest block's sites
 
 
 # ----------------------------------------------------------------------------- listing
@@ -308,6 +311,11 @@ def _check(spec: Spec, res: Result, batch: int, _log) -> str:
     idx = sorted(s.index for s in plan.stages)
     requested = set(idx[-2:])
     res.stages = sorted({r.stage for r in plan.rows})
+    res.kinds = dict(sorted(Counter(r.kind for r in plan.rows).items()))
+    res.fallback = sum(r.mechanism != "graph" for r in plan.rows)
+    if plan.rows:
+        owner = plan.rows[-1].path.rsplit(".", 1)[0]
+        res.example = [f"{r.kind}: {r.anchor}" for r in plan.rows if r.path.rsplit(".", 1)[0] == owner]
 
     res.reason = "sites"
     if type(model) is not cls:
@@ -478,6 +486,37 @@ def run(specs: list[Spec], jobs: int, timeout: float, progress: bool = True,
     return results
 
 
+def placement_table(results: list[Result]) -> list[str]:
+    """Where the default recipe put DropBlock, per family: the site mix, the fallbacks, and the
+    sites of one block of a representative (the family's first passed model by name)."""
+    fams = defaultdict(list)
+    for r in results:
+        if r.status == "passed" and r.kinds:
+            fams[r.family].append(r)
+    if not fams:
+        return []
+    lines = ["", "### Placement by family", "",
+             "Site kinds summed over the family's passed models (`conv` after conv -> norm (-> act), `conv_last` "
+             "at the end of a residual branch, `shortcut` on the identity / projection, `block` on a block's "
+             "output); *no graph*: sites placed after a norm or a block that FX could not trace; the last "
+             "column is the deepest block of the representative.", "",
+             "| family | passed | sites per model | conv / conv_last / shortcut / block | no graph | "
+             "representative: its deepest block's sites |", "|---|---:|---:|---|---:|---|"]
+    for fam in sorted(fams, key=lambda f: (not f.startswith("tv-"), f)):
+        rs = sorted(fams[fam], key=lambda r: r.key)
+        tot = Counter()
+        for r in rs:
+            tot.update(r.kinds)
+        sites = sorted(r.sites for r in rs)
+        span = f"{sites[0]}" if sites[0] == sites[-1] else f"{sites[0]}-{sites[-1]}"
+        mix = " / ".join(str(tot.get(k, 0)) for k in ("conv", "conv_last", "shortcut", "block"))
+        rep = rs[0]
+        example = ("; ".join(rep.example[:4]) + (" ..." if len(rep.example) > 4 else "")).replace("|", "\\|")
+        lines.append(f"| {fam} | {len(rs)} | {span} | {mix} | {sum(r.fallback for r in rs)} | "
+                     f"`{rep.key.split(':', 1)[1]}`: {example} |")
+    return lines
+
+
 def write_markdown(results: list[Result], path: Path, header: str, totals: Optional[dict] = None) -> str:
     fams = defaultdict(list)
     for r in results:
@@ -498,6 +537,7 @@ def write_markdown(results: list[Result], path: Path, header: str, totals: Optio
         why = "; ".join(f"`{r.key}`: {r.status} - {r.reason}".replace("|", "\\|") for r in bad) or "-"
         total = (totals or {}).get(fam, len(rs))
         lines.append(f"| {fam} | {total} | {len(rs)} | {len(rs) - len(bad)} | {why} |")
+    lines += placement_table(results)
     for status, title in (("not run", "CNNs not run: over --max-params"), ("skipped", "Skipped as not CNNs")):
         by = defaultdict(list)
         for r in results:
