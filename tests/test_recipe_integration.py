@@ -48,7 +48,7 @@ def test_paper_resnet50_placement_and_contract(paper_tv_resnet50):
     for m in mods.values():
         assert m.dropblock_stage in (3, 4) and m.block_size == 7 and m.mask == "channel"
         assert m.target_drop_prob == pytest.approx({3: 0.025, 4: 0.1}[m.dropblock_stage])
-        assert m.drop_prob == m.target_drop_prob and m.schedule_pending is True
+        assert m.drop_prob == m.target_drop_prob and bool(m.schedule_pending) is True
     assert model.dropblock_plan.recipe == load_recipe("paper-resnet50")
 
 

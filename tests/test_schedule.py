@@ -471,3 +471,32 @@ def test_recipe_without_schedule_runs_constant_and_hand_placed_modules_ramp():
     hand = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), dbx.DropBlock2d(0.1, 3))
     s2 = dbx.attach_schedule(hand, total_steps=10)
     assert s2.value == 0.0 and hand[1].drop_prob == 0.0
+
+
+def test_missing_schedule_warns_once_per_model_not_once_per_process():
+    import copy
+    import pickle
+
+    from dropblock_fx import apply_dropblock
+
+    def applied():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                            nn.Conv2d(8, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU())
+        return apply_dropblock(net, "paper-resnet50", stages=[-2, -1], input_size=[3, 16, 16])
+
+    x = torch.randn(2, 3, 16, 16)
+    first, second = applied().train(), applied().train()
+    with pytest.warns(UserWarning, match="attach_schedule"):
+        first(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        first(x)  # that model has warned
+    with pytest.warns(UserWarning, match="attach_schedule"):
+        second(x)  # another model still warns
+    clone = copy.deepcopy(pickle.loads(pickle.dumps(applied()))).train()
+    with pytest.warns(UserWarning, match="attach_schedule"):
+        clone(x)  # the marker survives pickling and copying, and is shared by the copy's modules
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clone(x)

@@ -59,7 +59,7 @@ def test_paper_placement_resnet50_is_36_modules(make):
         assert type(m) is DropBlock2d
         assert m.dropblock_stage == int(name[5])
         assert m.target_drop_prob == pytest.approx(0.1 / 4 ** (4 - m.dropblock_stage))
-        assert m.drop_prob == m.target_drop_prob and m.schedule_pending is True
+        assert m.drop_prob == m.target_drop_prob and bool(m.schedule_pending) is True
         assert (m.block_size, m.mask, m.seed_region) == (7, "channel", "valid")
     p = describe(model)
     assert isinstance(p, Plan) and [r.path for r in p.rows] == list(mods)

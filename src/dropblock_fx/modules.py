@@ -32,20 +32,45 @@ from .op.functional import (
 __all__ = ["DropBlock2d", "DropBlock3d", "DropBlockNd"]
 
 
-_warned_unscheduled = False
+_warned_unscheduled = False  # modules marked pending by hand (schedule_pending = True)
 
 
-def _warn_unscheduled() -> None:
+class PendingSchedule:
+    """Truthy marker shared by the DropBlock modules of one ``apply_dropblock`` call whose
+    recipe has a schedule; the first of them to train unscheduled warns for the whole model."""
+
+    __slots__ = ("warned",)
+
+    def __init__(self) -> None:
+        self.warned = False
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __getstate__(self) -> tuple[bool]:
+        return (self.warned,)  # a tuple: a false state would skip __setstate__
+
+    def __setstate__(self, state: tuple[bool]) -> None:
+        (self.warned,) = state
+
+
+def _warn_unscheduled(pending: object) -> None:
     global _warned_unscheduled
-    if not _warned_unscheduled:
+    if isinstance(pending, PendingSchedule):
+        if pending.warned:
+            return
+        pending.warned = True
+    elif _warned_unscheduled:
+        return
+    else:
         _warned_unscheduled = True
-        warnings.warn(
-            "dropblock_fx: this model's recipe has a schedule, but no schedule is attached, so "
-            "DropBlock trains at its final rate from the first step. Call "
-            "dropblock_fx.attach_schedule(model, total_steps=..., optimizer=...) before training.",
-            UserWarning,
-            stacklevel=3,
-        )
+    warnings.warn(
+        "dropblock_fx: this model's recipe has a schedule, but no schedule is attached, so "
+        "DropBlock trains at its final rate from the first step. Call "
+        "dropblock_fx.attach_schedule(model, total_steps=..., optimizer=...) before training.",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 class DropBlockNd(nn.Module):
@@ -126,7 +151,7 @@ class DropBlockNd(nn.Module):
             if not self.training or self._drop_prob == 0.0:
                 return x
             if self.schedule_pending:
-                _warn_unscheduled()
+                _warn_unscheduled(self.schedule_pending)
             p = self._drop_prob
         return _drop_block_train(
             x, p, normalize_block_size(self.block_size, self.n_spatial), self.mask, self.seed_region,

@@ -8,14 +8,14 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from ..graph.splice import is_spliced, splice_after, splice_graph, unsplice
-from ..modules import DropBlock2d, DropBlock3d, DropBlockNd
+from ..modules import DropBlock2d, DropBlock3d, DropBlockNd, PendingSchedule
 from .plan import (Action, Plan, PlanRow, RecipeLike, SurgeryError, check_model, existing_dropblocks, prepare,
                    resolve_recipe)
 
 __all__ = ["apply_dropblock", "remove_dropblock", "describe"]
 
 
-def _make(row: PlanRow, scheduled: bool, parent: nn.Module) -> DropBlockNd:
+def _make(row: PlanRow, scheduled: Any, parent: nn.Module) -> DropBlockNd:
     opts = dict(row.options)
     cls = DropBlock3d if len(row.resolution) == 3 else DropBlock2d
     m = cls(
@@ -88,7 +88,8 @@ def apply_dropblock(model: nn.Module, recipe: RecipeLike = None, *, replace: boo
 
 def _apply_actions(model: nn.Module, p: Plan, actions: list[Action]) -> None:
     undo: list[Callable[[], None]] = []
-    scheduled = p.recipe.schedule is not None
+    # one marker for the whole model: it warns once if it trains before attach_schedule
+    scheduled = PendingSchedule() if p.recipe.schedule is not None else False
     current = ""
     try:
         for act in actions:
