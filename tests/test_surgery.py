@@ -350,3 +350,13 @@ def test_bad_overrides_raise_recipe_error_and_leave_the_model_alone():
         dbx.apply_dropblock(model, {"stages": [3], "block_size": "x"})
     assert not any(isinstance(m, dbx.DropBlockNd) for m in model.modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_stride_with_no_conv_is_not_a_stage():
+    """VGG ends with a max-pool at stride 32: no conv runs there, so it is not a stage, and the
+    default recipe's two deepest stages are the two deepest groups of convs (2 conv+BN+ReLU each
+    in VGG11-bn), not one conv group and a pool."""
+    m = tv.models.vgg11_bn().eval()
+    p = plan(m, input_size=[3, 64, 64])
+    assert [s.index for s in p.stages] == [0, 1, 2, 3]  # the stride-32 output of features.28 is not one
+    assert sorted((r.stage, r.kind) for r in p.rows) == [(2, "conv")] * 2 + [(3, "conv")] * 2

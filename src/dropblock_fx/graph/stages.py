@@ -2,7 +2,8 @@
 
 Stage ``k`` is the part of the network at output stride ``2 ** (k + 1)`` (ResNet-50: stage 3
 = ``layer3`` at stride 16, stage 4 = ``layer4`` at stride 32); strides 1 and 2 are both
-stage 0. A feature map's stage comes from its exact shape in the shape pass. Names come
+stage 0; a stride where no conv runs (a trailing max-pool) is not a stage. A feature map's
+stage comes from its exact shape in the shape pass. Names come
 from timm's ``feature_info`` where the model has it, else from the outermost modules whose
 every call is at that stride (``layer3``, ``features.4..features.5``).
 """
@@ -71,6 +72,13 @@ def find_stages(root: nn.Module, record: ShapeRecord, stages_by_call: dict[int, 
     res: dict[int, tuple[int, ...]] = {}
     for i, st in stages_by_call.items():
         res[st] = _out_shape(record.calls[i])[2:]  # type: ignore[index]
+    # a stride with no conv output (VGG's and AlexNet's last max-pool) is not a stage: the
+    # "two deepest stages" of VGG are its two deepest groups of convs
+    from .layers import is_conv
+
+    with_conv = {st for i, st in stages_by_call.items() if is_conv(record.calls[i].module)}
+    if with_conv:
+        res = {st: r for st, r in res.items() if st in with_conv}
     names = _feature_info_names(root, record)
     if not names:
         names = _module_names(root, record, stages_by_call)
