@@ -325,6 +325,24 @@ def test_dtypes_and_fp32_normaliser(backend, dtype):
     torch.testing.assert_close(y[keep].float(), torch.full_like(y[keep].float(), scale), rtol=1e-2, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mask", ["channel", "shared"])
+def test_cpu_scale_is_the_fp32_quotient_in_the_input_dtype(backend, dtype, mask):
+    """The CPU path uses a Python float for speed; it must be bit for bit what the CUDA and
+    compiled paths compute: numel / kept divided in fp32, then cast to x's dtype. 33 M
+    units: numel is not exact in fp32 (> 2 ** 24), so a float64 quotient would differ."""
+    shape = (1, 129, 511, 511) if dtype == torch.float32 else (4, 64, 32, 32)  # 33684609: odd, > 2 ** 25
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    torch.manual_seed(1)
+    y = dbx.drop_block(x, 0.1, 7, mask=mask)
+    keep = y != 0
+    if mask == "shared":
+        keep = keep.any(dim=1, keepdim=True).expand_as(x)
+    kept = torch.count_nonzero(keep).to(torch.float32)
+    scale = (torch.tensor(float(x.numel()), dtype=torch.float32) / kept).to(dtype)
+    assert torch.equal(y, x * keep * scale)
+
+
 @pytest.mark.parametrize("mask", ["channel", "shared", "batch"])
 def test_memory_format_is_kept(backend, mask):
     x = torch.randn(2, 8, 10, 12).contiguous(memory_format=torch.channels_last)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import struct
 from collections.abc import Sequence
 from typing import Literal, Union
 
@@ -291,6 +292,23 @@ def _pick_backend(x: torch.Tensor) -> str:
 # ---------------------------------------------------------------------------- autograd
 
 
+def _round_to(v: float, dtype: torch.dtype) -> float:
+    """``v`` rounded to nearest-even in ``dtype`` (fp32 / fp16 / bf16), as a Python float.
+
+    Dividing two fp32 values in double and rounding once to fp32 gives the IEEE fp32
+    quotient (double has more than twice fp32's precision), so this reproduces
+    ``torch.div`` on fp32 tensors without launching a kernel."""
+    if dtype == torch.float32:
+        return struct.unpack("<f", struct.pack("<f", v))[0]
+    if dtype == torch.float16:
+        return struct.unpack("<e", struct.pack("<e", v))[0]
+    if dtype == torch.bfloat16:
+        bits = struct.unpack("<I", struct.pack("<f", v))[0]
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return struct.unpack("<f", struct.pack("<I", bits))[0]
+    return v
+
+
 class _ApplyKeepMask(torch.autograd.Function):
     """``out = x * keep * scale`` (dropped units optionally filled), saving only the bool mask."""
 
@@ -459,8 +477,12 @@ def _drop_block_train(
 
         scale_t: float | torch.Tensor
         if scale == "count" and x.device.type == "cpu" and not compiling:
-            # On the CPU a host read of the count is free; a Python float saves kernels.
-            scale_t = keep.numel() / max(1, int(torch.count_nonzero(keep)))
+            # On the CPU a host read of the count is free; a Python float saves kernels. It is
+            # the fp32 quotient rounded to x's dtype, bit for bit what the tensor path computes.
+            kept_n = max(1, int(torch.count_nonzero(keep)))
+            scale_t = _round_to(_round_to(float(keep.numel()), torch.float32) / _round_to(float(kept_n), torch.float32),
+                                torch.float32)
+            scale_t = _round_to(scale_t, x.dtype)
         elif scale == "count":
             kept = torch.count_nonzero(keep).clamp_(min=1).to(torch.float32)
             scale_t = torch.div(float(keep.numel()), kept)
