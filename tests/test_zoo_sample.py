@@ -35,6 +35,7 @@ TIMM = [
     "tinynet_e", "fbnetc_100", "lcnet_050", "mnasnet_small",  # efficientnet (builder variants)
     "mobilenetv3_small_050",                                  # mobilenetv3
     "mobilenetv4_conv_small",                                 # mobilenetv3 (MobileNetV4)
+    "mambaout_femto",                                         # mambaout (channels-last blocks)
     "convnext_atto", "convnextv2_atto",                       # convnext, convnext v2
     "regnetx_002", "regnety_002",                             # regnet
     "cs3darknet_s", "cspresnet50",                            # cspnet
@@ -82,4 +83,6 @@ def test_sample_is_large_and_spread():
 def test_zoo_model(spec):
     r = zoo.check(spec, timeout=0)
     assert r.status == "passed", f"{r.key}: {r.status}: {r.reason}"
-    assert r.sites > 0
+    assert r.sites > 0 and sum(r.kinds.values()) == r.sites and r.example
+    table = "\n".join(zoo.placement_table([r]))
+    assert f"| {r.family} | 1 | {r.sites} |" in table
