@@ -276,7 +276,7 @@ class _NHWCBlock(nn.Module):
 
 
 class _NHWCNet(nn.Module):
-    def __init__(self, c: int = 32):  # C far from W: an N, H, W, C map is not a stage's N, C, H, W
+    def __init__(self, c: int = 32):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 2, 1), nn.BatchNorm2d(c), nn.ReLU())
         self.blocks = nn.Sequential(_NHWCBlock(c), _NHWCBlock(c))
@@ -287,11 +287,12 @@ class _NHWCNet(nn.Module):
         return self.down(x).mean((2, 3))
 
 
-def test_channels_last_blocks_get_permuted_sites():
+@pytest.mark.parametrize("c", [32, 12])  # 12: N, H, W, C = (2, 10, 10, 12) also passes for N, C, H, W
+def test_channels_last_blocks_get_permuted_sites(c):
     from dropblock_fx import apply_dropblock, plan
 
     torch.manual_seed(0)
-    model = _NHWCNet().eval()
+    model = _NHWCNet(c).eval()
     x = torch.randn(2, 3, 20, 20)
     ref = model(x)
     kw = dict(stages=[0], sites=["shortcut", "conv_last"], block_size=3, drop_prob=0.3, input_size=(3, 20, 20))
@@ -299,17 +300,18 @@ def test_channels_last_blocks_get_permuted_sites():
     rows = {r.path: r for r in p.rows}
     assert set(rows) == {f"blocks.{i}.dropblock_{k}" for i in (0, 1) for k in ("shortcut", "conv_last")}
     assert all(r.resolution == (10, 10) and "[channels-last]" in r.anchor for r in rows.values())
+    assert [(s.index, s.resolution) for s in p.stages] == [(0, (10, 10)), (1, (5, 5))]  # from conv outputs
     out = apply_dropblock(model, **kw)
     assert torch.equal(out(x), ref)  # eval: identity
     seen = []
     block = out.blocks[0]
     block.dropblock_shortcut.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     out.train()
-    h = torch.randn(2, 10, 10, 32)
+    h = torch.randn(2, 10, 10, c)
     torch.manual_seed(1)
     got = block(h)
-    # the DropBlocks see N, C, H, W views (C = 32 channels, not W = 10 columns)
-    assert seen[0].shape == (2, 32, 10, 10) and seen[0].is_contiguous(memory_format=torch.channels_last)
+    # the DropBlocks see N, C, H, W views (C channels, not W = 10 columns)
+    assert seen[0].shape == (2, c, 10, 10) and seen[0].is_contiguous(memory_format=torch.channels_last)
     torch.manual_seed(1)
     short = block.dropblock_shortcut(h.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
     y = block.conv(block.norm(h).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

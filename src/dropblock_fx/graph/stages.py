@@ -69,16 +69,20 @@ def call_stages(record: ShapeRecord) -> dict[int, int]:
 
 def find_stages(root: nn.Module, record: ShapeRecord, stages_by_call: dict[int, int]) -> list[Stage]:
     """The model's stages in order, with names, strides and resolutions."""
-    res: dict[int, tuple[int, ...]] = {}
-    for i, st in stages_by_call.items():
-        res[st] = _out_shape(record.calls[i])[2:]  # type: ignore[index]
-    # a stride with no conv output (VGG's and AlexNet's last max-pool) is not a stage: the
-    # "two deepest stages" of VGG are its two deepest groups of convs
     from .layers import is_conv
 
-    with_conv = {st for i, st in stages_by_call.items() if is_conv(record.calls[i].module)}
-    if with_conv:
-        res = {st: r for st, r in res.items() if st in with_conv}
+    res: dict[int, tuple[int, ...]] = {}
+    conv_res: dict[int, tuple[int, ...]] = {}
+    for i, st in stages_by_call.items():
+        res[st] = _out_shape(record.calls[i])[2:]  # type: ignore[index]
+        if is_conv(record.calls[i].module):
+            conv_res[st] = res[st]
+    # A stride with no conv output (VGG's and AlexNet's last max-pool) is not a stage: the
+    # "two deepest stages" of VGG are its two deepest groups of convs. Resolutions come from
+    # conv outputs, which are always N, C, H, W (a channels-last N, H, W, C output can pass
+    # for a feature map when C is close to W).
+    if conv_res:
+        res = conv_res
     names = _feature_info_names(root, record)
     if not names:
         names = _module_names(root, record, stages_by_call)
