@@ -7,7 +7,7 @@ same input size), then check
 * eval outputs bit-identical to the unmodified model's;
 * ``state_dict`` keys (in order) and values identical;
 * every DropBlock module is a planned row, in one of the requested stages (the last two of the
-  model's stages), ``DropBlock3d`` on video models;
+  model's stages; its only one for an isotropic net), ``DropBlock3d`` on video models;
 * a train forward + backward runs, with finite outputs and gradients;
 * ``remove_dropblock`` restores the original ``repr``, module classes and eval outputs.
 
@@ -21,12 +21,15 @@ classification, segmentation, video (3-D) and detection models (their ``backbone
 
 Usage::
 
-    python benchmarks/zoo.py --jobs 2 --timeout 300             # the whole zoo (hours on 2 cores)
+    python benchmarks/zoo.py --jobs 2 --timeout 180 --max-params 300 --log zoo.jsonl   # ~16 min, 2 cores
+    python benchmarks/zoo.py --jobs 1 --timeout 900 --min-params 300 --log big.jsonl   # the 26 big ones
+    python benchmarks/zoo.py --from-log zoo.jsonl big.jsonl     # the whole table from both logs
     python benchmarks/zoo.py --sample 3 --jobs 2                # up to 3 models per family (seeded)
     python benchmarks/zoo.py --models resnet50 tv:resnet18 'timm:efficientnet_b*'
     python benchmarks/zoo.py --family resnet --family tv-video
 
-Writes ``docs/coverage.md`` (``--out``) and prints ``N passed, M failed``.
+Writes ``docs/coverage.md`` (``--out``: the part below its marker line; with a per-family
+placement table) and prints ``N passed, M failed``.
 """
 
 from __future__ import annotations
@@ -420,7 +423,8 @@ def classify_all(specs: list[Spec], jobs: int, progress: bool = True) -> dict:
 
 
 def select(specs: list[Spec], kinds: dict, models: Optional[list[str]], families: Optional[list[str]],
-           sample: Optional[int], seed: int, max_params: float = 0) -> tuple[list[Spec], list[Result]]:
+           sample: Optional[int], seed: int, max_params: float = 0,
+           min_params: float = 0) -> tuple[list[Spec], list[Result]]:
     """The CNNs to check (and the non-CNNs excluded, as skipped results)."""
     if models:
         def hit(s: Spec) -> bool:
@@ -440,6 +444,8 @@ def select(specs: list[Spec], kinds: dict, models: Optional[list[str]], families
         if c is None or "error" in c or is_cnn(c):
             if c is not None and max_params and c.get("mparams", 0) > max_params:
                 skipped.append(Result(s.key, family_of(s), "not run", f"{c['mparams']} M params"))
+            elif c is not None and min_params and c.get("mparams", 0) <= min_params:
+                continue  # a run of the big ones only (--min-params): the others are not listed
             else:
                 chosen.append(s)
         else:
@@ -569,6 +575,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-params", type=float, default=0, help="do not run CNNs over this many million "
                                                                  "parameters (memory); 0 = no limit")
+    ap.add_argument("--min-params", type=float, default=0, help="only CNNs over this many million parameters "
+                                                                 "(the complement of --max-params, e.g. with --jobs 1)")
     ap.add_argument("--models", nargs="*", help="names or globs; prefix timm: or tv: to pick a zoo")
     ap.add_argument("--family", action="append", help="a timm module name (resnet, efficientnet, ...) or "
                                                         "tv-classification / tv-segmentation / tv-video / tv-detection")
@@ -583,7 +591,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     t0 = time.time()
     specs = list_specs()
     kinds = classify_all(specs, a.jobs, not a.no_progress)
-    chosen, skipped = select(specs, kinds, a.models, a.family, a.sample, a.seed, a.max_params)
+    chosen, skipped = select(specs, kinds, a.models, a.family, a.sample, a.seed, a.max_params, a.min_params)
     if a.from_log:
         done = {}
         for f in a.from_log:
