@@ -534,7 +534,7 @@ def write_markdown(results: list[Result], path: Path, header: str, totals: Optio
              + (f" (of {sum(totals.values())} CNNs selected)" if totals else "")
              + (f"; {n['not run']} CNNs not run (over --max-params)" if n["not run"] else "")
              + f"; {n['skipped']} models skipped as not CNNs", "",
-             "| family | CNNs (under --max-params) | run | passed | failed / timed out (reason) |", "|---|---:|---:|---:|---|"]
+             "| family | CNNs selected | run | passed | failed / timed out (reason) |", "|---|---:|---:|---:|---|"]
     for fam in sorted(fams, key=lambda f: (not f.startswith("tv-"), f)):
         rs = [r for r in fams[fam] if r in tested]
         if not rs:
