@@ -206,20 +206,19 @@ def find_sites(graph: fx.Graph, unit: nn.Module, values: dict[fx.Node, Any], kin
     if not conv_spatial:
         conv_spatial = {s[2:] for n in nodes if n.op == "placeholder" and (s := _shape(values.get(n)))}
 
+    def last(node: fx.Node) -> bool:
+        """Is ``node`` a channels-last (N, (D,) H, W, C) map at a conv's resolution?"""
+        s = _shape(values.get(node))
+        return s is not None and s[2:] not in conv_spatial and s[1:-1] in conv_spatial
+
     def ok(node: fx.Node) -> Optional[tuple[int, ...]]:
         """The channels-first shape of a feature map at a conv's resolution (else None)."""
         s = _shape(values.get(node))
-        if s is None:
-            return None
-        if s[2:] not in conv_spatial and s[1:-1] in conv_spatial:
-            s = (s[0], s[-1], *s[1:-1])  # channels-last
-        elif s[2:] not in conv_spatial:
+        if s is not None and last(node):
+            s = (s[0], s[-1], *s[1:-1])
+        elif s is None or s[2:] not in conv_spatial:
             return None
         return None if all(d == 1 for d in s[2:]) else s
-
-    def last(node: fx.Node) -> bool:
-        s = _shape(values.get(node))
-        return s is not None and s[2:] not in conv_spatial and s[1:-1] in conv_spatial
 
     chains = {c: e for c in convs if (e := _chain_end(c, unit, norm_free)) is not None}
     ends = {e: c for c, e in chains.items()}

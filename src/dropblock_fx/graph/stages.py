@@ -17,6 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .layers import is_conv
 from .shapes import Call, ShapeRecord
 
 __all__ = ["Stage", "stage_of_shape", "find_stages"]
@@ -69,8 +70,6 @@ def call_stages(record: ShapeRecord) -> dict[int, int]:
 
 def find_stages(root: nn.Module, record: ShapeRecord, stages_by_call: dict[int, int]) -> list[Stage]:
     """The model's stages in order, with names, strides and resolutions."""
-    from .layers import is_conv
-
     res: dict[int, tuple[int, ...]] = {}
     conv_res: dict[int, tuple[int, ...]] = {}
     for i, st in stages_by_call.items():

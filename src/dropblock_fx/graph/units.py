@@ -106,6 +106,16 @@ def tensor_container_arg(m: nn.Module, call: Optional[Call]) -> Optional[str]:
     return None
 
 
+def _trace(m: nn.Module, leaves: tuple[nn.Module, ...], call: Call) -> dict[str, fx.Graph]:
+    """``m``'s train/eval graphs for its recorded ``call``; raises when they would be unfaithful."""
+    from .sites import trace_modes
+
+    why = tensor_container_arg(m, call)
+    if why:
+        raise TypeError(why)
+    return trace_modes(m, leaves, concrete_none_args(m, call))
+
+
 def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by_call: dict[int, int]) -> list[Unit]:
     """Units under ``root`` that hold feature maps of the ``wanted`` stages, in call order."""
     position = {id(c): i for i, c in enumerate(record.calls)}
@@ -149,11 +159,7 @@ def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by
         unit = Unit(path, m, "container", call, extra_leaves=children)
         if rewritable and call is not None:
             try:
-                from .sites import trace_modes
-                why = tensor_container_arg(m, call)
-                if why:
-                    raise TypeError(why)
-                unit.graphs = trace_modes(m, children, concrete_none_args(m, call))
+                unit.graphs = _trace(m, children, call)
             except Exception as e:  # noqa: BLE001
                 unit.kind, unit.error = "opaque", f"{type(e).__name__}: {e}"
         else:
@@ -184,11 +190,7 @@ def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by
             return
         unit = Unit(path, m, "block", call)
         try:
-            from .sites import trace_modes
-            why = tensor_container_arg(m, call)
-            if why:
-                raise TypeError(why)
-            unit.graphs = trace_modes(m, (), concrete_none_args(m, call))
+            unit.graphs = _trace(m, (), call)
             units.append(unit)
         except Exception as e:  # noqa: BLE001 - fall back: its parts, and norms without a graph
             unit.kind, unit.error, unit.was_block = "opaque", f"{type(e).__name__}: {e}", True

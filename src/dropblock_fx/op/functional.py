@@ -480,9 +480,8 @@ def _drop_block_train(
             # On the CPU a host read of the count is free; a Python float saves kernels. It is
             # the fp32 quotient rounded to x's dtype, bit for bit what the tensor path computes.
             kept_n = max(1, int(torch.count_nonzero(keep)))
-            scale_t = _round_to(_round_to(float(keep.numel()), torch.float32) / _round_to(float(kept_n), torch.float32),
-                                torch.float32)
-            scale_t = _round_to(scale_t, x.dtype)
+            q = _round_to(float(keep.numel()), torch.float32) / _round_to(float(kept_n), torch.float32)
+            scale_t = _round_to(_round_to(q, torch.float32), x.dtype)
         elif scale == "count":
             kept = torch.count_nonzero(keep).clamp_(min=1).to(torch.float32)
             scale_t = torch.div(float(keep.numel()), kept)
