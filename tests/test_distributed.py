@@ -346,6 +346,11 @@ LIGHTNING_SCRIPT = textwrap.dedent(
             out = {"world": trainer.world_size, "seen": seen, "length": cb.schedule.length,
                    "count": cb.schedule.count, "final": net.body[1].drop_prob}
             open(sys.argv[1], "w").write(json.dumps(out))
+        # tear the gloo group down before interpreter exit: left to atexit, its threads can
+        # abort the process ("terminate called without an active exception") after a good run
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
     """
 )
 
