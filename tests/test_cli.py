@@ -36,8 +36,9 @@ def test_help_lists_commands_and_every_command_has_examples(capsys):
     assert main([]) == 2
 
 
-def test_console_script_module_entry():
-    r = subprocess.run([sys.executable, "-m", "dropblock_fx.cli", "recipes"], capture_output=True, text=True,
+@pytest.mark.parametrize("module", ["dropblock_fx", "dropblock_fx.cli"])
+def test_console_script_module_entry(module):
+    r = subprocess.run([sys.executable, "-m", module, "recipes"], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "paper-resnet50" in r.stdout
 
@@ -108,7 +109,7 @@ def test_plan_table_json_and_model_specs(capsys, tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv,message", [
     (["plan", "resnet5O"], "did you mean 'resnet50'"),
     (["plan", "torchvision:resnet5"], "did you mean 'resnet50'"),
-    (["plan", "resnet10t", "--recipe", "nope"], "neither a built-in recipe"),
+    (["plan", "resnet10t", "--recipe", "nope"], "is not a built-in recipe or an existing file"),
     (["plan", "resnet10t", "--set", "block_size=0"], "block_size"),
     (["plan", "resnet10t", "--set", "block_size"], "KEY=VALUE"),
     (["plan", "resnet10t", "--input-size", "a"], "--input-size"),

@@ -189,7 +189,7 @@ def test_unknown_name_suggests_and_lists_builtins():
     with pytest.raises(RecipeError) as ei:
         load_recipe("paper-resnet5")
     msg = str(ei.value)
-    assert "did you mean 'paper-resnet50'" in msg
+    assert "did you mean the built-in 'paper-resnet50'" in msg
     for name in BUILTINS:
         assert name in ei.value.allowed
 
@@ -200,6 +200,21 @@ def test_yaml_syntax_error_has_line(tmp_path):
     with pytest.raises(RecipeError) as ei:
         load_recipe(p)
     assert ei.value.file == str(p) and ei.value.line is not None and "not valid YAML" in str(ei.value)
+
+
+def test_yaml_tab_indentation_gets_a_hint(tmp_path):
+    p = tmp_path / "tabs.yaml"
+    p.write_text("name: tabs\nstages:\n\t- 3\n")
+    with pytest.raises(RecipeError, match="indents with spaces") as ei:
+        load_recipe(p)
+    assert ei.value.line == 3
+
+
+def test_unknown_recipe_name_is_one_sentence():
+    with pytest.raises(RecipeError) as ei:
+        load_recipe("paper-resnet-50")
+    assert "'paper-resnet-50' is not a built-in recipe or an existing file (did you mean the built-in " \
+           "'paper-resnet50'?)" in str(ei.value)
 
 
 def test_yaml_is_loaded_safely(tmp_path):

@@ -73,8 +73,8 @@ def load_digits(image_size: int, val_fraction: float, seed: int) -> DemoData:
         from sklearn.datasets import load_digits as sk_digits
     except ModuleNotFoundError as e:
         raise ModuleNotFoundError(
-            "the demo's data set is scikit-learn's digits: pip install 'dropblock-fx[demo]' "
-            "(or pass --data DIR, an ImageFolder)", name=e.name) from None
+            "the demo's data set is scikit-learn's digits: install the demo extra (from a clone "
+            "of dropblock-fx: pip install -e '.[demo]'), or pass --data DIR (an ImageFolder)", name=e.name) from None
     digits = sk_digits()
     x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
     x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)

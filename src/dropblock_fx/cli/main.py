@@ -220,7 +220,8 @@ def _one_line(e: BaseException) -> str:
     if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)) and getattr(e, "filename", None):
         text = f"{e.strerror}: {e.filename}"
     if isinstance(e, ModuleNotFoundError):
-        text += " (the demo and plots need: pip install 'dropblock-fx[demo]')" if e.name in (
+        text += (" (the demo and plots need the demo extra; from a clone of dropblock-fx: "
+                 "pip install -e '.[demo]')") if e.name in (
             "matplotlib", "sklearn", "tqdm", "PIL") else ""
     return text if len(text) <= 400 else text[:397] + "..."
 

@@ -6,6 +6,7 @@ allowed; nothing else escapes (the loader is fuzzed for it).
 
 from __future__ import annotations
 
+import difflib
 import os
 import weakref
 from pathlib import Path
@@ -109,10 +110,11 @@ def load_recipe(source: RecipeLike = None) -> Recipe:
             is_file = False
         if is_file:
             return _load_file(path)
-        hint = closest(text_source, list(files))
+        match = difflib.get_close_matches(text_source, list(files), n=1, cutoff=0.6)
+        suggestion = f" (did you mean the built-in {match[0]!r}?)" if match else ""
         raise RecipeError(
             [RecipeIssue(
-                reason=f"{text_source!r} is neither a built-in recipe{hint} nor a recipe file",
+                reason=f"{text_source!r} is not a built-in recipe or an existing file{suggestion}",
                 allowed="built-ins " + ", ".join(sorted(files)) + ", or a path to a .yaml file",
             )]
         )
@@ -129,6 +131,15 @@ def _load_file(path: Path) -> Recipe:
     return recipe_from_yaml(text, file=str(path))
 
 
+def _tab_indented(text: str, line: Optional[int]) -> bool:
+    """Whether the lines around ``line`` (1-based) start with a tab: YAML's most common trap."""
+    lines = text.splitlines()
+    if line is None:
+        return any(ln[:1] == "\t" for ln in lines)
+    near = lines[max(0, line - 2):line + 1]
+    return any(ln.lstrip(" ")[:1] == "\t" for ln in near)
+
+
 def recipe_from_yaml(text: str, *, file: Optional[str] = None) -> Recipe:
     """Parse YAML text with ``yaml.safe_load`` and validate it."""
     if not isinstance(text, str):
@@ -137,9 +148,10 @@ def recipe_from_yaml(text: str, *, file: Optional[str] = None) -> Recipe:
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as e:
         line = e.problem_mark.line + 1 if e.problem_mark is not None else None
-        raise RecipeError(
-            [RecipeIssue(reason=f"not valid YAML: {e.problem or e}", line=line)], file=file
-        ) from None
+        reason = f"not valid YAML: {e.problem or e}"
+        if "\t" in text and ("found character '\\t'" in str(e) or _tab_indented(text, line)):
+            reason += " (a tab in the indentation: YAML indents with spaces only)"
+        raise RecipeError([RecipeIssue(reason=reason, line=line)], file=file) from None
     except Exception as e:  # YAMLError, RecursionError on absurd nesting, ...
         raise RecipeError(f"not valid YAML: {type(e).__name__}: {e}", file=file) from None
     if data is None:
