@@ -106,22 +106,22 @@ def write_masks(
             ax.set_yticks([])
             if c == 0:
                 ax.set_title(f"{title}\nexpected {100 * exp:.1f}%", fontsize=9)
-            if c == channels - 1:
-                ax.set_xlabel(f"dropped here {100 * (1 - float(keep[c].mean())):.0f}%", fontsize=8)
+            # the share of this panel's channel that is dropped (the title's "expected" is the mean)
+            ax.set_xlabel(f"{100 * (1 - float(keep[c].mean())):.0f}% of channel {c + 1} dropped", fontsize=8)
     for c in range(channels):
         ax = axes[c][0]
         ax.set_xticks([])
         ax.set_yticks([])
         if c == 0:
             ax.imshow(img)
-            ax.set_title(f"input ({name})", fontsize=9)
+            ax.set_title(f"input image\n({name})", fontsize=9)
+            ax.set_xlabel(f"seen as a {size}x{size} feature map", fontsize=8)
         else:
             ax.axis("off")
-        ax.set_ylabel(f"channel {c + 1}", fontsize=8)
     for c in range(channels):
-        axes[c][1].set_ylabel(f"channel {c + 1}", fontsize=8)
-    fig.suptitle(f"What each method drops from a {size}x{size} feature map at drop rate {drop_prob:g} "
-                 f"(dark = dropped; one mask per channel, seed {seed})", fontsize=10)
+        axes[c][1].set_ylabel(f"mask of channel {c + 1}", fontsize=8)
+    fig.suptitle(f"What each method drops from a {size}x{size} feature map at drop rate {drop_prob:g}: "
+                 f"one row per channel, each with its own mask (dark = dropped; seed {seed})", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
