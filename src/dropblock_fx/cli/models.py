@@ -35,7 +35,7 @@ def load_model(spec: str, **kwargs: Any) -> nn.Module:
         import torchvision
 
         name = spec.split(":", 1)[1]
-        from ..torchvision import model_task
+        from ..integrations.torchvision import model_task
 
         task = model_task(name)  # a clear error for unknown names
         if task in ("detection", "segmentation"):

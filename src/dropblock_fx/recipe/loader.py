@@ -34,10 +34,16 @@ RecipeLike = Union[None, str, "os.PathLike[str]", Mapping[str, Any], Recipe]
 
 
 def _builtin_dirs() -> list[Path]:
-    # Installed: dropblock_fx/recipes/ (package data). Source checkout: <repo>/recipes/
-    # (src/dropblock_fx/recipes is a link to it, this is the fallback if the link is lost).
+    # The package dropblock_fx.recipes (the top-level recipes/ folder of the source tree,
+    # mapped by pyproject.toml); a plain checkout on sys.path without installing: <repo>/recipes.
+    dirs = []
+    try:
+        from importlib.resources import files
+
+        dirs.append(Path(str(files("dropblock_fx.recipes"))))
+    except (ImportError, TypeError):  # pragma: no cover - not installed
+        pass
     here = Path(__file__).resolve().parent
-    dirs = [here.parent / "recipes"]
     if (here.parents[2] / "pyproject.toml").is_file():
         dirs.append(here.parents[2] / "recipes")
     return dirs

@@ -145,6 +145,6 @@ def _forward(schedule: "DropBlockSchedule", ctx: HookContext) -> Any:
 
 @register_hook("lightning")
 def _lightning(schedule: "DropBlockSchedule", ctx: HookContext) -> _Handle:
-    from .lightning import DropBlockScheduleCallback
+    from ..integrations.lightning import DropBlockScheduleCallback
 
     return _Handle(callback=DropBlockScheduleCallback(schedule))
