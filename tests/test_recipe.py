@@ -43,7 +43,7 @@ def test_builtin_loads_round_trips_and_cites_reference(name):
     assert load_recipe(recipe.model_dump()) == recipe
     text = recipe_file(name).read_text()
     header = [line for line in text.splitlines() if line.startswith("#")]
-    assert header and any("REFERENCE.md" in line for line in header), "header must cite REFERENCE.md"
+    assert header and any("docs/paper.md" in line for line in header), "header must cite docs/paper.md"
     assert pickle.loads(pickle.dumps(recipe)) == recipe
 
 
@@ -323,10 +323,9 @@ def test_docstring_examples_of_recipe_and_schedule_layers():
         assert result.failed == 0, module.__name__
 
 
-def test_readme_recipe_example_is_a_valid_recipe_of_defaults():
-    text = (REPO / "README.md").read_text()
-    section = text.split("<!-- section: recipes (owner: recipes) -->")[1].split("<!-- section:")[0]
-    example = next(block for block in section.split("```yaml\n")[1:] if "my-recipe" in block).split("```")[0]
+def test_docs_recipe_example_is_a_valid_recipe_of_defaults():
+    text = (REPO / "docs" / "recipes.md").read_text()
+    example = next(block for block in text.split("```yaml\n")[1:] if "my-recipe" in block).split("```")[0]
     recipe = Recipe.from_yaml(example)
     assert recipe.model_dump(exclude={"name", "description", "schedule"}) == Recipe().model_dump(
         exclude={"name", "description", "schedule"})
