@@ -12,7 +12,6 @@ import torch.fx
 from torch import nn
 
 import dropblock_fx as dbx
-from dropblock_fx import modules as mod
 
 
 class Net(nn.Module):
@@ -82,7 +81,9 @@ def test_3d_module_drops_cuboids():
 
 
 def test_unscheduled_warning_once():
-    mod._warned_unscheduled = False
+    import dropblock_fx.schedule.pending as pending
+
+    pending._warned_unscheduled = False
     m = dbx.DropBlock2d(0.1, 3)
     m.schedule_pending = True
     with warnings.catch_warnings(record=True) as w:

@@ -66,11 +66,11 @@ def test_paper_resnet50_schedule_after_50_of_100_steps(paper_tv_resnet50):
 
 
 def test_paper_resnet50_optimizer_hook_and_warning_on_timm_resnet50():
-    import dropblock_fx.modules as modules
+    import dropblock_fx.schedule.pending as pending
 
     model = apply_dropblock(timm.create_model("resnet50"), "paper-resnet50")
     assert len(dropblocks(model)) == 36
-    modules._warned_unscheduled = False
+    pending._warned_unscheduled = False
     x = torch.randn(2, 3, 32, 32)
     with pytest.warns(UserWarning, match="no schedule is attached"):
         model.train()(x)

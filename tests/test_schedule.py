@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import dropblock_fx as dbx
-import dropblock_fx.modules as dbx_modules
+import dropblock_fx.schedule.pending as dbx_pending
 from dropblock_fx import DropBlock2d, DropBlockNd, attach_schedule, load_recipe, register_schedule
 from dropblock_fx.recipe import RecipeError, ScheduleSpec
 from dropblock_fx.schedule import detach_schedule, get_schedule, list_hooks, register_hook, schedule_value
@@ -155,7 +155,7 @@ def test_paper_formula_per_group():
 
 
 def test_attach_clears_pending_and_missing_schedule_warns_once(monkeypatch):
-    monkeypatch.setattr(dbx_modules, "_warned_unscheduled", False)
+    monkeypatch.setattr(dbx_pending, "_warned_unscheduled", False)
     model = paper_model().train()
     x = torch.randn(2, 3, 12, 12)
     with pytest.warns(UserWarning, match="attach_schedule"):
@@ -163,7 +163,7 @@ def test_attach_clears_pending_and_missing_schedule_warns_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(x)  # once only
-    monkeypatch.setattr(dbx_modules, "_warned_unscheduled", False)
+    monkeypatch.setattr(dbx_pending, "_warned_unscheduled", False)
     attach_schedule(model, total_steps=10)
     assert not any(getattr(m, "schedule_pending", False) for m in model.modules())
     with warnings.catch_warnings():

@@ -4,9 +4,10 @@ from .modules import DropBlock2d, DropBlock3d, DropBlockNd
 from .graph import register_norm
 from .surgery import Plan, PlanRow, SurgeryError, apply_dropblock, describe, plan, remove_dropblock
 from .op import calibrated_gamma, drop_block, expected_drop_rate, paper_gamma, set_backend
-from .recipe import Recipe, RecipeError, ScheduleSpec, StageSpec, list_recipes, load_recipe, resolve_stage
+from .recipe import Recipe, RecipeError, StageSpec, list_recipes, load_recipe, resolve_stage
 from .schedule import (
     DropBlockSchedule,
+    ScheduleSpec,
     attach_schedule,
     detach_schedule,
     list_hooks,

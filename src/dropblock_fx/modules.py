@@ -14,8 +14,8 @@ Two properties the rest of the library relies on:
 from __future__ import annotations
 
 import sys
-import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx
@@ -29,48 +29,54 @@ from .op.functional import (
     normalize_block_size,
 )
 
-__all__ = ["DropBlock2d", "DropBlock3d", "DropBlockNd"]
+__all__ = ["DropBlock2d", "DropBlock3d", "DropBlockNd", "Placement", "OP_OPTIONS", "is_inserted"]
+
+# The op options a recipe sets and a DropBlock module takes, by keyword (see drop_block).
+OP_OPTIONS = ("mask", "seed_region", "gamma_scale", "scale", "noise", "calibrate")
 
 
-_warned_unscheduled = False  # modules marked pending by hand (schedule_pending = True)
+@dataclass(frozen=True)
+class Placement:
+    """Where surgery put a DropBlock module: its stage, site kind and rate at full strength.
+
+    The contract between surgery (which sets ``module.placement``), schedules (which scale
+    ``target_drop_prob``) and ``remove_dropblock`` (which removes what :func:`is_inserted`).
+    """
+
+    stage: int
+    site: str
+    target_drop_prob: float
 
 
-class PendingSchedule:
-    """Truthy marker shared by the DropBlock modules of one ``apply_dropblock`` call whose
-    recipe has a schedule; the first of them to train unscheduled warns for the whole model."""
+def is_inserted(m: object) -> bool:
+    """Was ``m`` inserted by ``apply_dropblock`` (and so removed by ``remove_dropblock``)?
 
-    __slots__ = ("warned",)
-
-    def __init__(self) -> None:
-        self.warned = False
-
-    def __bool__(self) -> bool:
-        return True
-
-    def __getstate__(self) -> tuple[bool]:
-        return (self.warned,)  # a tuple: a false state would skip __setstate__
-
-    def __setstate__(self, state: tuple[bool]) -> None:
-        (self.warned,) = state
+    Example:
+        >>> is_inserted(DropBlock2d(0.1, 3))
+        False
+    """
+    return isinstance(m, DropBlockNd) and getattr(m, "placement", None) is not None
 
 
-def _warn_unscheduled(pending: object) -> None:
-    global _warned_unscheduled
-    if isinstance(pending, PendingSchedule):
-        if pending.warned:
-            return
-        pending.warned = True
-    elif _warned_unscheduled:
-        return
-    else:
-        _warned_unscheduled = True
-    warnings.warn(
-        "dropblock_fx: this model's recipe has a schedule, but no schedule is attached, so "
-        "DropBlock trains at its final rate from the first step. Call "
-        "dropblock_fx.attach_schedule(model, total_steps=..., optimizer=...) before training.",
-        UserWarning,
-        stacklevel=3,
-    )
+# What a scheduled module does when it trains with no schedule attached: the schedule layer
+# installs it (dropblock_fx.schedule.pending owns the warning and its once-per-model state).
+_unscheduled_handler: Optional[Callable[[object], None]] = None
+
+
+def set_unscheduled_handler(handler: Optional[Callable[[object], None]]) -> None:
+    """Install ``handler(mark)``, called by a module marked ``schedule_pending`` when it runs a
+    training forward (``mark`` is the module's ``schedule_pending`` value)."""
+    global _unscheduled_handler
+    _unscheduled_handler = handler
+
+
+def __getattr__(name: str) -> Any:
+    # The marker moved to the schedule layer; this path still resolves (and old pickles load).
+    if name == "PendingSchedule":
+        from .schedule.pending import PendingSchedule
+
+        return PendingSchedule
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class DropBlockNd(nn.Module):
@@ -107,6 +113,7 @@ class DropBlockNd(nn.Module):
         self.inplace = inplace
         self.generator = generator
         self._drop_prob = p
+        self.placement: Optional[Placement] = None  # set by surgery (see is_inserted)
         # Set by surgery when the recipe has a schedule, cleared by attach_schedule: a
         # scheduled recipe must never silently train at its final rate.
         self.schedule_pending = False
@@ -150,8 +157,8 @@ class DropBlockNd(nn.Module):
         else:
             if not self.training or self._drop_prob == 0.0:
                 return x
-            if self.schedule_pending:
-                _warn_unscheduled(self.schedule_pending)
+            if self.schedule_pending and _unscheduled_handler is not None:
+                _unscheduled_handler(self.schedule_pending)
             p = self._drop_prob
         return _drop_block_train(
             x, p, normalize_block_size(self.block_size, self.n_spatial), self.mask, self.seed_region,

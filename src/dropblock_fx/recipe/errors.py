@@ -6,24 +6,14 @@ the bad value and what is allowed, so a user can fix the recipe without reading 
 
 from __future__ import annotations
 
-import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-__all__ = ["RecipeError", "RecipeIssue", "format_path"]
+# The key-path helpers are shared with the schedule layer; they live outside both layers.
+from ..keypath import MISSING as _MISSING
+from ..keypath import KeyedError, closest, format_path
 
-_MISSING: Any = object()
-
-
-def format_path(path: Sequence[Any]) -> str:
-    """``("stages", 1, "block_size")`` -> ``"stages[1].block_size"``."""
-    out = ""
-    for part in path:
-        if isinstance(part, int) and not isinstance(part, bool):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
+__all__ = ["RecipeError", "RecipeIssue", "format_path", "KeyedError", "closest"]
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -120,24 +110,3 @@ class RecipeError(ValueError):
     def __reduce__(self):  # picklable (multiprocessing, test runners)
         return (type(self), (self.issues, self.file))
 
-
-@dataclass
-class KeyedError(ValueError):
-    """Raised inside validators to point below the field the validator is attached to."""
-
-    reason: str
-    path: tuple[Any, ...] = ()
-    value: Any = _MISSING
-    allowed: Optional[str] = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        return self.reason
-
-
-def closest(word: Any, choices: Sequence[str]) -> str:
-    """A ``"; did you mean 'x'?"`` suffix, or ``""``."""
-    if not isinstance(word, str):
-        return ""
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {match[0]!r}?" if match else ""

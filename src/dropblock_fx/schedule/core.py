@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from ..modules import DropBlockNd
-from ..recipe.schema import ScheduleSpec
+from .spec import ScheduleSpec
 from .hooks import HookContext, HookDef, get_hook
 from .registry import schedule_value
 

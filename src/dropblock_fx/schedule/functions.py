@@ -10,7 +10,7 @@ import bisect
 import math
 from typing import Any, Optional, Sequence
 
-from ..recipe.errors import KeyedError
+from ..keypath import KeyedError
 from .registry import register_schedule
 
 __all__ = [

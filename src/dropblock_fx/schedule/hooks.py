@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Optional
 
 import torch
 
-from ..recipe.errors import closest
+from ..keypath import closest
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core import DropBlockSchedule

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from ..recipe.errors import KeyedError, closest
+from ..keypath import KeyedError, closest
 
 __all__ = [
     "ScheduleFn",

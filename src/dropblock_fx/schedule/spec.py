@@ -1,0 +1,72 @@
+"""``ScheduleSpec``: a schedule as data (name, params, length), as recipes and
+``attach_schedule`` take it. The recipe schema uses it for its ``schedule`` field."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..keypath import KeyedError, closest
+from .registry import canonical_name, check_schedule, list_schedules
+
+__all__ = ["ScheduleSpec"]
+
+
+class ScheduleSpec(BaseModel):
+    """How the drop rate moves over training. ``steps`` / ``epochs`` / ``fraction`` give its
+    length (at most one; none means the whole run). After its length the schedule holds its
+    final value.
+
+    ``name`` is a registered schedule (``dropblock_fx.list_schedules()``); ``params`` are its
+    keyword arguments. A schedule maps progress in ``[0, 1]`` to a factor in ``[0, 1]`` of
+    every module's target rate, so ``linear`` (0 -> 1) is the paper's
+    ``kp_t = 1 - (t / T)(1 - kp)``.
+
+    Example:
+        >>> ScheduleSpec(name="cosine", fraction=0.5).name
+        'cosine'
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    name: str = "linear"
+    params: dict[str, Any] = Field(default_factory=dict)
+    steps: Optional[int] = Field(None, ge=1)
+    epochs: Optional[float] = Field(None, gt=0)
+    fraction: Optional[float] = Field(None, gt=0.0, le=1.0)
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _plain_params(cls, params: Any) -> Any:
+        # Tuples become lists: what YAML gives back, so a recipe round-trips unchanged.
+        def plain(v: Any) -> Any:
+            if isinstance(v, (list, tuple)):
+                return [plain(x) for x in v]
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            return v
+
+        return plain(params)
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, name: str) -> str:
+        canon = canonical_name(name)
+        known = list_schedules()
+        if canon not in known:
+            raise KeyedError(
+                f"unknown schedule {name!r}{closest(canon, known)}", value=name, allowed=", ".join(known)
+            )
+        return canon
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScheduleSpec":
+        given = [k for k in ("steps", "epochs", "fraction") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise KeyedError(
+                f"give at most one schedule length, got {' and '.join(given)}",
+                path=(given[1],), value=getattr(self, given[1]), allowed="one of steps, epochs, fraction",
+            )
+        check_schedule(self.name, self.params)
+        return self
