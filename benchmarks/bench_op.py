@@ -6,11 +6,11 @@ True = shared mask, False = per-channel mask) and torchvision's ``ops.drop_block
 ``mask="shared"``. Prints a table of forward and forward+backward times and ratios,
 and writes JSON.
 
-Usage (CPU, the README's numbers)::
+Usage (CPU, the numbers in docs/performance.md)::
 
     python benchmarks/bench_op.py --shape 32 256 14 14
 
-On a GPU (bf16, the issue's anchor shape)::
+On a GPU (bf16, the shape of the GPU tables in docs/performance.md)::
 
     python benchmarks/bench_op.py --device cuda --dtype bf16 --shape 256 1024 14 14 --channels-last
 """

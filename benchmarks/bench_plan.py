@@ -1,4 +1,4 @@
-"""Time ``plan`` and ``apply_dropblock`` on the issue's models (CPU; no weights downloaded).
+"""Time ``plan`` and ``apply_dropblock`` on common timm and torchvision CNNs (CPU; no weights downloaded).
 
 Each model is built once; every repetition plans and applies on a fresh ``copy.deepcopy``
 of it (the copy is not timed), after one untimed warm-up (imports, code caches). Reports

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Everything issue 5 needs from a GPU session, sized for ~15 minutes of device time.
+# The CUDA checks and the GPU benchmarks in one script, sized for about 15 minutes on one GPU.
 #
 #   bash benchmarks/run_gpu.sh            # CUDA checks + op benchmark + ResNet-50 eager (~4 min)
 #   bash benchmarks/run_gpu.sh compile    # ResNet-50 under torch.compile (~5-8 min)
 #
-# Results land in $OUT if set (the device tool's return folder), else benchmarks/results/
-# (JSON), and on stdout (the tables for the README).
+# Results land in $OUT if set (an output folder), else benchmarks/results/
+# (JSON), and on stdout (the tables of docs/performance.md).
 # dropblock_fx imports pydantic and PyYAML; if the GPU machine's python lacks them and has no
 # network, copy them from a local venv of the same Python version and carry the folder:
 #   mkdir .gpu_deps && cp -r $VENV/lib/python3.X/site-packages/{pydantic,pydantic_core,\
@@ -42,8 +42,8 @@ else:
     for k in bad:
         print(r[k]["error"])
 PYEOF
-# 2. The op against its anchors (issue 5: per-channel fwd+bwd within 1.3x of F.dropout).
+# 2. The op against its anchors (target: per-channel fwd+bwd within 1.3x of F.dropout).
 timeout 180 "$PY" benchmarks/bench_op.py --device cuda --dtype bf16 --shape 256 1024 14 14 --channels-last \
   --json "$RES/bench_op_cuda.json"
-# 3. ResNet-50 training step, eager (issue 5: <= +12% time, <= +3% peak memory).
+# 3. ResNet-50 training step, eager (target: <= +12% time, <= +3% peak memory).
 timeout 300 "$PY" benchmarks/bench_resnet50_step.py --json "$RES/bench_resnet50_step_eager.json"
