@@ -31,6 +31,7 @@ from torch import nn
 
 from ..modules import DropBlock2d, DropBlockNd
 from ..recipe import Recipe, load_recipe
+from . import timm_train as _timm_train
 
 __all__ = [
     "create_model",
@@ -72,7 +73,8 @@ def _apply(
         size = list(load_recipe(recipe).input_size)
         if size[0] != in_chans:  # timm's in_chans: plan with the model's own input channels
             extra["input_size"] = [int(in_chans), *size[1:]]
-    return apply_dropblock(model, recipe, **extra)
+    # Watched: timm's train.py attaches the recipe's schedule when it builds its LR scheduler.
+    return _timm_train.watch(apply_dropblock(model, recipe, **extra))
 
 
 def create_model(
@@ -339,3 +341,4 @@ def convert_timm_dropblock(model: nn.Module, *, in_chans: Optional[int] = None) 
 
 
 register()
+_timm_train.install()

@@ -1,0 +1,198 @@
+"""The recipe's schedule in timm's ``train.py``, with no change to the script but an import.
+
+A model built by name through this library's timm registration (``--model resnet50_dropblock``,
+``--model-kwargs recipe=...``) whose recipe has a schedule is *watched*. ``train.py`` tells
+timm's scheduler factory the two numbers the DropBlock schedule needs::
+
+    lr_scheduler, num_epochs = create_scheduler_v2(optimizer, ..., updates_per_epoch=...)
+
+so this module wraps ``create_scheduler_v2`` (a pass-through). When it is called with an
+optimizer that holds a watched model's parameters, the schedule is attached to that model
+over the whole run, ``num_epochs * updates_per_epoch`` optimizer steps, and advanced by each
+``optimizer.step()``. It also follows the LR scheduler's own clock: ``step_update(n)`` and
+``step(epoch)`` (which ``train.py`` calls after every update and epoch, and once at start-up
+to fast-forward after ``--resume``) set the DropBlock schedule to the same position. So
+``--resume`` continues the schedule from the checkpoint's epoch, with nothing stored by us.
+
+Installed by ``import dropblock_fx.timm``; the launcher installs it before the script runs::
+
+    python -m dropblock_fx.timm_train path/to/train.py --model resnet50_dropblock ...
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import runpy
+import sys
+import weakref
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..schedule.core import _ATTACHED, DropBlockSchedule, attach_schedule
+
+__all__ = ["install", "watch", "watched", "attach_for_run", "main"]
+
+# Models waiting for the run's length; they leave the set when a schedule is attached.
+_WATCHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_ORIGINAL: dict[str, Callable[..., Any]] = {}
+
+
+def watch(model: nn.Module) -> nn.Module:
+    """Attach ``model``'s recipe schedule when timm's ``create_scheduler_v2`` is called with an
+    optimizer over its parameters (done for you by the ``<arch>_dropblock`` models)."""
+    if any(getattr(m, "schedule_pending", False) for m in model.modules()):
+        _WATCHED.add(model)
+    return model
+
+
+def watched() -> list[nn.Module]:
+    """The models still waiting for a run to attach their schedule to."""
+    return list(_WATCHED)
+
+
+def _trained_by(optimizer: Any) -> list[nn.Module]:
+    groups = getattr(optimizer, "param_groups", None)
+    if not groups:
+        return []
+    ids = {id(p) for g in groups for p in g.get("params", ())}
+    out = []
+    for model in list(_WATCHED):
+        if not any(getattr(m, "schedule_pending", False) for m in model.modules()):
+            _WATCHED.discard(model)  # a schedule was attached by hand: leave it alone
+        elif any(id(p) in ids for p in model.parameters()):
+            out.append(model)
+    return out
+
+
+def _optimizer_steps(optimizer: Any) -> Optional[float]:
+    """Optimizer steps already taken, from the state optimizers such as Adam keep per
+    parameter (restored by ``--resume``); ``None`` when the state has no step counts (SGD)."""
+    steps = []
+    for state in getattr(optimizer, "state", {}).values():
+        step = state.get("step") if isinstance(state, dict) else None
+        if step is not None:
+            steps.append(float(step.item() if torch.is_tensor(step) else step))
+    return max(steps) if steps else None
+
+
+def _follow(lr_scheduler: Any, model: nn.Module, sched: DropBlockSchedule, steps_per_epoch: int) -> None:
+    """Make ``lr_scheduler.step(epoch)`` / ``step_update(n)`` move ``sched`` to the same point."""
+
+    def current() -> Optional[DropBlockSchedule]:
+        # A schedule attached by hand later replaces this one: stop following then.
+        return sched if _ATTACHED.get(model) is sched else None
+
+    step, step_update = lr_scheduler.step, lr_scheduler.step_update
+
+    @functools.wraps(step)
+    def step_epoch(epoch: int, *args: Any, **kwargs: Any) -> Any:
+        s = current()
+        if s is not None:
+            s.set_count(epoch * steps_per_epoch if s.unit == "step" else epoch)
+        return step(epoch, *args, **kwargs)
+
+    @functools.wraps(step_update)
+    def step_updates(num_updates: int, *args: Any, **kwargs: Any) -> Any:
+        s = current()
+        if s is not None and s.unit == "step":
+            s.set_count(num_updates)
+        return step_update(num_updates, *args, **kwargs)
+
+    lr_scheduler.step = step_epoch
+    lr_scheduler.step_update = step_updates
+
+
+def attach_for_run(
+    optimizer: torch.optim.Optimizer,
+    num_epochs: float,
+    updates_per_epoch: int = 0,
+    lr_scheduler: Any = None,
+) -> list[DropBlockSchedule]:
+    """Attach the schedule of every watched model that ``optimizer`` trains, over
+    ``num_epochs`` epochs of ``updates_per_epoch`` optimizer steps, following
+    ``lr_scheduler``'s position if given. What the ``create_scheduler_v2`` wrapper does; call
+    it yourself in a loop that builds its schedulers another way.
+
+    Without ``updates_per_epoch`` the schedule moves once per epoch (``lr_scheduler.step``).
+    """
+    out = []
+    for model in _trained_by(optimizer):
+        _WATCHED.discard(model)
+        if updates_per_epoch:
+            sched = attach_schedule(
+                model, total_steps=num_epochs * updates_per_epoch, steps_per_epoch=updates_per_epoch,
+                optimizer=optimizer,
+            )
+            done = _optimizer_steps(optimizer)
+            if done:
+                sched.set_count(done)  # resumed; the LR scheduler's fast-forward refines it
+        else:
+            sched = attach_schedule(model, epochs=num_epochs, hook="epoch")
+        if lr_scheduler is not None:
+            _follow(lr_scheduler, model, sched, updates_per_epoch)
+        out.append(sched)
+    return out
+
+
+def _wrap(create_scheduler_v2: Callable[..., Any]) -> Callable[..., Any]:
+    if getattr(create_scheduler_v2, "__dropblock_fx__", False):
+        return create_scheduler_v2
+
+    @functools.wraps(create_scheduler_v2)
+    def wrapper(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        result = create_scheduler_v2(optimizer, *args, **kwargs)
+        if _WATCHED:
+            lr_scheduler, num_epochs = result
+            attach_for_run(optimizer, num_epochs, kwargs.get("updates_per_epoch") or 0, lr_scheduler)
+        return result
+
+    wrapper.__dropblock_fx__ = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def install() -> None:
+    """Wrap timm's ``create_scheduler_v2`` where a script finds it: ``timm.scheduler``, its
+    factory module, and a running script's own binding (``train.py`` imports the name before
+    it may import ``dropblock_fx.timm``). Idempotent; the wrapper passes everything through."""
+    import timm.scheduler
+    import timm.scheduler.scheduler_factory as factory
+
+    original = _ORIGINAL.setdefault("create_scheduler_v2", factory.create_scheduler_v2)
+    if getattr(original, "__dropblock_fx__", False):  # pragma: no cover - wrapped elsewhere
+        return
+    wrapped = _wrap(original)
+    factory.create_scheduler_v2 = wrapped
+    timm.scheduler.create_scheduler_v2 = wrapped
+    main_module = sys.modules.get("__main__")
+    if main_module is not None and getattr(main_module, "create_scheduler_v2", None) is original:
+        main_module.create_scheduler_v2 = wrapped  # type: ignore[attr-defined]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """``python -m dropblock_fx.timm_train path/to/train.py [train.py arguments...]``: run a copy
+    of timm's ``train.py`` with the ``<arch>_dropblock`` models registered and the recipe's
+    schedule following the run."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(
+            "usage: python -m dropblock_fx.timm_train path/to/train.py [train.py arguments...]\n\n"
+            "Runs timm's train.py with dropblock_fx's timm models registered (--model "
+            "resnet50_dropblock, --model-kwargs recipe=paper-resnet50) and the recipe's DropBlock "
+            "schedule following the run, --resume included.",
+            file=sys.stderr if args else sys.stdout,
+        )
+        if not args:
+            raise SystemExit(2)
+        return
+    script = args[0]
+    if not os.path.isfile(script):
+        raise SystemExit(f"dropblock_fx.timm_train: no such script: {script}")
+    from . import timm as _registration  # noqa: F401  (registers the models, calls install())
+
+    install()
+    sys.argv = [script, *args[1:]]
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    runpy.run_path(script, run_name="__main__")
