@@ -186,3 +186,16 @@ def test_launcher_runs_a_script_with_the_schedule(tmp_path):
 def test_launcher_usage():
     with pytest.raises(SystemExit):
         timm_train.main([])
+
+
+def test_unscheduled_warning_in_timm_train_script_names_the_fix(monkeypatch):
+    from dropblock_fx.schedule import pending
+
+    script = types.ModuleType("__main__")
+    script.__file__ = "/somewhere/pytorch-image-models/train.py"
+    monkeypatch.setitem(sys.modules, "__main__", script)
+    assert pending.detect_loop() == "timm"
+    assert "python -m dropblock_fx.timm_train train.py" in pending.unscheduled_message("timm")
+    model = create_model("resnet10t_dropblock", num_classes=3, **MODEL_KWARGS).train()
+    with pytest.warns(UserWarning, match="import dropblock_fx.timm"):
+        model(torch.randn(2, 3, 32, 32))
