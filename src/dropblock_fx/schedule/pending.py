@@ -72,9 +72,9 @@ _FIXES = {
         "Call dropblock_fx.attach_schedule(model, total_steps=..., optimizer=...) before training."
     ),
     "timm": (
-        "In timm's train.py, put `import dropblock_fx.timm` before the script's timm imports "
-        "(it then follows the run's epochs and steps), or start the script with "
-        "`python -m dropblock_fx.timm_train train.py ...`."
+        "In timm's train.py, add `import dropblock_fx.timm` and build the model by a "
+        "`<arch>_dropblock` name (the schedule then follows the run's epochs and updates), or "
+        "start the script with `python -m dropblock_fx.timm_train train.py ...`."
     ),
     "hf": (
         "With the Hugging Face Trainer, pass "
