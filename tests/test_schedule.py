@@ -500,3 +500,18 @@ def test_missing_schedule_warns_once_per_model_not_once_per_process():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         clone(x)
+
+
+def test_unscheduled_warning_names_the_fix_for_the_loop_it_runs_in():
+    from dropblock_fx.schedule import pending
+
+    def called_from(module_name: str) -> str:
+        namespace = {"__name__": module_name, "detect": pending.detect_loop}
+        exec("def run():\n    return detect()\n", namespace)
+        return namespace["run"]()
+
+    assert called_from("lightning.pytorch.loops.fit_loop") == "lightning"
+    assert called_from("transformers.trainer") == "hf"
+    assert called_from("my_training_script") == "plain"
+    assert "DropBlockScheduleCallback" in pending.unscheduled_message("lightning")
+    assert "attach_schedule(model, total_steps=" in pending.unscheduled_message("plain")
