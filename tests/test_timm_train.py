@@ -199,3 +199,21 @@ def test_unscheduled_warning_in_timm_train_script_names_the_fix(monkeypatch):
     model = create_model("resnet10t_dropblock", num_classes=3, **MODEL_KWARGS).train()
     with pytest.warns(UserWarning, match="import dropblock_fx.timm"):
         model(torch.randn(2, 3, 32, 32))
+
+
+def test_followed_lr_scheduler_keeps_its_state_and_pickles():
+    import pickle
+
+    from timm.scheduler import CosineLRScheduler
+
+    model = create_model("resnet10t_dropblock", num_classes=3, **MODEL_KWARGS)
+    opt = create_optimizer_v2(model, opt="sgd", lr=0.01)
+    plain_opt = create_optimizer_v2(create_model("resnet10t", num_classes=3), opt="sgd", lr=0.01)
+    lr_scheduler, _ = create_scheduler_v2(opt, sched="cosine", num_epochs=2, updates_per_epoch=3)
+    plain, _ = create_scheduler_v2(plain_opt, sched="cosine", num_epochs=2, updates_per_epoch=3)
+    assert isinstance(lr_scheduler, CosineLRScheduler) and type(plain) is CosineLRScheduler
+    assert set(lr_scheduler.state_dict()) == set(plain.state_dict())
+    lr_scheduler.step(1)
+    assert dropblock_fx.schedule.core._ATTACHED[model].count == 3
+    clone = pickle.loads(pickle.dumps(lr_scheduler))
+    assert type(clone) is CosineLRScheduler and clone.state_dict().keys() == lr_scheduler.state_dict().keys()

@@ -78,31 +78,65 @@ def _optimizer_steps(optimizer: Any) -> Optional[float]:
     return max(steps) if steps else None
 
 
+# LR scheduler -> (model, schedule, updates per epoch). Kept outside the scheduler: timm's
+# Scheduler.state_dict() saves its whole __dict__.
+_FOLLOWING: "weakref.WeakKeyDictionary[Any, tuple[Any, DropBlockSchedule, int]]" = weakref.WeakKeyDictionary()
+_FOLLOWER_CLASSES: dict[type, type] = {}
+
+
+def _sync(lr_scheduler: Any, *, epoch: Optional[float] = None, updates: Optional[float] = None) -> None:
+    entry = _FOLLOWING.get(lr_scheduler)
+    if entry is None:
+        return
+    model_ref, sched, steps_per_epoch = entry
+    model = model_ref()
+    if model is None or _ATTACHED.get(model) is not sched:
+        return  # a schedule attached by hand later replaced this one: stop following
+    if epoch is not None:
+        sched.set_count(epoch * steps_per_epoch if sched.unit == "step" else epoch)
+    elif updates is not None and sched.unit == "step":
+        sched.set_count(updates)
+
+
+def _follower_class(cls: type) -> type:
+    """``cls`` whose ``step(epoch)`` / ``step_update(n)`` also move the DropBlock schedule."""
+    sub = _FOLLOWER_CLASSES.get(cls)
+    if sub is None:
+
+        def step(self: Any, epoch: int, *args: Any, **kwargs: Any) -> Any:
+            _sync(self, epoch=epoch)
+            return cls.step(self, epoch, *args, **kwargs)
+
+        def step_update(self: Any, num_updates: int, *args: Any, **kwargs: Any) -> Any:
+            _sync(self, updates=num_updates)
+            return cls.step_update(self, num_updates, *args, **kwargs)
+
+        def __reduce_ex__(self: Any, protocol: Any) -> Any:
+            # Pickles as the plain timm scheduler (the following is not part of its state).
+            return (_rebuild, (cls, self.__dict__))
+
+        sub = type(cls.__name__, (cls,), {
+            "step": step, "step_update": step_update, "__reduce_ex__": __reduce_ex__,
+            "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+        })
+        _FOLLOWER_CLASSES[cls] = sub
+    return sub
+
+
+def _rebuild(cls: type, state: dict[str, Any]) -> Any:
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    return obj
+
+
 def _follow(lr_scheduler: Any, model: nn.Module, sched: DropBlockSchedule, steps_per_epoch: int) -> None:
     """Make ``lr_scheduler.step(epoch)`` / ``step_update(n)`` move ``sched`` to the same point."""
-
-    def current() -> Optional[DropBlockSchedule]:
-        # A schedule attached by hand later replaces this one: stop following then.
-        return sched if _ATTACHED.get(model) is sched else None
-
-    step, step_update = lr_scheduler.step, lr_scheduler.step_update
-
-    @functools.wraps(step)
-    def step_epoch(epoch: int, *args: Any, **kwargs: Any) -> Any:
-        s = current()
-        if s is not None:
-            s.set_count(epoch * steps_per_epoch if s.unit == "step" else epoch)
-        return step(epoch, *args, **kwargs)
-
-    @functools.wraps(step_update)
-    def step_updates(num_updates: int, *args: Any, **kwargs: Any) -> Any:
-        s = current()
-        if s is not None and s.unit == "step":
-            s.set_count(num_updates)
-        return step_update(num_updates, *args, **kwargs)
-
-    lr_scheduler.step = step_epoch
-    lr_scheduler.step_update = step_updates
+    if not (callable(getattr(lr_scheduler, "step", None)) and callable(getattr(lr_scheduler, "step_update", None))):
+        return
+    _FOLLOWING[lr_scheduler] = (weakref.ref(model), sched, steps_per_epoch)
+    cls = type(lr_scheduler)
+    if cls not in _FOLLOWER_CLASSES.values():
+        lr_scheduler.__class__ = _follower_class(cls)
 
 
 def attach_for_run(
