@@ -22,6 +22,7 @@ Installed by ``import dropblock_fx.timm``; the launcher installs it before the s
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import runpy
 import sys
@@ -175,12 +176,15 @@ def _wrap(create_scheduler_v2: Callable[..., Any]) -> Callable[..., Any]:
     if getattr(create_scheduler_v2, "__dropblock_fx__", False):
         return create_scheduler_v2
 
+    signature = inspect.signature(create_scheduler_v2)
+
     @functools.wraps(create_scheduler_v2)
     def wrapper(optimizer: Any, *args: Any, **kwargs: Any) -> Any:
         result = create_scheduler_v2(optimizer, *args, **kwargs)
         if _WATCHED:
             lr_scheduler, num_epochs = result
-            attach_for_run(optimizer, num_epochs, kwargs.get("updates_per_epoch") or 0, lr_scheduler)
+            given = signature.bind_partial(optimizer, *args, **kwargs).arguments
+            attach_for_run(optimizer, num_epochs, given.get("updates_per_epoch") or 0, lr_scheduler)
         return result
 
     wrapper.__dropblock_fx__ = True  # type: ignore[attr-defined]
