@@ -329,7 +329,7 @@ def _check(spec: Spec, res: Result, batch: int, _log) -> str:
     paths = sorted(prefix + r.path if not r.path.startswith(prefix) else r.path for r in plan.rows)
     if len(plan.rows) != len(mods) or (paths != sorted(mods) and sorted(r.path for r in plan.rows) != sorted(mods)):
         raise AssertionError(f"{len(mods)} DropBlock modules but {len(plan.rows)} plan rows")
-    bad = sorted({m.dropblock_stage for m in mods.values()} - requested)
+    bad = sorted({m.placement.stage for m in mods.values()} - requested)
     if bad:
         raise AssertionError(f"sites in stages {bad}, requested {sorted(requested)} of {idx}")
     if spec.source == "tv-video" and not all(isinstance(m, DropBlock3d) for m in mods.values()):

@@ -24,9 +24,10 @@ from dropblock_fx.graph import (
     trace_modes,
     unsplice,
 )
-from dropblock_fx.graph.layers import is_norm, is_norm_act
+from dropblock_fx.graph.leaves import is_norm, is_norm_act
 from dropblock_fx.graph.shapes import ShapeRecord
-from dropblock_fx.graph.sites import find_sites, insert_sites, replay
+from dropblock_fx.graph.sites import find_sites, insert_sites
+from dropblock_fx.graph.tracing import replay
 from dropblock_fx.graph.stages import call_stages
 from dropblock_fx.graph.splice import graph_source, splice_graph
 from dropblock_fx.graph.units import bound_args
@@ -238,7 +239,10 @@ class _ListNet(nn.Module):
         return self.down(out[0]).mean((2, 3))
 
 
-def test_blocks_called_with_a_list_of_tensors_are_not_retraced():
+def test_blocks_called_with_a_list_of_tensors_are_traced_for_that_call():
+    """b2 gets ``[x, skip]``: a plain trace would feed the list as one Proxy and take the
+    bare-tensor branch; the specialised trace feeds a real list of proxies, and the rewritten
+    forward guards on that structure (a bare tensor runs the original forward)."""
     from dropblock_fx import apply_dropblock, plan, remove_dropblock
 
     torch.manual_seed(0)
@@ -246,15 +250,16 @@ def test_blocks_called_with_a_list_of_tensors_are_not_retraced():
     x = torch.randn(2, 3, 16, 16)
     ref = model(x)
     p = plan(model, stages=[-2, -1], input_size=(3, 16, 16))
-    why = [n for n in p.notes if "list of tensors" in n]
-    assert any("b2" in n for n in why), p.notes  # b2 got [x, skip]: no graph, a note says why
+    assert any(n.startswith("b2: traced for calls like the planned one (x=[Nx8x8x8 tensor, Nx8x8x8 tensor])")
+               for n in p.notes), p.notes
     out = apply_dropblock(model, stages=[-2, -1], input_size=(3, 16, 16))
     assert torch.equal(out(x), ref)
-    # b2's inner conv chain (called with a tensor) still gets its site, after BN+ReLU, and its
-    # loose norm one after it (no graph needed); b1 (called with a tensor) is rewritten whole
-    assert isinstance(getattr(out.b2.conv, "dropblock_0", None), DropBlock2d)
-    assert isinstance(getattr(out.b2.bn, "dropblock", None), DropBlock2d)
-    assert "b1.dropblock_proj" in [r.path for r in p.rows]  # b1's graph site after proj -> bn
+    paths = [r.path for r in p.rows]
+    assert "b1.dropblock_proj" in paths and "b2.dropblock_proj" in paths  # both whole, after proj -> bn
+    feat = torch.randn(2, 8, 8, 8)
+    with pytest.warns(UserWarning, match="runs its original forward"):
+        bare = out.b2(feat)  # not the planned call: the original forward, exactly
+    assert all(torch.equal(a, b) for a, b in zip(bare, _ListBlock.forward(out.b2, feat)))
     trained = copy.deepcopy(out).train()  # a train step moves BN statistics: on a copy
     trained(x).sum().backward()
     assert all(p.grad is not None for p in trained.parameters())

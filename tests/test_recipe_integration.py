@@ -44,10 +44,10 @@ def test_paper_resnet50_placement_and_contract(paper_tv_resnet50):
     mods = dropblocks(model)
     assert len(mods) == 36  # 4 sites x (6 + 3) bottlenecks
     assert {block_of(n).split(".")[0] for n in mods} == {"layer3", "layer4"}
-    assert Counter(m.dropblock_site for m in mods.values()) == {"conv": 18, "conv_last": 9, "shortcut": 9}
+    assert Counter(m.placement.site for m in mods.values()) == {"conv": 18, "conv_last": 9, "shortcut": 9}
     for m in mods.values():
-        assert m.dropblock_stage in (3, 4) and m.block_size == 7 and m.mask == "channel"
-        assert m.target_drop_prob == pytest.approx({3: 0.025, 4: 0.1}[m.dropblock_stage])
+        assert m.placement.stage in (3, 4) and m.block_size == 7 and m.mask == "channel"
+        assert m.target_drop_prob == pytest.approx({3: 0.025, 4: 0.1}[m.placement.stage])
         assert m.drop_prob == m.target_drop_prob and bool(m.schedule_pending) is True
     assert model.dropblock_plan.recipe == load_recipe("paper-resnet50")
 
@@ -58,7 +58,7 @@ def test_paper_resnet50_schedule_after_50_of_100_steps(paper_tv_resnet50):
     assert not any(m.schedule_pending for m in dropblocks(model).values())
     assert {m.drop_prob for m in dropblocks(model).values()} == {0.0}
     sched.step(50)
-    by_group = {g: {round(m.drop_prob, 12) for m in dropblocks(model).values() if m.dropblock_stage == g} for g in (3, 4)}
+    by_group = {g: {round(m.drop_prob, 12) for m in dropblocks(model).values() if m.placement.stage == g} for g in (3, 4)}
     assert by_group == {3: {0.0125}, 4: {0.05}}
     sched.step(50)
     assert {round(m.drop_prob, 12) for m in dropblocks(model).values()} == {0.025, 0.1}
@@ -114,11 +114,11 @@ def test_last_two_stages_on_generic_cnns(make):
     model = apply_dropblock(make(), "last-two-stages")
     mods = dropblocks(model)
     assert mods, "no DropBlock placed"
-    stages = {m.dropblock_stage for m in mods.values()}
+    stages = {m.placement.stage for m in mods.values()}
     assert stages == {max(stages) - 1, max(stages)}
     deepest = max(stages)
     for m in mods.values():  # paper multiplier: the next-to-last stage at a quarter
-        assert m.target_drop_prob == pytest.approx(0.1 / 4 ** (deepest - m.dropblock_stage))
+        assert m.target_drop_prob == pytest.approx(0.1 / 4 ** (deepest - m.placement.stage))
     sched = attach_schedule(model, total_steps=10)
     sched.step(5)
     assert {round(m.drop_prob, 12) for m in mods.values()} == {0.0125, 0.05}
@@ -194,7 +194,7 @@ def test_amoebanet_style_on_a_nas_cell_network():
     normal = sorted(int(c.split("_")[1]) for c in cells if c.startswith("cell_"))
     assert normal == list(range(8, 18))  # about the last half of the 18 normal cells
     assert {m.block_size for m in mods.values()} == {11}
-    assert {"conv", "conv_last", "shortcut"} == {m.dropblock_site for m in mods.values()}
+    assert {"conv", "conv_last", "shortcut"} == {m.placement.site for m in mods.values()}
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +206,7 @@ def test_retinanet_coco_all_four_groups_constant(retinanet):
     model = apply_dropblock(retinanet(), "retinanet-coco")
     mods = dropblocks(model)
     assert all(n.startswith("backbone.body.layer") for n in mods)
-    assert Counter(m.dropblock_stage for m in mods.values()) == {1: 12, 2: 16, 3: 24, 4: 12}
+    assert Counter(m.placement.stage for m in mods.values()) == {1: 12, 2: 16, 3: 24, 4: 12}
     assert {round(m.drop_prob, 12) for m in mods.values()} == {0.1}
     assert not any(m.schedule_pending for m in mods.values())  # constant: nothing to warn about
 
@@ -215,7 +215,7 @@ def test_ppyolo_neck_only_in_the_fpn(retinanet):
     model = apply_dropblock(retinanet(), "ppyolo-neck")
     mods = dropblocks(model)
     assert mods and all(n.startswith("backbone.fpn.") for n in mods)
-    assert Counter(m.dropblock_stage for m in mods.values()) == {2: 2, 3: 2, 4: 2}  # P3-P5, not P6/P7
+    assert Counter(m.placement.stage for m in mods.values()) == {2: 2, 3: 2, 4: 2}  # P3-P5, not P6/P7
     assert {m.block_size for m in mods.values()} == {3}
     assert {round(m.drop_prob, 12) for m in mods.values()} == {0.1}
     assert not any(m.schedule_pending for m in mods.values())

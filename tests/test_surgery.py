@@ -51,14 +51,14 @@ def test_paper_placement_resnet50_is_36_modules(make):
     model = apply_dropblock(make(), "paper-resnet50")
     mods = dropblocks(model)
     assert len(mods) == 36
-    assert Counter(m.dropblock_site for m in mods.values()) == {"conv": 18, "conv_last": 9, "shortcut": 9}
+    assert Counter(m.placement.site for m in mods.values()) == {"conv": 18, "conv_last": 9, "shortcut": 9}
     blocks = [f"layer3.{i}" for i in range(6)] + [f"layer4.{i}" for i in range(3)]
     assert sorted(mods) == sorted(f"{b}.dropblock_{s}" for b in blocks
                                   for s in ("conv1", "conv2", "conv_last", "shortcut"))
     for name, m in mods.items():
         assert type(m) is DropBlock2d
-        assert m.dropblock_stage == int(name[5])
-        assert m.target_drop_prob == pytest.approx(0.1 / 4 ** (4 - m.dropblock_stage))
+        assert m.placement.stage == int(name[5])
+        assert m.target_drop_prob == pytest.approx(0.1 / 4 ** (4 - m.placement.stage))
         assert m.drop_prob == m.target_drop_prob and bool(m.schedule_pending) is True
         assert (m.block_size, m.mask, m.seed_region) == (7, "channel", "valid")
     p = describe(model)
@@ -72,7 +72,7 @@ def test_timm_placement_reproduces_drop_block_rate():
     want = {n: (m.block_size, m.gamma_scale) for n, m in theirs.named_modules() if type(m).__name__ == "DropBlock2d"}
     got = {n: (m.block_size, m.gamma_scale) for n, m in dropblocks(ours).items()}
     assert got == want and len(got) == 9
-    assert {(m.dropblock_site, m.drop_prob, m.mask, m.seed_region) for m in dropblocks(ours).values()} == {
+    assert {(m.placement.site, m.drop_prob, m.mask, m.seed_region) for m in dropblocks(ours).values()} == {
         ("timm", 0.1, "shared", "full")}
     assert set(ours.state_dict()) == set(theirs.state_dict())
     remove_dropblock(ours)
@@ -184,7 +184,7 @@ def test_apply_twice_raises_and_replace_replaces():
         apply_dropblock(model, "paper-resnet50", input_size=[3, 64, 64])
     assert len(dropblocks(model)) == n
     apply_dropblock(model, "paper-resnet50", input_size=[3, 64, 64], stages=[4], replace=True)
-    assert {m.dropblock_stage for m in dropblocks(model).values()} == {4}
+    assert {m.placement.stage for m in dropblocks(model).values()} == {4}
     assert describe(model).recipe.stages == [4]
 
 

@@ -56,7 +56,7 @@ def test_guarantees(name):
     assert len(mods) == len(plan.rows) > 0
     assert [r.path for r in plan.rows] == list(mods) or sorted(r.path for r in plan.rows) == sorted(mods)
     for m in mods.values():
-        assert {m.dropblock_stage for m in mods.values()} <= {s.index for s in plan.stages}
+        assert {m.placement.stage for m in mods.values()} <= {s.index for s in plan.stages}
         assert m.drop_prob == m.target_drop_prob and not m.training
     with torch.no_grad():
         assert torch.equal(model(X), ref)

@@ -1,17 +1,17 @@
-"""The graph layer: tracing with leaf policies, stage discovery, site matchers, splicing."""
+"""The graph layer: leaf policy, tracing, the shape pass, stages, units, site matchers, splicing."""
 
-from .layers import LeafTracer, is_leaf, norm_types, register_leaf, register_norm
+from .leaves import is_leaf, norm_types, register_norm
 from .shapes import ShapeRecord, record_calls
-from .sites import Site, find_sites, insert_sites, trace_modes
+from .sites import Site, find_sites, insert_sites
 from .splice import graph_source, is_spliced, original_class, splice_after, splice_graph, unsplice
 from .stages import Stage, find_stages, stage_of_shape
+from .tracing import LeafTracer, trace_modes, trace_specialised
 from .units import Unit, find_units
 
 __all__ = [
     "LeafTracer",
     "is_leaf",
     "norm_types",
-    "register_leaf",
     "register_norm",
     "ShapeRecord",
     "record_calls",
@@ -19,6 +19,7 @@ __all__ = [
     "find_sites",
     "insert_sites",
     "trace_modes",
+    "trace_specialised",
     "graph_source",
     "is_spliced",
     "original_class",

@@ -21,7 +21,6 @@ from ..modules import DropBlockNd
 
 __all__ = [
     "register_norm",
-    "register_leaf",
     "norm_types",
     "is_conv",
     "is_norm",
@@ -32,11 +31,10 @@ __all__ = [
     "is_container",
     "is_walkable",
     "foreign_dropblock",
-    "LeafTracer",
+    "autowrap_functions",
 ]
 
 _NORMS: dict[type, bool] = {}  # class -> output already activated
-_LEAVES: set[type] = set()
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 _ACT_MODULES: tuple[type, ...] = (
@@ -66,12 +64,6 @@ def register_norm(cls: type, *, with_act: bool = False) -> type:
         True
     """
     _NORMS[cls] = with_act
-    return cls
-
-
-def register_leaf(cls: type) -> type:
-    """Never trace into ``cls`` (sites are only found around it)."""
-    _LEAVES.add(cls)
     return cls
 
 
@@ -124,6 +116,12 @@ def _extras() -> None:
 for _cls in (nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm2d,
              nn.InstanceNorm3d, nn.LayerNorm):
     register_norm(_cls)
+
+
+def autowrap_functions() -> tuple[Any, ...]:
+    """Functions tracing keeps as single calls (timm's ``get_notrace_functions()``)."""
+    _extras()
+    return tuple(_AUTOWRAP)
 
 
 def foreign_dropblock(m: nn.Module) -> bool:
@@ -182,7 +180,7 @@ def is_leaf(m: nn.Module) -> bool:
     _extras()
     if isinstance(m, DropBlockNd) or foreign_dropblock(m):
         return True
-    if is_conv(m) or is_norm(m) or _is_act_module(m) or isinstance(m, tuple(_LEAVES)):
+    if is_conv(m) or is_norm(m) or _is_act_module(m):
         return True
     if type(m) in _TIMM_LEAVES:
         return True
@@ -201,16 +199,3 @@ def is_walkable(m: nn.Module) -> bool:
     if not is_leaf(m):
         return True
     return type(m) in _TIMM_LEAVES and not (is_norm(m) or is_conv(m)) and next(m.children(), None) is not None
-
-
-class LeafTracer(fx.Tracer):
-    """An FX tracer with this library's leaf policy; ``extra_leaves`` are treated as leaves too
-    (child units of a container are traced as single calls)."""
-
-    def __init__(self, extra_leaves: tuple[nn.Module, ...] = ()) -> None:
-        _extras()
-        super().__init__(autowrap_functions=tuple(_AUTOWRAP))
-        self._extra = {id(m) for m in extra_leaves}
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return id(m) in self._extra or is_leaf(m)

@@ -42,6 +42,7 @@ class ShapeRecord:
     by_module: dict[int, list[Call]] = field(default_factory=dict)
     mode: str = "meta"
     runner: str = ""  # the ancestor run to reach the target ('' : the target itself)
+    runner_module: Optional[nn.Module] = None  # the module that was run
 
     def first(self, m: nn.Module) -> Optional[Call]:
         calls = self.by_module.get(id(m))
@@ -90,7 +91,8 @@ def record_calls(root: nn.Module, input_size: tuple[int, ...], runners: tuple[nn
 
 
 def _run(root: nn.Module, shape: tuple[int, ...], mode: str, runner: nn.Module) -> ShapeRecord:
-    record = ShapeRecord(input_shape=shape, mode=mode, runner="" if runner is root else type(runner).__name__)
+    record = ShapeRecord(input_shape=shape, mode=mode, runner="" if runner is root else type(runner).__name__,
+                         runner_module=runner)
     counter = itertools.count()
     stack: list[Call] = []
     handles = []

@@ -26,14 +26,14 @@ channels-first shape.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 from torch import fx, nn
 
-from .layers import ADD_FUNCTIONS, ADD_METHODS, LeafTracer, is_act_node, is_conv, is_identity, is_norm, is_norm_act
+from .leaves import ADD_FUNCTIONS, ADD_METHODS, is_act_node, is_conv, is_identity, is_norm, is_norm_act
 
-__all__ = ["Site", "trace_modes", "replay", "find_sites", "insert_sites"]
+__all__ = ["Site", "find_sites", "insert_sites"]
 
 
 @dataclass
@@ -45,83 +45,6 @@ class Site:
     after: Optional[str] = None  # node name: insert after it (all users rerouted)
     edge: Optional[tuple[str, str]] = None  # (src node, dst node): insert on this edge only
     channels_last: bool = False  # the tensor is N, (D,) H, W, C: permuted around the DropBlock
-
-
-def trace_modes(module: nn.Module, extra_leaves: tuple[nn.Module, ...] = (),
-                concrete_args: Optional[dict[str, Any]] = None) -> dict[str, fx.Graph]:
-    """Trace ``module`` in train and in eval mode; ``{"any": g}`` when both give the same code."""
-    flags = [(m, m.training) for m in module.modules()]
-    graphs: dict[str, fx.Graph] = {}
-    try:
-        for mode in ("train", "eval"):
-            module.train(mode == "train")
-            graphs[mode] = LeafTracer(extra_leaves).trace(module, concrete_args=concrete_args)
-    finally:
-        for m, flag in flags:
-            m.training = flag
-    if graphs["train"].python_code("self").src == graphs["eval"].python_code("self").src:
-        return {"any": graphs["eval"]}
-    return graphs
-
-
-def _to_meta(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return torch.empty(v.shape, dtype=v.dtype, device="meta")
-    if isinstance(v, (list, tuple)):
-        return type(v)(_to_meta(x) for x in v) if not hasattr(v, "_fields") else type(v)(*map(_to_meta, v))
-    if isinstance(v, dict):
-        return {k: _to_meta(x) for k, x in v.items()}
-    return v
-
-
-def replay(graph: fx.Graph, unit: nn.Module, bound: dict[str, Any],
-           outputs_of: Callable[[nn.Module], list[Any]]) -> dict[fx.Node, Any]:
-    """Meta value of every node: leaf calls take the outputs recorded in the shape pass (in
-    order), everything else is run on meta tensors. Unknown values are left out."""
-    env: dict[fx.Node, Any] = {}
-    queues: dict[int, list[Any]] = {}
-    missing = object()
-
-    def arg(a: Any) -> Any:
-        return fx.node.map_arg(a, lambda n: env.get(n, missing))
-
-    def has_missing(v: Any) -> bool:
-        found = []
-        fx.node.map_aggregate(v, lambda x: found.append(x is missing))
-        return any(found)
-
-    for node in graph.nodes:
-        try:
-            if node.op == "placeholder":
-                name = str(node.target).lstrip("*")
-                if name in bound:
-                    env[node] = _to_meta(bound[name])
-                elif node.args:
-                    env[node] = node.args[0]
-            elif node.op == "get_attr":
-                obj: Any = unit
-                for part in str(node.target).split("."):
-                    obj = getattr(obj, part)
-                env[node] = _to_meta(obj)
-            elif node.op == "call_module":
-                mod = unit.get_submodule(str(node.target))
-                q = queues.get(id(mod))
-                if q is None:
-                    q = queues[id(mod)] = list(outputs_of(mod))
-                if q:
-                    env[node] = _to_meta(q.pop(0))
-            elif node.op in ("call_function", "call_method"):
-                a, k = arg(node.args), arg(node.kwargs)
-                if has_missing(a) or has_missing(k):
-                    continue
-                with torch.no_grad():
-                    if node.op == "call_function":
-                        env[node] = node.target(*a, **k)
-                    else:
-                        env[node] = getattr(a[0], node.target)(*a[1:], **k)
-        except Exception:  # noqa: BLE001 - unknown value; sites depending on it are skipped
-            continue
-    return env
 
 
 def _shape(v: Any) -> Optional[tuple[int, ...]]:

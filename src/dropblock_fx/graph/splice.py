@@ -16,21 +16,26 @@ and ``torch.save`` through :func:`_rebuild`, which recreates the class from the 
 
 from __future__ import annotations
 
+import inspect
 import linecache
+import warnings
 from collections import OrderedDict
 from typing import Any, Optional
 
 from torch import fx, nn
 
-__all__ = ["graph_source", "splice_graph", "splice_after", "unsplice", "is_spliced", "original_class"]
+__all__ = ["graph_source", "guarded_call", "splice_graph", "splice_after", "unsplice", "is_spliced", "original_class"]
 
 _CLASSES: dict[tuple[type, str, str], type] = {}
 _FUNCTIONS: dict[str, Any] = {}
 _counter = [0]
 
 
-def graph_source(graphs: dict[str, fx.Graph]) -> str:
+def graph_source(graphs: dict[str, fx.Graph], guard: Optional[dict[str, Any]] = None) -> str:
     """Self-contained source of a ``forward`` for ``{"train": g, "eval": g}`` (or ``{"any": g}``).
+
+    With a ``guard`` (graphs traced for one recorded call, see ``tracing.trace_specialised``)
+    the forward checks each call against it and runs the original forward when it differs.
 
     Raises:
         ValueError: when a global the code needs cannot be imported by name.
@@ -49,7 +54,16 @@ def graph_source(graphs: dict[str, fx.Graph]) -> str:
         src = code.src.replace("def forward(", f"def _forward_{mode}(", 1)
         parts.append(src)
         heads.append(next(ln for ln in code.src.splitlines() if ln.startswith("def forward(")))
-    if list(graphs) == ["any"]:
+    if guard is not None:
+        train, eval_ = ("_forward_any", "_forward_any") if list(graphs) == ["any"] else ("_forward_train", "_forward_eval")
+        line = "from dropblock_fx.graph.splice import guarded_call as _guarded_call"
+        imports.setdefault(line, line)
+        body = "\n".join(parts) + (
+            f"\n_GUARD = {guard!r}\n"
+            f"def forward(self, *args, **kwargs):\n"
+            f"    return _guarded_call(self, _GUARD, {train}, {eval_}, args, kwargs)\n"
+        )
+    elif list(graphs) == ["any"]:
         body = parts[0].replace("def _forward_any(", "def forward(", 1)
     else:
         placeholders = [n for n in graphs["train"].nodes if n.op == "placeholder"]
@@ -66,7 +80,62 @@ def graph_source(graphs: dict[str, fx.Graph]) -> str:
     return "\n".join(imports) + "\n" + body
 
 
-def _compile(source: str) -> Any:
+_PARAMS: dict[type, tuple[list[str], dict[str, Any]]] = {}
+_WARNED: set[type] = set()
+_MISSING = object()
+
+
+def _params(cls: type) -> tuple[list[str], dict[str, Any]]:
+    got = _PARAMS.get(cls)
+    if got is None:
+        sig = inspect.signature(cls.forward)
+        ps = [p for p in list(sig.parameters.values())[1:] if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        got = _PARAMS[cls] = ([p.name for p in ps], {p.name: p.default for p in ps if p.default is not p.empty})
+    return got
+
+
+def guarded_call(self: nn.Module, guard: dict[str, Any], train_fn: Any, eval_fn: Any, args: tuple,
+                 kwargs: dict) -> Any:
+    """Run a specialised forward when the call matches what it was traced for, else the
+    original forward (no DropBlock in that call; warns once per class)."""
+    orig = original_class(self)
+    names, defaults = _params(orig)
+    values = list(args) + [kwargs.get(n, defaults.get(n, _MISSING)) for n in names[len(args):]]
+    if not any(isinstance(v, fx.Proxy) for v in values):  # an FX retrace keeps the specialised code
+        from .tracing import describe_call
+
+        try:
+            ok = all(describe_call(values[names.index(k)]) == want for k, want in guard.items())
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            if orig not in _WARNED:
+                _WARNED.add(orig)
+                warnings.warn(
+                    f"dropblock_fx: {orig.__name__} was rewritten for calls like the planned one "
+                    f"({guard_text(guard)}); this call differs, so it runs its original forward, "
+                    f"without DropBlock. Plan at the size you train at: apply_dropblock(..., "
+                    f"input_size=(C, H, W)).", UserWarning, stacklevel=3)
+            return orig.forward(self, *args, **kwargs)
+    return (train_fn if self.training else eval_fn)(self, *values)
+
+
+def guard_text(guard: dict[str, Any]) -> str:
+    def one(d: Any) -> str:
+        kind, v = d
+        if kind == "tensor":
+            return "x".join(map(str, ("N", *v))) + " tensor"
+        if kind == "value":
+            return repr(v)
+        if kind == "dict":
+            return "{" + ", ".join(f"{k!r}: {one(x)}" for k, x in v) + "}"
+        inner = ", ".join(one(x) for x in v)
+        return f"[{inner}]" if kind == "list" else f"({inner})"
+
+    return ", ".join(f"{k}={one(d)}" for k, d in guard.items())
+
+
+def compile_source(source: str) -> Any:
     fn = _FUNCTIONS.get(source)
     if fn is None:
         _counter[0] += 1
@@ -139,7 +208,7 @@ def _spliced_class(orig: type, kind: str, source: str) -> type:
     key = (orig, kind, source)
     cls = _CLASSES.get(key)
     if cls is None:
-        forward = _compile(source) if kind == "graph" else _after_forward(orig)
+        forward = compile_source(source) if kind == "graph" else _after_forward(orig)
         ns: dict[str, Any] = {
             "forward": forward,
             "__module__": orig.__module__,

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .layers import is_conv
+from .leaves import is_conv
 from .shapes import Call, ShapeRecord
 
 __all__ = ["Stage", "stage_of_shape", "find_stages"]

@@ -19,7 +19,9 @@ from typing import Any, Optional
 
 from torch import fx, nn
 
-from .layers import LeafTracer, is_container, is_norm, is_walkable
+from .leaves import is_container, is_conv, is_norm, is_walkable
+from .tracing import LeafTracer, trace_modes, trace_specialised
+from .verify import check_graphs
 from .shapes import Call, ShapeRecord
 
 __all__ = ["Unit", "find_units"]
@@ -36,6 +38,8 @@ class Unit:
     error: Optional[str] = None
     loose_norms: list[tuple[str, nn.Module]] = field(default_factory=list)
     was_block: bool = False  # an opaque unit that is a block (its output can take a site)
+    guard: Optional[dict[str, Any]] = None  # specialised trace: what every call must match
+    note: Optional[str] = None  # how it was traced, when not plainly
 
 
 def _is_chain(m: nn.Module, children: tuple[nn.Module, ...]) -> bool:
@@ -106,20 +110,71 @@ def tensor_container_arg(m: nn.Module, call: Optional[Call]) -> Optional[str]:
     return None
 
 
-def _trace(m: nn.Module, leaves: tuple[nn.Module, ...], call: Call) -> dict[str, fx.Graph]:
-    """``m``'s train/eval graphs for its recorded ``call``; raises when they would be unfaithful."""
-    from .sites import trace_modes
+class TraceFailure(Exception):
+    """No faithful graph of a unit (every way of tracing it failed verification)."""
 
+
+def _trace(m: nn.Module, leaves: tuple[nn.Module, ...], call: Call,
+           cache: dict) -> tuple[dict[str, fx.Graph], Optional[dict[str, Any]]]:
+    """``m``'s verified train/eval graphs for its recorded ``call``, and the guard of a
+    specialised trace (None for a plain one).
+
+    A plain trace is tried first; when it fails or is not faithful (see ``verify``), a trace
+    specialised to the recorded arguments and shapes. Raises :class:`TraceFailure` with
+    every reason when neither is faithful.
+    """
+    bound = bound_args(m, call)
+    reasons: list[str] = []
     why = tensor_container_arg(m, call)
     if why:
-        raise TypeError(why)
-    return trace_modes(m, leaves, concrete_none_args(m, call))
+        reasons.append(why)
+    else:
+        try:
+            graphs = trace_modes(m, leaves, concrete_none_args(m, call))
+            problem = check_graphs(graphs, m, bound, call.output, cache=cache)
+            if problem is None:
+                return graphs, None
+            reasons.append(problem)
+        except Exception as e:  # noqa: BLE001
+            reasons.append(f"{type(e).__name__}: {_first_line(e)}")
+    try:
+        graphs, guard = trace_specialised(m, leaves, bound, cache)
+        problem = check_graphs(graphs, m, bound, call.output, cache=cache)
+        if problem is None:
+            return graphs, guard
+        reasons.append(f"specialised: {problem}")
+    except Exception as e:  # noqa: BLE001
+        reasons.append(f"specialised: {type(e).__name__}: {_first_line(e)}")
+    raise TraceFailure("; ".join(dict.fromkeys(reasons)))
 
 
-def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by_call: dict[int, int]) -> list[Unit]:
-    """Units under ``root`` that hold feature maps of the ``wanted`` stages, in call order."""
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def _absorbable(c: nn.Module) -> bool:
+    """A container of leaves with a norm and no conv (MONAI's ``ADN``): traced inline with
+    its parent, so ``conv -> norm -> act`` across the two containers is one chain."""
+    kids = list(c.children())
+    if not kids or any(is_walkable(k) for k in kids) or any(is_conv(k) for k in kids):
+        return False
+    if not any(is_norm(k) for k in kids):
+        return False
+    return is_container(c) or _is_chain(c, ())
+
+
+def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by_call: dict[int, int],
+               cache: Optional[dict] = None) -> list[Unit]:
+    """Units under ``root`` that hold feature maps of the ``wanted`` stages, in call order.
+
+    A block whose inside goes deeper than its output (a nested U-Net's skip block, which
+    wraps the whole deeper network and comes back up) is never one unit: it is descended
+    like a container, so each part keeps its own stage.
+    """
     position = {id(c): i for i, c in enumerate(record.calls)}
     units: list[Unit] = []
+    cache = {} if cache is None else cache
 
     def stages_in(m: nn.Module) -> set[int]:
         out: set[int] = set()
@@ -132,12 +187,16 @@ def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by
                     out.add(stages_by_call[j])
         return out
 
-    def composite_children(m: nn.Module) -> list[tuple[str, nn.Module]]:
-        return [(n, c) for n, c in m.named_children() if is_walkable(c)]
+    def spans_stages(m: nn.Module, call: Call) -> bool:
+        out = stages_by_call.get(position[id(call)])
+        return out is not None and max(stages_in(m), default=out) > out
 
-    def visit_children(m: nn.Module, path: str) -> None:
+    def composite_children(m: nn.Module, absorbed: tuple[nn.Module, ...] = ()) -> list[tuple[str, nn.Module]]:
+        return [(n, c) for n, c in m.named_children() if is_walkable(c) and c not in absorbed]
+
+    def visit_children(m: nn.Module, path: str, absorbed: tuple[nn.Module, ...] = ()) -> None:
         for name, child in m.named_children():
-            if is_walkable(child):
+            if is_walkable(child) and child not in absorbed:
                 walk(child, f"{path}.{name}" if path else name)
 
     def loose_norms(m: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
@@ -147,21 +206,22 @@ def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by
                 out.append((f"{path}.{name}" if path else name, child))
         return out
 
-    def has_loose_layers(m: nn.Module) -> bool:
-        return any(not is_walkable(c) and stages_in(c) & wanted for c in m.children())
+    def has_loose_layers(m: nn.Module, absorbed: tuple[nn.Module, ...]) -> bool:
+        return any((not is_walkable(c) or c in absorbed) and stages_in(c) & wanted for c in m.children())
 
     def container(m: nn.Module, path: str, call: Optional[Call], rewritable: bool) -> None:
-        children = tuple(c for _, c in composite_children(m))
+        absorbed = tuple(c for c in m.children() if is_walkable(c) and _absorbable(c)) if rewritable else ()
+        children = tuple(c for _, c in composite_children(m, absorbed))
         unit_index = len(units)
-        visit_children(m, path)
-        if not has_loose_layers(m):
+        visit_children(m, path, absorbed)
+        if not has_loose_layers(m, absorbed):
             return
         unit = Unit(path, m, "container", call, extra_leaves=children)
         if rewritable and call is not None:
             try:
-                unit.graphs = _trace(m, children, call)
+                unit.graphs, unit.guard = _trace(m, children, call, cache)
             except Exception as e:  # noqa: BLE001
-                unit.kind, unit.error = "opaque", f"{type(e).__name__}: {e}"
+                unit.kind, unit.error = "opaque", str(e)
         else:
             unit.kind = "opaque"
             unit.error = "the target module itself is never rewritten" if not path else "not called directly"
@@ -185,15 +245,15 @@ def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by
             chain = _is_chain(m, children)
         except Exception:  # noqa: BLE001 - untraceable at one level: a block (tried whole below)
             chain = False
-        if chain:
+        if chain or spans_stages(m, call):
             container(m, path, call, rewritable=True)
             return
         unit = Unit(path, m, "block", call)
         try:
-            unit.graphs = _trace(m, (), call)
+            unit.graphs, unit.guard = _trace(m, (), call, cache)
             units.append(unit)
         except Exception as e:  # noqa: BLE001 - fall back: its parts, and norms without a graph
-            unit.kind, unit.error, unit.was_block = "opaque", f"{type(e).__name__}: {e}", True
+            unit.kind, unit.error, unit.was_block = "opaque", str(e), True
             n_before = len(units)
             container(m, path, call, rewritable=False)
             mine = [u for u in units[n_before:] if u.module is m]

@@ -8,36 +8,28 @@ from typing import Any, Callable, Optional
 from torch import nn
 
 from ..graph.splice import is_spliced, splice_after, splice_graph, unsplice
-from ..modules import DropBlock2d, DropBlock3d, DropBlockNd, PendingSchedule
-from .plan import (Action, Plan, PlanRow, RecipeLike, SurgeryError, check_model, existing_dropblocks, prepare,
-                   resolve_recipe)
+from ..modules import DropBlockNd, is_inserted
+from .actions import Action, new_dropblock
+from .exact import check_verify, exact_check
+from .plan import Plan, PlanRow, prepare
+from .settings import RecipeLike, resolve_recipe
+from .target import SurgeryError, check_model, existing_dropblocks
 
 __all__ = ["apply_dropblock", "remove_dropblock", "describe"]
 
 
 def _make(row: PlanRow, scheduled: Any, parent: nn.Module) -> DropBlockNd:
-    opts = dict(row.options)
-    cls = DropBlock3d if len(row.resolution) == 3 else DropBlock2d
-    m = cls(
-        drop_prob=row.target_drop_prob, block_size=opts["block_size"], mask=opts["mask"],
-        seed_region=opts["seed_region"], gamma_scale=opts["gamma_scale"], scale=opts["scale"],
-        noise=opts["noise"], calibrate=opts["calibrate"],
-    )
-    m.dropblock_stage = row.stage
-    m.dropblock_site = row.kind
-    m.target_drop_prob = row.target_drop_prob
+    m = new_dropblock(row, parent.training)
     m.schedule_pending = scheduled
-    m.train(parent.training)
     return m
 
 
 def _has_ours(model: nn.Module) -> bool:
-    return getattr(model, "dropblock_plan", None) is not None or any(
-        isinstance(m, DropBlockNd) and hasattr(m, "dropblock_site") for m in model.modules())
+    return getattr(model, "dropblock_plan", None) is not None or any(is_inserted(m) for m in model.modules())
 
 
 def apply_dropblock(model: nn.Module, recipe: RecipeLike = None, *, replace: bool = False,
-                    keep_foreign: bool = False, **overrides: Any) -> nn.Module:
+                    keep_foreign: bool = False, verify: str = "graph", **overrides: Any) -> nn.Module:
     """Insert DropBlock modules where ``recipe`` says; modifies ``model`` in place and returns it.
 
     Args:
@@ -49,6 +41,11 @@ def apply_dropblock(model: nn.Module, recipe: RecipeLike = None, *, replace: boo
             (without it, applying twice is an error).
         keep_foreign: the model has DropBlock modules of another library (timm's
             ``drop_block_rate``): keep them and add these (without it, an error).
+        verify: ``"graph"`` (always done): every rewritten module is checked against the
+            original on meta tensors before anything is changed, and one that fails keeps
+            its original forward (a plan note says why). ``"exact"``: also run the model
+            once on a real random input in eval mode before and after, and undo everything
+            unless the outputs are bit-identical (costs two forward passes).
         **overrides: recipe fields applied on top (``drop_prob=0.2``, ``stages=[4]``,
             ``target="backbone.body"``).
 
@@ -62,6 +59,7 @@ def apply_dropblock(model: nn.Module, recipe: RecipeLike = None, *, replace: boo
         36
     """
     check_model(model, "apply_dropblock")
+    check_verify(verify)
     rec = resolve_recipe(recipe, **overrides)
     previous: Optional[Plan] = None
     if _has_ours(model):
@@ -73,15 +71,20 @@ def apply_dropblock(model: nn.Module, recipe: RecipeLike = None, *, replace: boo
         previous = getattr(model, "dropblock_plan", None)
         remove_dropblock(model)
     try:
-        p, actions = prepare(model, rec, keep_foreign=keep_foreign)
-        _apply_actions(model, p, actions)
+        prep = prepare(model, rec, keep_foreign=keep_foreign)
+        p = prep.plan
+        if verify == "exact":
+            exact_check(prep.target, prep.runner or prep.target.root, p.input_shape,
+                        lambda: _apply_actions(model, p, prep.actions), lambda: remove_dropblock(model))
+        else:
+            _apply_actions(model, p, prep.actions)
         if not p.rows:
             warnings.warn(f"apply_dropblock: no site of the recipe matched in {type(model).__name__}; "
                           f"see describe(model).notes: {'; '.join(p.notes) or 'none'}", UserWarning, stacklevel=2)
     except Exception:
         if previous is not None:  # put the previous plan back: the model is as it was
-            p_old, a_old = prepare(model, previous.recipe, keep_foreign=True)
-            _apply_actions(model, p_old, a_old)
+            old = prepare(model, previous.recipe, keep_foreign=True)
+            _apply_actions(model, old.plan, old.actions)
         raise
     return model
 
@@ -89,12 +92,14 @@ def apply_dropblock(model: nn.Module, recipe: RecipeLike = None, *, replace: boo
 def _apply_actions(model: nn.Module, p: Plan, actions: list[Action]) -> None:
     undo: list[Callable[[], None]] = []
     # one marker for the whole model: it warns once if it trains before attach_schedule
+    from ..schedule.pending import PendingSchedule
+
     scheduled = PendingSchedule() if p.recipe.schedule is not None else False
     current = ""
     try:
         for act in actions:
             current = act.path or type(model).__name__
-            if act.kind == "graph":
+            if act.how == "graph":
                 m = act.module
                 for name, row in zip(act.names, act.rows):
                     if name in m._modules or hasattr(m, name):
@@ -105,7 +110,7 @@ def _apply_actions(model: nn.Module, p: Plan, actions: list[Action]) -> None:
                     raise SurgeryError(f"{current}: already rewritten")
                 splice_graph(m, act.source)
                 undo.append(lambda m=m: unsplice(m))
-            elif act.kind == "after":
+            elif act.how == "after":
                 m = act.module
                 if "dropblock" in m._modules or is_spliced(m):
                     raise SurgeryError(f"{current}: already rewritten")
@@ -138,7 +143,7 @@ def remove_dropblock(model: nn.Module) -> nn.Module:
         raise TypeError(f"remove_dropblock(model): model must be a torch.nn.Module, not {type(model).__name__}")
     for m in list(model.modules()):
         for name, child in list(m._modules.items()):
-            if isinstance(child, DropBlockNd) and hasattr(child, "dropblock_site"):
+            if is_inserted(child):
                 replaced = child.__dict__.get("_dropblock_replaced")
                 if replaced is not None:
                     m._modules[name] = replaced

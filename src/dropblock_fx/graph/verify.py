@@ -1,0 +1,148 @@
+"""Is a traced (or rewritten) graph of a unit faithful to the unit's recorded call?
+
+Two checks, both on meta tensors, so they cost no real compute:
+
+* every argument that carried a tensor in the recorded call is used by the graph (a trace
+  that took the wrong branch of ``isinstance(skip, torch.Tensor)`` drops ``skip``);
+* the graph, run through the unit's real leaf modules (with meta parameters) in train and
+  in eval mode, returns what the recorded call returned: same structure, shapes, dtypes.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import fx, nn
+from torch.utils._pytree import tree_flatten
+
+from .tracing import run_meta, to_meta
+
+__all__ = ["output_signature", "unused_tensor_args", "check_graphs"]
+
+
+def output_signature(value: Any) -> Any:
+    """Structure, shapes and dtypes of ``value`` (what a faithful graph must reproduce)."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(int(s) for s in value.shape), str(value.dtype))
+    if isinstance(value, (list, tuple)):  # FX's immutable_list is a list here
+        kind = type(value).__name__ if hasattr(value, "_fields") else "tuple" if isinstance(value, tuple) else "list"
+        return (kind, tuple(output_signature(v) for v in value))
+    if isinstance(value, dict):
+        return ("dict", tuple((k, output_signature(v)) for k, v in value.items()))
+    return (type(value).__name__,)
+
+
+def _placeholder_value(node: fx.Node, bound: dict[str, Any]) -> Any:
+    name = str(node.target).lstrip("*")
+    if name not in bound:  # FX names a specialised argument `skip_1`
+        name = re.sub(r"_\d+$", "", name)
+    if name in bound:
+        return to_meta(bound[name])
+    if node.args:
+        return node.args[0]
+    raise KeyError(f"no value for argument {node.target!r}")
+
+
+def unused_tensor_args(graph: fx.Graph, bound: dict[str, Any]) -> list[str]:
+    """Arguments that carried a tensor in the recorded call but that ``graph`` never reads."""
+    used = set()
+    for node in graph.nodes:
+        if node.op == "placeholder" and node.users:
+            name = str(node.target).lstrip("*")
+            used.update({name, re.sub(r"_\d+$", "", name)})
+    out = []
+    for name, value in bound.items():
+        leaves, _ = tree_flatten(value)
+        if any(isinstance(v, torch.Tensor) for v in leaves) and name not in used:
+            out.append(name)
+    return out
+
+
+_SHAPE_PRESERVING = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+                     nn.LeakyReLU, nn.ELU, nn.Mish, nn.Identity, nn.Dropout, nn.Dropout2d, nn.Dropout3d)
+_CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm,)
+
+
+def _leaf(m: nn.Module, args: tuple, kwargs: dict, cache: dict) -> Any:
+    """A leaf's meta output. Modules whose output is their input's shape by definition skip
+    torch's slow meta kernels (a BatchNorm costs ~1 ms on meta), after checking what the
+    real module would check (channel count, rank)."""
+    x = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) else None
+    if x is not None and type(m) in _SHAPE_PRESERVING:
+        return torch.empty_like(x)
+    if x is not None and isinstance(m, _CHANNEL_NORMS) and type(m).forward in _NORM_FORWARDS:
+        if x.dim() < 2 or x.shape[1] != m.num_features:
+            raise ValueError(f"{type(m).__name__}({m.num_features}) got a {tuple(x.shape)} input")
+        return torch.empty_like(x)
+    return run_meta(m, args, kwargs, cache)
+
+
+_NORM_FORWARDS = {cls.forward for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)}
+
+
+def _run(graph: fx.Graph, unit: nn.Module, bound: dict[str, Any], extra: frozenset[str], cache: dict) -> Any:
+    env: dict[fx.Node, Any] = {}
+    for node in graph.nodes:
+        args = fx.node.map_arg(node.args, env.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        if node.op == "placeholder":
+            env[node] = _placeholder_value(node, bound)
+        elif node.op == "get_attr":
+            obj: Any = unit
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part)
+            env[node] = to_meta(obj)
+        elif node.op == "call_module":
+            target = str(node.target)
+            if target in extra:  # a DropBlock module: the input's shape (the op's own tests hold it)
+                env[node] = torch.empty_like(args[0])
+            else:
+                env[node] = _leaf(unit.get_submodule(target), args, kwargs, cache)
+        elif node.op == "call_function":
+            env[node] = node.target(*args, **kwargs)  # type: ignore[operator]
+        elif node.op == "call_method":
+            env[node] = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+        else:  # output
+            return args[0]
+    return None
+
+
+def check_graphs(graphs: dict[str, fx.Graph], unit: nn.Module, bound: dict[str, Any], expected: Any,
+                 extra: Iterable[str] = (), cache: Optional[dict] = None) -> Optional[str]:
+    """Why ``graphs`` (``{"train"|"eval"|"any": graph}``) are not faithful to the recorded call
+    (``bound`` arguments, ``expected`` output), or None when they are.
+
+    ``extra`` names the modules the graphs call that ``unit`` does not have yet (the
+    DropBlock modules of a rewritten graph: shape-preserving).
+    """
+    names = frozenset(extra)
+    cache = {} if cache is None else cache
+    want = output_signature(expected)
+    flags = [(m, m.training) for m in unit.modules()]
+    try:
+        for mode, graph in graphs.items():
+            unused = unused_tensor_args(graph, bound)
+            if unused:
+                return f"the traced forward never uses its tensor argument(s) {', '.join(map(repr, unused))}"
+            for training in ((True, False) if mode == "any" else (mode == "train",)):
+                unit.train(training)
+                try:
+                    with torch.no_grad():
+                        got = _run(graph, unit, bound, names, cache)
+                except Exception as e:  # noqa: BLE001
+                    return (f"the traced forward does not run in {'train' if training else 'eval'} mode "
+                            f"({type(e).__name__}: {str(e)[:160]})")
+                if output_signature(got) != want:
+                    return (f"the traced forward returns {_short(output_signature(got))} in "
+                            f"{'train' if training else 'eval'} mode, the module {_short(want)}")
+    finally:
+        for m, flag in flags:
+            m.training = flag
+    return None
+
+
+def _short(sig: Any) -> str:
+    text = repr(sig)
+    return text if len(text) <= 120 else text[:117] + "..."

@@ -1,0 +1,119 @@
+"""Phases 7-8, rows and actions: what apply does to each module, every rewrite verified first.
+
+A graph action's rewritten graphs (the unit's verified graphs with DropBlock calls inserted)
+are run once more on meta tensors, with the new DropBlock modules, in train and eval mode,
+and must return what the unit returned in the shape pass; then their ``forward`` source is
+generated and compiled, so apply cannot fail half-way on it. A rewrite that fails is dropped
+with a note, never applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx, nn
+
+from ..graph.sites import insert_sites
+from ..graph.splice import compile_source, graph_source
+from ..graph.units import bound_args
+from ..graph.verify import check_graphs
+from ..modules import DropBlock2d, DropBlock3d, DropBlockNd, Placement
+from .candidates import Candidate, SiteContext, module_at
+from .rows import PlanRow
+from .settings import StageSettings
+from .target import SurgeryError
+
+__all__ = ["Action", "new_dropblock", "build_actions"]
+
+
+@dataclass
+class Action:
+    """What apply does to one module (internal: holds live modules)."""
+
+    how: str  # "graph" | "after" | "slot"
+    module: nn.Module
+    path: str  # the module's path in the model, for messages
+    rows: list[PlanRow] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)  # child names (graph, after) / the slot attribute
+    source: str = ""
+
+
+def new_dropblock(row: PlanRow, training: bool = True) -> DropBlockNd:
+    """The DropBlock module of ``row``, with its :class:`Placement`."""
+    opts = dict(row.options)
+    cls = DropBlock3d if len(row.resolution) == 3 else DropBlock2d
+    m = cls(drop_prob=row.target_drop_prob, **opts)
+    m.placement = Placement(row.stage, row.kind, row.target_drop_prob)
+    m.target_drop_prob = row.target_drop_prob
+    return m.train(training)
+
+
+def _row(c: Candidate, cfg: StageSettings) -> PlanRow:
+    block, exp = cfg.expected(c.shape)
+    opts = dict(cfg.options, block_size=cfg.block_size)
+    return PlanRow(c.stage, cfg.stage.name, tuple(c.shape[2:]), c.path, c.kind, block, cfg.target, exp, c.anchor,
+                   c.mechanism, tuple(sorted(opts.items())))
+
+
+def _copy_graph(g: fx.Graph) -> fx.Graph:
+    new = fx.Graph()
+    new.output(new.graph_copy(g, {}))
+    return new
+
+
+def build_actions(ctx: SiteContext, chosen: list[Candidate]) -> tuple[list[PlanRow], list[Action]]:
+    """Plan rows and the actions that realise them (verified, code generated)."""
+    root, prefix = ctx.target.root, ctx.target.prefix
+    actions: dict[tuple[str, str], Action] = {}
+    rows: list[PlanRow] = []
+    for c in chosen:
+        row = _row(c, ctx.settings[c.stage])
+        how, path = c.action
+        act = actions.get(c.action)
+        if act is None:
+            if how == "slot":
+                parent, _, attr = path.rpartition(".")
+                act = Action("slot", module_at(root, parent), prefix + parent, names=[attr])
+            else:
+                act = Action(how, module_at(root, path), (prefix + path) or type(root).__name__,
+                             names=["dropblock"] if how == "after" else [])
+            actions[c.action] = act
+        if how == "graph":
+            act.names.append(c.path.rsplit(".", 1)[1])
+        act.rows.append(row)
+        rows.append(row)
+
+    dropped: set[str] = set()
+    for (how, path), act in actions.items():
+        if how != "graph":
+            continue
+        problem = _rewrite(ctx, path, act)
+        if problem:
+            ctx.notes.append(f"{act.path}: not rewritten, its rewritten forward failed verification ({problem})")
+            dropped.update(r.path for r in act.rows)
+    if dropped:
+        rows = [r for r in rows if r.path not in dropped]
+    return rows, [a for a in actions.values() if not (a.how == "graph" and not a.source)]
+
+
+def _rewrite(ctx: SiteContext, path: str, act: Action) -> str:
+    """Fill ``act.source``; returns why the rewrite was refused ('' when it was not)."""
+    unit = next(u for u in ctx.units if u.path == path and u.graphs is not None)
+    names = set(act.names)
+    graphs = {}
+    for mode, g in unit.graphs.items():  # type: ignore[union-attr]
+        g = _copy_graph(g)
+        insert_sites(g, [s for s in ctx.graph_sites[path][mode] if s.name in names])
+        graphs[mode] = g
+    bound = bound_args(unit.module, unit.call) if unit.call is not None else {}
+    expected: Any = unit.call.output if unit.call is not None else None
+    problem = check_graphs(graphs, unit.module, bound, expected, extra=names, cache=ctx.meta_cache)
+    if problem:
+        return problem
+    try:
+        act.source = graph_source(graphs, unit.guard)
+        compile_source(act.source)
+    except Exception as e:  # noqa: BLE001
+        raise SurgeryError(f"{act.path}: could not generate its new forward ({type(e).__name__}: {e})") from e
+    return ""

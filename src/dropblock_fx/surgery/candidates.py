@@ -1,0 +1,172 @@
+"""Phase 5, candidate sites: a registry of site finders, each turning units into candidates.
+
+Built in: ``graph`` (sites matched on a unit's verified FX graph) and ``fallback`` (after
+norm modules and after whole blocks, for units without a graph). The timm integration
+registers ``timm`` (timm's own ``drop_block`` slots) when a recipe asks for that kind.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from torch import nn
+
+from ..graph.shapes import ShapeRecord
+from ..graph.sites import Site, find_sites
+from ..graph.stages import stage_of_shape
+from ..graph.tracing import replay
+from ..graph.units import Unit, bound_args
+from .settings import StageSettings
+from .target import Target
+
+__all__ = ["Candidate", "SiteContext", "register_site_finder", "find_candidates"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One possible DropBlock module."""
+
+    stage: int
+    block: str  # what block_fraction counts: a block's path, or a loose site's own key
+    path: str  # the DropBlock module's path in the model
+    kind: str  # site kind
+    shape: tuple[int, ...]  # channels-first feature map
+    anchor: str
+    mechanism: str  # "graph" | "after-norm" | "after-block" | "slot"
+    action: tuple[str, str]  # (how: "graph" | "after" | "slot", path of the module it changes)
+    unit: Optional[str] = None  # the unit it came from (candidates are ordered by unit)
+
+
+@dataclass
+class SiteContext:
+    """What every site finder may read; ``graph_sites`` is filled by the graph finder."""
+
+    target: Target
+    record: ShapeRecord
+    units: list[Unit]
+    settings: dict[int, StageSettings]
+    norm_free: bool
+    notes: list[str]
+    graph_sites: dict[str, dict[str, list[Site]]] = field(default_factory=dict)
+    meta_cache: dict = field(default_factory=dict)  # meta copies of leaf weights, shared by the phases
+
+    @property
+    def kinds(self) -> set[str]:
+        return set().union(*(s.sites for s in self.settings.values()))
+
+    def wants(self, stage: Optional[int], kind: str) -> bool:
+        return stage in self.settings and kind in self.settings[stage].sites
+
+    def stage_of(self, shape: tuple[int, ...]) -> Optional[int]:
+        return stage_of_shape(self.record.input_shape, shape)
+
+    def unit_stage(self, u: Unit) -> Optional[int]:
+        """A block's sites belong to the stage of the block's output; other units' sites to
+        the stage of their own feature map (None here)."""
+        if u.kind != "block" and not u.was_block:
+            return None
+        out = u.call.output if u.call is not None else None
+        return self.stage_of(tuple(out.shape)) if hasattr(out, "shape") else None
+
+    def unit_of(self, path: str) -> Optional[Unit]:
+        """The innermost unit holding the module at ``path`` (relative to the target)."""
+        best = None
+        for u in self.units:
+            if u.path and path.startswith(u.path + ".") and (best is None or len(u.path) > len(best.path)):
+                best = u
+        return best
+
+
+SiteFinder = Callable[[SiteContext], list[Candidate]]
+_FINDERS: dict[str, SiteFinder] = {}
+_LAZY = {"timm": "dropblock_fx.integrations.timm_slots"}  # registered when that module is imported
+
+
+def register_site_finder(name: str) -> Callable[[SiteFinder], SiteFinder]:
+    """Register ``finder(ctx) -> [Candidate]`` under ``name`` (a decorator).
+
+    Example:
+        >>> @register_site_finder("nothing")
+        ... def _none(ctx):
+        ...     return []
+        >>> _FINDERS.pop("nothing") is _none
+        True
+    """
+    def deco(fn: SiteFinder) -> SiteFinder:
+        _FINDERS[name] = fn
+        return fn
+
+    return deco
+
+
+def find_candidates(ctx: SiteContext) -> list[Candidate]:
+    """Every finder's candidates, in finder order; a finder for a site kind the recipe does
+    not ask for (``timm``) is loaded only when asked."""
+    for kind, module in _LAZY.items():
+        if kind in ctx.kinds and kind not in _FINDERS:
+            importlib.import_module(module)
+    out: list[Candidate] = []
+    for fn in _FINDERS.values():
+        out += fn(ctx)
+    order = {u.path: i for i, u in enumerate(ctx.units)}
+    return sorted(out, key=lambda c: order.get(c.unit, len(order)) if c.unit is not None else len(order))
+
+
+@register_site_finder("graph")
+def _graph_sites(ctx: SiteContext) -> list[Candidate]:
+    out: list[Candidate] = []
+    kinds = ctx.kinds
+    for u in ctx.units:
+        if u.graphs is None:
+            continue
+        base = ctx.target.prefix + (f"{u.path}." if u.path else "")
+        bound = bound_args(u.module, u.call) if u.call is not None else {}
+        start, end = (u.call.start, u.call.end) if u.call is not None else (0, 0)
+        try:
+            per_mode = {}
+            for mode, g in u.graphs.items():
+                values = replay(g, u.module, bound, lambda m: ctx.record.outputs_within(m, start, end))
+                per_mode[mode], _ = find_sites(g, u.module, values, kinds, ctx.norm_free, u.kind == "block")
+        except Exception as e:  # noqa: BLE001
+            ctx.notes.append(f"{base.rstrip('.') or ctx.target.label}: could not match sites ({type(e).__name__}: {e})")
+            continue
+        ctx.graph_sites[u.path] = per_mode
+        ustage = ctx.unit_stage(u)
+        for site in per_mode.get("eval") or per_mode.get("any") or []:
+            st = ustage if ustage is not None else ctx.stage_of(site.shape)
+            if ctx.wants(st, site.kind):
+                block = u.path if u.kind == "block" else f"{u.path}:{site.name}"
+                out.append(Candidate(st, block, base + site.name, site.kind, site.shape, site.anchor, "graph",  # type: ignore[arg-type]
+                                     ("graph", u.path), u.path))
+    return out
+
+
+@register_site_finder("fallback")
+def _fallback_sites(ctx: SiteContext) -> list[Candidate]:
+    out: list[Candidate] = []
+    prefix = ctx.target.prefix
+    for u in ctx.units:
+        if u.graphs is not None:
+            continue
+        ustage = ctx.unit_stage(u)
+        for path, norm in u.loose_norms:
+            call = ctx.record.first(norm)
+            shape = tuple(call.output.shape) if call is not None and hasattr(call.output, "shape") else ()
+            st = ctx.stage_of(shape) if len(shape) in (4, 5) else None
+            if st is None:
+                continue  # not a feature map, or a channels-last norm (N, H, W, C): "after" cannot permute
+            st = ustage if ustage is not None else st
+            if ctx.wants(st, "conv"):
+                out.append(Candidate(st, f"{u.path}:{path}", prefix + path + ".dropblock", "conv", shape,
+                                     f"after {path} (no graph)", "after-norm", ("after", path), u.path))
+        if u.was_block and ustage is not None and u.call is not None and ctx.wants(ustage, "block"):
+            out.append(Candidate(ustage, u.path, prefix + (f"{u.path}." if u.path else "") + "dropblock", "block",
+                                 tuple(u.call.output.shape), "block output (no graph)", "after-block",
+                                 ("after", u.path), u.path))
+    return out
+
+
+def module_at(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root

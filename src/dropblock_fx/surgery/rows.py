@@ -1,0 +1,82 @@
+"""The result of planning: :class:`PlanRow` (one DropBlock module) and :class:`Plan`.
+
+A plan is plain data (picklable): its rows say, for every DropBlock module, the stage, the
+feature resolution at the recipe's input size, the module path, the site kind, the block
+size after clipping, the target rate and the expected real rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..graph.stages import Stage
+from ..recipe.schema import Recipe
+
+__all__ = ["PlanRow", "Plan"]
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One DropBlock module of a plan."""
+
+    stage: int
+    stage_name: str
+    resolution: tuple[int, ...]
+    path: str
+    kind: str
+    block_size: tuple[int, ...]
+    target_drop_prob: float
+    expected_drop_prob: float
+    anchor: str
+    mechanism: str  # "graph" | "after-norm" | "after-block" | "slot"
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "options"}
+        d["options"] = dict(self.options)
+        return d
+
+
+@dataclass
+class Plan:
+    """Rows, the validated recipe, the model's stages and notes (fallbacks, skipped stages)."""
+
+    rows: list[PlanRow]
+    recipe: Recipe
+    stages: list[Stage]
+    target: str = ""
+    input_shape: tuple[int, ...] = ()
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):
+        return iter(self.rows)
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        return [r.as_dict() for r in self.rows]
+
+    def count(self, kind: Optional[str] = None, stage: Optional[int] = None) -> int:
+        return sum(1 for r in self.rows if (kind is None or r.kind == kind) and (stage is None or r.stage == stage))
+
+    def __str__(self) -> str:
+        head = ["stage", "resolution", "module", "site", "block", "target p", "expected p"]
+        body = [[f"{r.stage} {r.stage_name}", "x".join(map(str, r.resolution)), r.path, r.kind,
+                 "x".join(map(str, r.block_size)), f"{r.target_drop_prob:.4g}", f"{r.expected_drop_prob:.4g}"]
+                for r in self.rows]
+        widths = [max(len(x) for x in col) for col in zip(head, *body)] if body else [len(h) for h in head]
+        fmt = "  ".join(f"{{:{'<' if i < 4 else '>'}{w}}}" for i, w in enumerate(widths))
+        name = self.recipe.name or "custom recipe"
+        lines = [f"DropBlock plan ({name}): {len(self.rows)} modules, input {tuple(self.input_shape)}"
+                 + (f", target {self.target!r}" if self.target else "")]
+        lines.append("stages: " + ", ".join(f"{s.index}={s.name} (stride {s.stride}, "
+                                            f"{'x'.join(map(str, s.resolution))})" for s in self.stages))
+        lines += [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*row) for row in body]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"<Plan {self.recipe.name or 'custom'}: {len(self.rows)} DropBlock modules>"

@@ -1,0 +1,109 @@
+"""Phase 3, the stages the recipe selects and what each gets (rate, block size, site kinds)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+from ..graph.stages import Stage
+from ..modules import OP_OPTIONS
+from ..op.gamma import clip_block, expected_drop_rate, paper_gamma
+from ..recipe import resolve_stages
+from ..recipe.schema import Recipe, StageSpec
+from .target import SurgeryError
+
+__all__ = ["StageSettings", "RecipeLike", "resolve_recipe", "stage_settings", "expected_rate"]
+
+RecipeLike = Union[None, str, dict, Recipe]
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """What the recipe asks for in one selected stage."""
+
+    stage: Stage
+    target: float
+    block_size: int
+    sites: frozenset[str]
+    fraction: float
+    options: tuple[tuple[str, Any], ...]  # OP_OPTIONS, resolved
+
+    def expected(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], float]:
+        """Block size after clipping and expected dropped fraction on a map of ``shape``."""
+        return expected_rate(self.target, shape, self.block_size, dict(self.options))
+
+
+def resolve_recipe(recipe: RecipeLike = None, **overrides: Any) -> Recipe:
+    """A validated :class:`Recipe` from a name, path, dict or Recipe, with ``overrides`` applied.
+
+    ``stages=`` without ``missing_stages=`` resets ``missing_stages`` to its default: a
+    recipe's ``skip`` was about its own stage list.
+
+    Example:
+        >>> resolve_recipe("paper-resnet50", drop_prob=0.2).drop_prob
+        0.2
+    """
+    from ..recipe.loader import load_recipe, validate_recipe
+
+    if isinstance(recipe, Recipe):
+        base = recipe
+    elif recipe is None:
+        base = load_recipe(None)
+    elif isinstance(recipe, dict):
+        base = validate_recipe(recipe)
+    elif isinstance(recipe, str) or hasattr(recipe, "__fspath__"):
+        base = load_recipe(recipe)
+    else:
+        raise SurgeryError(f"recipe must be None, a name, a path, a dict or a Recipe, not {type(recipe).__name__}")
+    if not overrides:
+        return base
+    data = base.model_dump(exclude_unset=True)
+    if "drop_prob" in overrides:
+        data.pop("keep_prob", None)
+    if "keep_prob" in overrides:
+        data.pop("drop_prob", None)
+    if "stages" in overrides and "missing_stages" not in overrides:
+        data.pop("missing_stages", None)
+    data.update(overrides)
+    # RecipeError (key path, bad value, allowed values), never a raw pydantic error
+    return validate_recipe(data, file="overrides of apply_dropblock")
+
+
+def expected_rate(target: float, shape: tuple[int, ...], block_size: int,
+                  options: dict[str, Any]) -> tuple[tuple[int, ...], float]:
+    """Block size after clipping and the expected dropped fraction at ``shape``."""
+    spatial = tuple(shape[2:])
+    block = clip_block(spatial, (block_size,) * len(spatial))
+    if options["calibrate"]:
+        return block, min(1.0, target * options["gamma_scale"])
+    gamma = paper_gamma(target, spatial, block, options["gamma_scale"])
+    return block, expected_drop_rate(gamma, spatial, block, options["seed_region"])
+
+
+def _one(recipe: Recipe, stage: Stage, spec: Optional[StageSpec], deepest: int) -> StageSettings:
+    def pick(name: str) -> Any:
+        value = getattr(spec, name, None) if spec is not None else None
+        return getattr(recipe, name) if value is None else value
+
+    target = recipe.stage_rate(stage.index, deepest, spec, stage.name)
+    return StageSettings(
+        stage=stage,
+        target=min(1.0, max(0.0, round(target, 12))),
+        block_size=pick("block_size"),
+        sites=frozenset(pick("sites")),
+        fraction=pick("block_fraction"),
+        options=tuple((k, pick(k)) for k in OP_OPTIONS),
+    )
+
+
+def stage_settings(recipe: Recipe, stages: list[Stage], notes: list[str]) -> dict[int, StageSettings]:
+    """``{stage index: settings}`` for the stages the recipe selects (notes skipped ones)."""
+    skipped: list[Any] = []
+    selected = dict(resolve_stages(recipe, stages, skipped=skipped))
+    if skipped:
+        have = ", ".join(str(s.index) for s in stages)
+        notes.append(f"recipe stage(s) {', '.join(map(repr, skipped))} skipped: the model has "
+                     f"{len(stages)} stage(s) ({have}) and the recipe says missing_stages: skip")
+    deepest = max(selected)
+    by_index = {s.index: s for s in stages}
+    return {i: _one(recipe, by_index[i], spec, deepest) for i, spec in selected.items()}
