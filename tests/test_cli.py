@@ -185,17 +185,30 @@ def test_parsers():
         {"stages": [3, 4], "drop_prob": 0.2, "target": "backbone.body"}
 
 
-def test_demo_quick_trains_both_runs(capsys, tmp_path):
+def test_demo_quick_trains_the_three_arms(capsys, tmp_path):
     png, js = tmp_path / "demo.png", tmp_path / "demo.json"
     code, out, err = run(capsys, "demo", "--quick", "--out", str(png), "--json", str(js))
     assert code == 0 and png.stat().st_size > 10_000
-    assert "no DropBlock" in out and "last-two-stages" in out and "val acc" in out
+    for text in ("no DropBlock", "last-two-stages", "dropout", "val loss", "gap (val-train)"):
+        assert text in out
     assert "drop=" in err  # the progress bar shows the scheduled rate
     data = json.loads(js.read_text())
-    base, db = data["runs"]
-    assert base["modules"] == 0 and db["modules"] > 0
+    base, db, dropout = data["runs"]
+    assert base["modules"] == 0 and db["modules"] == dropout["modules"] > 0
     assert all(v == 0 for _, v in base["drop"]) and db["drop"][-1][1] > 0
     assert [s for s, _ in db["drop"]] == [s for s, _ in base["drop"]]
+    assert db["drop"] == dropout["drop"]  # same rates and schedule: only the block size differs
+    assert [len(r["val_loss"]) for r in data["runs"]] == [1, 1, 1]
+    assert base["gap"] == [base["val_loss"][0] - base["train_loss"][0]]
+
+
+def test_demo_seeds_and_arms(capsys, tmp_path):
+    js = tmp_path / "demo.json"
+    code, out, _ = run(capsys, "demo", "--quick", "--no-plot", "--no-progress", "--no-dropout-arm",
+                       "--json", str(js))
+    runs = json.loads(js.read_text())["runs"]
+    assert code == 0 and [r["label"] for r in runs] == ["no DropBlock", "last-two-stages"]
+    assert "over 1 seed(s)" in out and "lower in" in out
 
 
 def test_demo_constant_recipe_keeps_a_constant_rate(capsys, tmp_path):
@@ -204,17 +217,6 @@ def test_demo_constant_recipe_keeps_a_constant_rate(capsys, tmp_path):
                      "--json", str(js))
     rates = {v for _, v in json.loads(js.read_text())["runs"][1]["drop"]}
     assert code == 0 and rates == {0.1}
-
-
-def test_docstring_examples():
-    import doctest
-
-    import dropblock_fx.cli.models
-    import dropblock_fx.timm
-
-    for module in (dropblock_fx.cli.models, dropblock_fx.timm):
-        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-        assert result.attempted > 0 and result.failed == 0, module
 
 
 def test_demo_on_an_image_folder(capsys, tmp_path):

@@ -1,8 +1,17 @@
-"""``dropblock-fx demo``: a small timm ResNet trained with and without DropBlock, same seed.
+"""``dropblock-fx demo``: a regularizer at work, measured over seeds.
 
-The data needs no download: scikit-learn's handwritten digits (1797 real 8x8 scans of 10
-digits, shipped inside the scikit-learn package) upscaled, or any ImageFolder (``--data``).
-The two runs differ only in the recipe: same initial weights, same batches, same optimizer.
+A small timm ResNet is trained on a small subset of a real data set that needs no download
+(scikit-learn's handwritten digits: 1797 8x8 scans shipped inside scikit-learn, upscaled;
+or any ImageFolder with ``--data``), long enough to overfit, in three arms:
+
+- no DropBlock;
+- DropBlock: the recipe (default ``last-two-stages`` with block 3, on its linear schedule);
+- dropout at the same sites: the same recipe with ``block_size: 1`` (DropBlock with a 1x1
+  block is dropout), so the two regularized arms differ only in the block size.
+
+Every arm runs once per seed; a seed fixes the initial weights and the batch order, shared
+by the three arms. What is reported is what was measured: validation loss and the gap
+between validation and training loss per epoch, mean and spread over seeds.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DemoData", "load_digits", "load_image_folder", "train_run", "run_demo", "DEMO_OVERRIDES"]
+__all__ = ["DemoData", "load_digits", "load_image_folder", "train_run", "run_demo", "DEMO_OVERRIDES", "dropout_recipe"]
 
 # The default demo recipe: last-two-stages (the paper's settings on the two deepest stages)
 # with block 3, because at 64 px the deepest maps are 4x4 and 2x2 (block 7 would clip to
@@ -56,6 +65,19 @@ def _split(x: torch.Tensor, y: torch.Tensor, val_fraction: float, seed: int) -> 
         train_idx.append(idx[n_val:])
     tr, va = torch.cat(train_idx).sort().values, torch.cat(val_idx).sort().values
     return x[tr], y[tr], x[va], y[va]
+
+
+def _subset_per_class(x: torch.Tensor, y: torch.Tensor, per_class: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """At most ``per_class`` images of every class, chosen by ``seed`` (0: all of them)."""
+    if per_class <= 0:
+        return x, y
+    g = torch.Generator().manual_seed(seed + 12345)
+    keep = []
+    for c in torch.unique(y):
+        idx = torch.nonzero(y == c).flatten()
+        keep.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
+    idx = torch.cat(keep).sort().values
+    return x[idx], y[idx]
 
 
 def _normalise(d: DemoData) -> DemoData:
@@ -118,17 +140,24 @@ def build_model(name: str, num_classes: int, in_chans: int, width: int) -> nn.Mo
 class RunResult:
     label: str
     recipe: Optional[str]
+    seed: int = 0
     modules: int = 0
-    train_acc: list[float] = field(default_factory=list)  # running, training mode
-    val_acc: list[float] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)  # eval mode, whole train subset, per epoch
+    train_acc: list[float] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
+    val_acc: list[float] = field(default_factory=list)
     drop: list[tuple[int, float]] = field(default_factory=list)  # (step, scheduled rate)
-    final_train_acc: float = 0.0  # eval mode, whole train set
     seconds: float = 0.0
+
+    @property
+    def gap(self) -> list[float]:
+        """Validation loss minus training loss, per epoch (both in eval mode)."""
+        return [v - t for v, t in zip(self.val_loss, self.train_loss)]
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> tuple[float, float]:
+    """``(accuracy, mean cross-entropy)`` in eval mode."""
     model.eval()
     correct, loss = 0, 0.0
     for i in range(0, len(x), batch):
@@ -147,7 +176,7 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
         except ModuleNotFoundError:
             pass
 
-    class _Plain:  # no tqdm: one line per epoch
+    class _Plain:  # no tqdm: one line per run
         def __init__(self) -> None:
             self.postfix: dict[str, Any] = {}
 
@@ -164,21 +193,43 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return _Plain()
 
 
+def dropout_recipe(recipe: Any) -> Any:
+    """``recipe`` with every block size set to 1: dropout at the same sites, rates and schedule.
+
+    Example:
+        >>> from dropblock_fx import load_recipe
+        >>> r = dropout_recipe(load_recipe("timm-resnet"))
+        >>> r.name, r.block_size, [s.block_size for s in r.stages], r.sites
+        ('dropout', 1, [1, 1], ['timm'])
+    """
+    from ..recipe import validate_recipe
+
+    data = recipe.model_dump(mode="python", exclude_unset=True)
+    data["block_size"] = 1
+    if isinstance(data.get("stages"), list):
+        data["stages"] = [dict(s, block_size=1) if isinstance(s, dict) and "block_size" in s else s
+                          for s in data["stages"]]
+    data["name"] = "dropout"
+    return validate_recipe(data)
+
+
 def train_run(
     label: str,
     data: DemoData,
     recipe: Any,
     args: argparse.Namespace,
     max_batches: Optional[int] = None,
+    seed: Optional[int] = None,
 ) -> RunResult:
-    """One training run; ``recipe=None`` is the baseline. Seeds are reset so both runs start
-    from the same weights and see the same batches."""
+    """One training run; ``recipe=None`` is the baseline. The seed fixes the initial weights
+    and the batch order, so the arms of one seed differ only in their regularizer."""
     from ..schedule import attach_schedule
-    from ..surgery import apply_dropblock
+    from ..surgery import apply_dropblock, describe
 
-    torch.manual_seed(args.seed)
+    seed = args.seed if seed is None else seed
+    torch.manual_seed(seed)
     model = build_model(args.model, len(data.classes), data.in_chans, args.width)
-    res = RunResult(label, None if recipe is None else (recipe.name or "custom"))
+    res = RunResult(label, None if recipe is None else (recipe.name or "custom"), seed)
     steps_per_epoch = math.ceil(len(data.train_x) / args.batch_size)
     if max_batches:
         steps_per_epoch = min(steps_per_epoch, max_batches)
@@ -188,26 +239,20 @@ def train_run(
     sched = None
     if recipe is not None:
         apply_dropblock(model, recipe)
-        from ..surgery import describe
-
         res.modules = len(describe(model).rows)
         # a recipe without a schedule is a constant rate (attach_schedule's own default is linear)
         sched = attach_schedule(model, total_steps=total, optimizer=opt, schedule=recipe.schedule or "constant")
-    torch.manual_seed(args.seed + 1)  # same DropBlock-free randomness (order) in both runs
-    order_gen = torch.Generator().manual_seed(args.seed)
+    torch.manual_seed(seed + 1)  # the masks' randomness starts from the same state in every arm
+    order_gen = torch.Generator().manual_seed(seed)
+    bar = _progress(total, f"{label[:22]:>22} seed {seed}", not args.no_progress)
     start = time.perf_counter()
     step = 0
-    for epoch in range(args.epochs):
+    for _ in range(args.epochs):
         model.train()
         perm = torch.randperm(len(data.train_x), generator=order_gen)
-        bar = _progress(steps_per_epoch, f"{label:>12} {epoch + 1}/{args.epochs}", not args.no_progress)
-        correct = seen = 0
         for b in range(steps_per_epoch):
             idx = perm[b * args.batch_size:(b + 1) * args.batch_size]
-            x, y = data.train_x[idx], data.train_y[idx]
-            out = model(x)
-            loss = F.cross_entropy(out, y)
-            loss_value = loss.item()
+            loss = F.cross_entropy(model(data.train_x[idx]), data.train_y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             drop_now = sched.drop_prob if sched is not None else 0.0  # the rate this batch used
@@ -215,57 +260,90 @@ def train_run(
             lr_sched.step()
             step += 1
             res.drop.append((step, drop_now))
-            correct += int((out.argmax(1) == y).sum())
-            seen += len(y)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{correct / seen:.3f}", drop=f"{drop_now:.4f}")
-        res.train_acc.append(correct / max(1, seen))
+        ta, tl = evaluate(model, data.train_x, data.train_y)
         va, vl = evaluate(model, data.val_x, data.val_y)
+        res.train_acc.append(ta)
+        res.train_loss.append(tl)
         res.val_acc.append(va)
         res.val_loss.append(vl)
-        bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{res.train_acc[-1]:.3f}", val=f"{va:.3f}",
-                        drop=f"{res.drop[-1][1]:.4f}")
-        bar.close()
-    res.final_train_acc = evaluate(model, data.train_x, data.train_y)[0]
+        bar.set_postfix(val_loss=f"{vl:.3f}", gap=f"{vl - tl:.3f}", drop=f"{drop_now:.4f}")
+    bar.close()
     res.seconds = time.perf_counter() - start
     return res
 
 
 def _warm_up(model: nn.Module, data: DemoData, batch: int) -> None:
     """One untimed step at the demo's shapes: the first run must not pay for the CPU
-    kernels' one-time setup, or the two runs' times are not comparable."""
+    kernels' one-time setup, or the runs' times are not comparable."""
     model.train()
     F.cross_entropy(model(data.train_x[:batch]), data.train_y[:batch]).backward()
     evaluate(model, data.val_x[:256], data.val_y[:256])
 
 
-def plot_runs(runs: list[RunResult], out: str, title: str) -> None:
+def _mean_spread(rows: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
+    """Per epoch: mean, min and max over seeds (``rows``: one list of values per seed).
+
+    Example:
+        >>> _mean_spread([[1.0, 0.5], [3.0, 0.25]])
+        ([2.0, 0.375], [1.0, 0.25], [3.0, 0.5])
+    """
+    cols = list(zip(*rows))
+    return ([sum(c) / len(c) for c in cols], [min(c) for c in cols], [max(c) for c in cols])
+
+
+def _zoom(ax: Any, series: list[list[float]], first: int) -> None:
+    """y-limits from epoch ``first`` on (1-based), where the curves differ; the early epochs'
+    large losses would otherwise flatten them."""
+    tail = [v for s in series for v in s[first - 1:]]
+    if not tail:
+        return
+    lo, hi = min(tail), max(tail)
+    pad = 0.08 * (hi - lo) or 0.05 * (abs(hi) or 1.0)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_xlim(first - 0.3, max(len(s) for s in series) + 0.3)
+
+
+def plot_runs(arms: list[list[RunResult]], out: str, title: str) -> None:
+    """Validation loss, the validation - training loss gap and validation accuracy per epoch:
+    mean over seeds (line) and min..max (band), zoomed to the epochs where the arms differ."""
     from .plotting import pyplot
 
     plt = pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    colors = ["tab:gray", "tab:blue", "tab:orange", "tab:green"]
-    for r, c in zip(runs, colors):
-        ep = list(range(1, len(r.val_acc) + 1))
-        ax1.plot(ep, r.val_acc, "-o", color=c, label=f"{r.label}: validation")
-        ax1.plot(ep, r.train_acc, "--", color=c, alpha=0.6, label=f"{r.label}: train (running)")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("accuracy")
-    ax1.set_title(title, fontsize=10)
-    ax1.grid(alpha=0.3)
-    ax1.legend(fontsize=8)
-    for r, c in zip(runs, colors):
-        if r.drop and any(v for _, v in r.drop):
-            ax2.plot([s for s, _ in r.drop], [v for _, v in r.drop], color=c, label=f"{r.label}")
-    ax2.set_xlabel("optimizer step")
-    ax2.set_ylabel("scheduled drop rate (deepest stage)")
-    ax2.set_title("DropBlock schedule", fontsize=10)
-    ax2.grid(alpha=0.3)
-    if ax2.lines:
-        ax2.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
+    colors = ["tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:red"]
+    epochs = len(arms[0][0].val_loss)
+    first = epochs // 2 + 1 if epochs >= 6 else 1  # the second half: where training has converged
+    panels = [("val_loss", "validation loss (cross-entropy)"),
+              ("gap", "validation loss - training loss"),
+              ("val_acc", "validation accuracy")]
+    for ax, (key, ylabel) in zip(axes, panels):
+        shown = []
+        for runs, c in zip(arms, colors):
+            rows = [getattr(r, key) for r in runs]
+            mean, lo, hi = _mean_spread(rows)
+            ep = list(range(1, len(mean) + 1))
+            ax.plot(ep, mean, "-o", ms=3, color=c, label=f"{runs[0].label} (n={len(runs)})")
+            if len(runs) > 1:
+                ax.fill_between(ep, lo, hi, color=c, alpha=0.18, linewidth=0)
+            shown += [mean, lo, hi]
+        _zoom(ax, shown, first)
+        ax.set_xlabel("epoch" + (f" (from {first}: zoomed)" if first > 1 else ""))
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title + ": mean over seeds (line), min..max (band)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def _paired(base: list[RunResult], other: list[RunResult], key: str) -> str:
+    """``other - base`` of the last epoch's ``key``, per seed: mean, range, how many lower."""
+    diffs = [getattr(o, key)[-1] - getattr(b, key)[-1] for b, o in zip(base, other)]
+    lower = sum(d < 0 for d in diffs)
+    return (f"{sum(diffs) / len(diffs):+.4f} (per seed {min(diffs):+.4f}..{max(diffs):+.4f}; "
+            f"lower in {lower} of {len(diffs)})")
 
 
 def run_demo(args: argparse.Namespace) -> list[RunResult]:
@@ -277,15 +355,16 @@ def run_demo(args: argparse.Namespace) -> list[RunResult]:
         torch.set_num_threads(args.threads)
     max_batches = None
     if args.quick:
-        args.epochs, args.image_size, args.width, args.batch_size = 1, 64, 8, 32
+        args.epochs, args.image_size, args.width, args.batch_size, args.seeds = 1, 64, 8, 32, 1
         max_batches = 3
-    for name in ("epochs", "batch_size", "image_size"):
+    for name in ("epochs", "batch_size", "image_size", "seeds"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.data:
         data = load_image_folder(args.data, args.image_size, args.val_fraction, args.seed)
     else:
         data = load_digits(args.image_size, args.val_fraction, args.seed)
+    data.train_x, data.train_y = _subset_per_class(data.train_x, data.train_y, args.train_per_class, args.seed)
     if args.quick:  # a smoke test: a slice of the data is enough
         data.train_x, data.train_y = data.train_x[:max_batches * args.batch_size], data.train_y[:max_batches * args.batch_size]
         data.val_x, data.val_y = data.val_x[:64], data.val_y[:64]
@@ -293,34 +372,56 @@ def run_demo(args: argparse.Namespace) -> list[RunResult]:
     overrides["input_size"] = [data.in_chans, args.image_size, args.image_size]
     overrides.update(parse_overrides(args.overrides))
     recipe = with_overrides(args.recipe, overrides)
+    arms: list[tuple[str, Any]] = [("no DropBlock", None), (recipe.name or "DropBlock", recipe)]
+    if not args.no_dropout_arm:
+        arms.append(("dropout, same sites", dropout_recipe(recipe)))
+    seeds = [args.seed + i for i in range(args.seeds)]
     model_desc = f"timm {args.model}" + (f" (width {args.width})" if args.width else "")
     print(f"data: {data.name}, {len(data.train_x)} train / {len(data.val_x)} validation images, "
           f"{len(data.classes)} classes, {args.image_size}x{args.image_size}x{data.in_chans}")
     print(f"model: {model_desc}; {args.epochs} epochs, batch {args.batch_size}, AdamW lr {args.lr:g}, "
-          f"seed {args.seed}, {torch.get_num_threads()} CPU threads")
+          f"seeds {', '.join(map(str, seeds))}, {torch.get_num_threads()} CPU threads")
     probe = build_model(args.model, len(data.classes), data.in_chans, args.width)
     print(format_plan(make_plan(probe, recipe), model_desc, modules=False))
+    if len(arms) > 2:
+        print(f"third arm: the same sites, rates and schedule with block_size 1 (dropout)")
     print()
     _warm_up(probe, data, args.batch_size)
-    runs = [train_run("no DropBlock", data, None, args, max_batches),
-            train_run(recipe.name or "DropBlock", data, recipe, args, max_batches)]
+    results: list[list[RunResult]] = [[] for _ in arms]
+    for seed in seeds:
+        for i, (label, r) in enumerate(arms):
+            results[i].append(train_run(label, data, r, args, max_batches, seed=seed))
     print()
-    head = f"{'run':<18} {'modules':>7} {'train acc':>9} {'val acc':>8} {'best val':>8} {'val loss':>8} {'time':>7}"
+    head = (f"{'arm':<22} {'modules':>7} {'val loss':>15} {'best val loss':>15} {'val acc':>15} "
+            f"{'gap (val-train)':>15} {'s/run':>6}")
+    print(f"last epoch, mean +- std over {len(seeds)} seed(s); best val loss: the lowest epoch")
     print(head)
     print("-" * len(head))
-    for r in runs:
-        print(f"{r.label:<18} {r.modules:>7} {r.final_train_acc:>9.4f} {r.val_acc[-1]:>8.4f} "
-              f"{max(r.val_acc):>8.4f} {r.val_loss[-1]:>8.4f} {r.seconds:>6.1f}s")
-    print("(train acc: eval mode on the whole train set after the last epoch; val: held-out "
-          f"{len(data.val_x)} images; one seed, so differences of a few images are noise)")
+
+    def ms(values: list[float]) -> str:
+        m = sum(values) / len(values)
+        sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        return f"{m:.4f} +-{sd:.4f}"
+
+    for runs in results:
+        print(f"{runs[0].label[:22]:<22} {runs[0].modules:>7} {ms([r.val_loss[-1] for r in runs]):>15} "
+              f"{ms([min(r.val_loss) for r in runs]):>15} {ms([r.val_acc[-1] for r in runs]):>15} "
+              f"{ms([r.gap[-1] for r in runs]):>15} {sum(r.seconds for r in runs) / len(runs):>5.1f}s")
+    print()
+    for runs in results[1:]:
+        print(f"{runs[0].label} - no DropBlock, last epoch: val loss {_paired(results[0], runs, 'val_loss')}; "
+              f"gap {_paired(results[0], runs, 'gap')}")
+    print(f"(val: {len(data.val_x)} held-out images; gap: validation loss minus training loss, both in "
+          f"eval mode; a difference smaller than the spread over seeds is not a result)")
     if not args.no_plot:
-        plot_runs(runs, args.out, f"{model_desc} on {data.name}, seed {args.seed}")
+        plot_runs(results, args.out, f"{model_desc}, {len(data.train_x)} {data.name} training images")
         print(f"wrote {args.out}")
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     print(f"total: {wall:.1f} s wall, {cpu:.1f} s CPU")
+    flat = [r for runs in results for r in runs]
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(dict(runs=[asdict(r) for r in runs], wall_s=wall, cpu_s=cpu,
+            json.dump(dict(runs=[dict(asdict(r), gap=r.gap) for r in flat], wall_s=wall, cpu_s=cpu,
                            recipe=recipe.model_dump(mode="json", exclude_none=True),
                            args={k: v for k, v in vars(args).items() if k != "func"}), f, indent=2)
-    return runs
+    return flat

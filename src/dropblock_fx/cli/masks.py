@@ -44,6 +44,11 @@ def method_masks(
 
     Dropout is DropBlock with block 1 and SpatialDropout with block = the map (one valid seed
     per channel), so all three come from the same op with the paper's gamma.
+
+    Example:
+        >>> masks = method_masks(size=14, channels=2, drop_prob=0.1, block_sizes=[7])
+        >>> [(title, keep.shape, round(expected, 4)) for title, keep, expected in masks]
+        [('dropout', (2, 14, 14), 0.1), ('SpatialDropout', (2, 14, 14), 0.1), ('DropBlock 7x7', (2, 14, 14), 0.0929)]
     """
     if not 0.0 <= drop_prob <= 1.0:
         raise ValueError(f"--drop-prob must be in [0, 1], got {drop_prob}")
