@@ -102,7 +102,7 @@ Train a small timm ResNet on a small subset of a real data set that needs no dow
 enough to overfit, in three arms: without DropBlock, with the recipe, and with dropout at
 the same sites (the recipe with block_size 1). Each arm runs once per seed (the seed fixes
 the initial weights and the batch order, the same for every arm). Prints the validation
-loss, its best epoch, the validation accuracy and the gap between validation and training
+loss (last and best epoch), the validation accuracy and the gap between validation and training
 loss (mean and spread over seeds), and plots them per epoch. The outcome is what was
 measured; on a problem this small the arms may well tie. About 2-3 minutes on 2 CPU cores;
 --quick is a smoke test of a few seconds.""",
