@@ -49,3 +49,12 @@ def test_readme_snippet_runs():
     finally:
         os.chdir(cwd)
     assert ckpt["schedule"] and env["sched"].drop_prob > 0
+
+
+def test_readme_plan_output_is_what_the_command_prints(capsys):
+    from dropblock_fx.cli import main
+
+    text = (REPO / "README.md").read_text()
+    shown = text.split("$ dropblock-fx plan resnet50 --recipe paper-resnet50\n")[1].split("```")[0]
+    assert main(["plan", "resnet50", "--recipe", "paper-resnet50"]) == 0
+    assert capsys.readouterr().out.strip() == shown.strip()
