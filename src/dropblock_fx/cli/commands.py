@@ -52,22 +52,14 @@ def parse_input_size(values: Optional[list[str]], channels: int) -> Optional[lis
 
 
 def with_overrides(recipe: Any, overrides: dict[str, Any]) -> Any:
-    """``recipe`` with fields replaced; errors are ``RecipeError`` naming the key."""
-    from ..recipe import load_recipe, validate_recipe
+    """``recipe`` with ``--set`` fields replaced (errors are ``RecipeError`` naming the key)."""
+    from ..surgery.settings import with_overrides as resolve
 
-    base = load_recipe(recipe)
-    if not overrides:
-        return base
-    data = base.model_dump(mode="python", exclude_unset=True)
-    if "drop_prob" in overrides:
-        data.pop("keep_prob", None)
-    if "keep_prob" in overrides:
-        data.pop("drop_prob", None)
-    data.update(overrides)
-    return validate_recipe(data)
+    return resolve(recipe, overrides, "--set")
 
 
 def _recipe_with(args: argparse.Namespace, recipe_ref: Any, extra: Optional[dict[str, Any]] = None):
+    """The recipe with ``--set`` overrides: the same rules as ``apply_dropblock(**overrides)``."""
     overrides = parse_overrides(getattr(args, "overrides", []) or [])
     overrides.update(extra or {})
     return with_overrides(recipe_ref, overrides)
@@ -173,7 +165,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
         extra["target"] = args.target
     recipe = _recipe_with(args, base, extra)
     model = load_model(args.model)
-    p = make_plan(model, recipe)
+    if getattr(args, "verify", False):
+        from ..surgery import apply_dropblock, describe
+
+        p = describe(apply_dropblock(model, recipe, verify="exact"))
+        p.notes.append("verified: eval outputs bit-identical to the original's on a random input")
+    else:
+        p = make_plan(model, recipe)
     if args.json:
         json.dump(plan_json(p, args.model), sys.stdout, indent=2, default=_json_default)
         sys.stdout.write("\n")

@@ -46,8 +46,11 @@ def _restore_contents(current: Any, saved: Any) -> None:
 
 
 @contextlib.contextmanager
-def preserved(root: nn.Module, values: bool = False) -> Iterator[None]:
+def preserved(root: nn.Module, values: bool = False) -> Iterator[list[str]]:
     """Run the body, then put every module under ``root`` back as it was.
+
+    Yields a list that, after the body, names what the body had changed
+    (``"path.attribute"``), so a caller can tell that a forward has side effects.
 
     Args:
         root: the model.
@@ -62,6 +65,8 @@ def preserved(root: nn.Module, values: bool = False) -> Iterator[None]:
         False
     """
     saved = []
+    changed: list[str] = []
+    names = {id(m): n for n, m in root.named_modules()}
     for m in root.modules():
         d = dict(m.__dict__)
         inner = {k: _copy(v) for k, v in d.items() if type(v) in _CONTAINERS or type(v).__module__ == "collections"
@@ -71,17 +76,21 @@ def preserved(root: nn.Module, values: bool = False) -> Iterator[None]:
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     try:
-        yield
+        yield changed
     finally:
         for m, d, inner, buffers in saved:
             current = m.__dict__
+            where = names.get(id(m), "")
             for k in [k for k in current if k not in d]:
+                changed.append(f"{where}.{k}".lstrip("."))
                 del current[k]
             for k, v in d.items():
                 if current.get(k, d) is not v:
+                    changed.append(f"{where}.{k}".lstrip("."))
                     current[k] = v
             for k, contents in inner.items():
                 if not _same(contents, d[k]):
+                    changed.append(f"{where}.{k}".lstrip("."))
                     _restore_contents(d[k], contents)
             for k, b in buffers.items():
                 live = m._buffers.get(k)

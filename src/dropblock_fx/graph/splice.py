@@ -81,7 +81,6 @@ def graph_source(graphs: dict[str, fx.Graph], guard: Optional[dict[str, Any]] = 
 
 
 _PARAMS: dict[type, tuple[list[str], dict[str, Any]]] = {}
-_WARNED: set[type] = set()
 _MISSING = object()
 
 
@@ -108,14 +107,12 @@ def guarded_call(self: nn.Module, guard: dict[str, Any], train_fn: Any, eval_fn:
             ok = all(describe_call(values[names.index(k)]) == want for k, want in guard.items())
         except (TypeError, ValueError):
             ok = False
-        if not ok:
-            if orig not in _WARNED:
-                _WARNED.add(orig)
-                warnings.warn(
-                    f"dropblock_fx: {orig.__name__} was rewritten for calls like the planned one "
-                    f"({guard_text(guard)}); this call differs, so it runs its original forward, "
-                    f"without DropBlock. Plan at the size you train at: apply_dropblock(..., "
-                    f"input_size=(C, H, W)).", UserWarning, stacklevel=3)
+        if not ok:  # the same text for every instance of a class: Python shows it once
+            warnings.warn(
+                f"dropblock_fx: {orig.__name__} was rewritten for calls like the planned one "
+                f"({guard_text(guard)}); this call differs, so it runs its original forward, "
+                f"without DropBlock. Plan at the size you train at: apply_dropblock(..., "
+                f"input_size=(C, H, W)).", UserWarning, stacklevel=3)
             return orig.forward(self, *args, **kwargs)
     return (train_fn if self.training else eval_fn)(self, *values)
 

@@ -13,6 +13,7 @@ call differs (see ``splice``). A trace that depends on the batch size is refused
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 from typing import Any, Callable, Optional
@@ -38,13 +39,25 @@ class LeafTracer(fx.Tracer):
         return id(m) in self._extra or is_leaf(m)
 
 
+class SideEffects(TypeError):
+    """The forward changed its modules' state while traced: a rewritten forward would not."""
+
+
 def _modes(module: nn.Module, trace: Callable[[], fx.Graph]) -> dict[str, fx.Graph]:
+    """One trace per mode, each starting from the module's own state (a forward that caches
+    on itself would otherwise see the previous trace's proxies); refuses a forward that
+    changes its modules' attributes, since a graph cannot do that."""
+    from .preserve import preserved
+
     flags = [(m, m.training) for m in module.modules()]
     graphs: dict[str, fx.Graph] = {}
     try:
         for mode in ("train", "eval"):
             module.train(mode == "train")
-            graphs[mode] = trace()
+            with preserved(module) as changed:
+                graphs[mode] = trace()
+            if changed:
+                raise SideEffects(f"its forward sets {', '.join(sorted(set(changed))[:3])} on itself")
     finally:
         for m, flag in flags:
             m.training = flag
@@ -168,7 +181,12 @@ def describe_call(value: Any) -> Any:
 
 
 class _MetaProxy(fx.Proxy):
-    """A Proxy that answers shape questions (and ``isinstance``) like the meta value it carries."""
+    """A Proxy that answers shape questions (and ``isinstance``) like the meta value it carries.
+
+    Sizes are concrete except the first dim, which stays symbolic (a ``size(0)`` node): the
+    batch size is never baked in, and nothing else is unguarded (the other dims follow from
+    the guarded input shapes).
+    """
 
     _meta: Any = None
 
@@ -176,9 +194,15 @@ class _MetaProxy(fx.Proxy):
     def __class__(self):  # noqa: D105 - ``isinstance(p, torch.Tensor)`` as in real execution
         return torch.Tensor if isinstance(self._meta, torch.Tensor) else type(self)
 
+    def _sizes(self) -> tuple:
+        shape = tuple(self._meta.shape)
+        if not shape:
+            return shape
+        return (self.tracer.create_proxy("call_method", "size", (self, 0), {}), *shape[1:])
+
     @property
     def shape(self):  # type: ignore[override]
-        return self._meta.shape if isinstance(self._meta, torch.Tensor) else self.__getattr__("shape")
+        return self._sizes() if isinstance(self._meta, torch.Tensor) else self.__getattr__("shape")
 
     @property
     def ndim(self):
@@ -186,7 +210,10 @@ class _MetaProxy(fx.Proxy):
 
     def size(self, dim: Optional[int] = None):  # noqa: D102
         if isinstance(self._meta, torch.Tensor):
-            return self._meta.size() if dim is None else self._meta.size(dim)
+            if dim is None:
+                return self._sizes()
+            if dim not in (0, -self._meta.dim()):
+                return self._meta.size(dim)
         return self.tracer.create_proxy("call_method", "size", (self,) if dim is None else (self, dim), {})
 
     def dim(self):  # noqa: D102
@@ -195,7 +222,7 @@ class _MetaProxy(fx.Proxy):
         return self.tracer.create_proxy("call_method", "dim", (self,), {})
 
     def __len__(self) -> int:
-        if isinstance(self._meta, (torch.Tensor, list, tuple)):
+        if isinstance(self._meta, (list, tuple)):
             return len(self._meta)
         return super().__len__()
 
@@ -203,6 +230,19 @@ class _MetaProxy(fx.Proxy):
         if isinstance(self._meta, (list, tuple)):
             return iter([self[i] for i in range(len(self._meta))])
         return super().__iter__()
+
+
+def _meta_of(a: Any) -> Any:
+    """The meta value behind a proxy argument (LookupError when unknown)."""
+    if isinstance(a, _MetaProxy):
+        if a._meta is None:
+            raise LookupError
+        return a._meta
+    if isinstance(a, fx.proxy.Attribute):  # x.device, x.dtype, ...: not yet a node
+        return getattr(_meta_of(a.root), a.attr)
+    if isinstance(a, fx.Proxy):
+        raise LookupError
+    return a
 
 
 class _SpecialisingTracer(LeafTracer):
@@ -255,18 +295,9 @@ class _SpecialisingTracer(LeafTracer):
         if kind in ("placeholder", "output") or not isinstance(p, _MetaProxy):
             return p
         unknown = object()
-
-        def meta(a: Any) -> Any:
-            if isinstance(a, fx.Proxy):
-                v = getattr(a, "_meta", None)
-                if v is None:
-                    raise LookupError
-                return v
-            return a
-
         try:
-            a = fx.node.map_aggregate(args, meta)
-            k = fx.node.map_aggregate(kwargs, meta)
+            a = fx.node.map_aggregate(args, _meta_of)
+            k = fx.node.map_aggregate(kwargs, _meta_of)
             with torch.no_grad():
                 if kind == "call_function":
                     p._meta = target(*a, **k)
@@ -289,6 +320,10 @@ class _SpecialisingTracer(LeafTracer):
             p._meta = None
         return p
 
+    def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
+        with _factories_take_proxies(self):
+            return super().trace(root, concrete_args)
+
     def create_arg(self, a: Any) -> Any:
         if isinstance(a, fx.Proxy):  # before FX's own checks: these proxies pass for tensors
             return a.node
@@ -301,6 +336,34 @@ class _SpecialisingTracer(LeafTracer):
         if isinstance(out, _MetaProxy) and isinstance(attr_val, torch.Tensor):
             out._meta = to_meta(attr_val)
         return out
+
+
+_FACTORIES = ("rand", "randn", "randint", "zeros", "ones", "empty", "full", "arange", "bernoulli")
+
+
+@contextlib.contextmanager
+def _factories_take_proxies(tracer: fx.Tracer):
+    """``torch.rand(x.size(0), 1, 1, 1)`` and friends record a node when a size is a proxy
+    (FX only dispatches on tensor arguments)."""
+    saved = {name: getattr(torch, name) for name in _FACTORIES}
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def factory(*args: Any, **kwargs: Any) -> Any:
+            found: list[bool] = []
+            fx.node.map_aggregate((args, kwargs), lambda v: found.append(isinstance(v, fx.Proxy)))
+            if any(found):
+                return tracer.create_proxy("call_function", fn, args, kwargs)
+            return fn(*args, **kwargs)
+
+        return factory
+
+    try:
+        for name, fn in saved.items():
+            setattr(torch, name, wrap(fn))
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch, name, fn)
 
 
 def _with_batch(value: Any, batch: int) -> Any:

@@ -20,6 +20,7 @@ from typing import Any, Optional
 from torch import fx, nn
 
 from .leaves import is_container, is_conv, is_norm, is_walkable
+from .preserve import preserved
 from .tracing import LeafTracer, trace_modes, trace_specialised
 from .verify import check_graphs
 from .shapes import Call, ShapeRecord
@@ -44,7 +45,8 @@ class Unit:
 
 def _is_chain(m: nn.Module, children: tuple[nn.Module, ...]) -> bool:
     """Does ``m.forward`` only call its children one after the other?"""
-    graph = LeafTracer(children).trace(m)
+    with preserved(m):
+        graph = LeafTracer(children).trace(m)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
         return False

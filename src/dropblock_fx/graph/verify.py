@@ -22,15 +22,21 @@ from .tracing import run_meta, to_meta
 __all__ = ["output_signature", "unused_tensor_args", "check_graphs"]
 
 
+_PLAIN = {list: "list", tuple: "tuple", dict: "dict", fx.immutable_collections.immutable_list: "list",
+          fx.immutable_collections.immutable_dict: "dict"}
+
+
 def output_signature(value: Any) -> Any:
     """Structure, shapes and dtypes of ``value`` (what a faithful graph must reproduce)."""
     if isinstance(value, torch.Tensor):
         return ("tensor", tuple(int(s) for s in value.shape), str(value.dtype))
-    if isinstance(value, (list, tuple)):  # FX's immutable_list is a list here
-        kind = type(value).__name__ if hasattr(value, "_fields") else "tuple" if isinstance(value, tuple) else "list"
-        return (kind, tuple(output_signature(v) for v in value))
-    if isinstance(value, dict):
-        return ("dict", tuple((k, output_signature(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple, dict)):
+        # the exact container type: a graph returns a plain dict where the module returned a
+        # ModelOutput (transformers), and callers index it by position. FX's own immutable
+        # containers stand for the plain ones.
+        kind = _PLAIN.get(type(value), type(value).__qualname__)
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        return (kind, tuple((k, output_signature(v)) for k, v in items))
     return (type(value).__name__,)
 
 

@@ -66,7 +66,8 @@ def plan(model: nn.Module, recipe: RecipeLike = None, **overrides: Any) -> Plan:
 
 def _shape_pass(target: Target, recipe: Recipe, notes: list[str]) -> ShapeRecord:
     try:
-        record = record_calls(target.root, tuple(recipe.input_size), target.runners)
+        with preserved(target.model):  # what the forward caches on itself must not reach tracing
+            record = record_calls(target.root, tuple(recipe.input_size), target.runners)
     except RuntimeError as e:
         raise SurgeryError(f"{target.label}: {e}") from None
     if record.runner:

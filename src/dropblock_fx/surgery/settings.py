@@ -12,7 +12,7 @@ from ..recipe import resolve_stages
 from ..recipe.schema import Recipe, StageSpec
 from .target import SurgeryError
 
-__all__ = ["StageSettings", "RecipeLike", "resolve_recipe", "stage_settings", "expected_rate"]
+__all__ = ["StageSettings", "RecipeLike", "resolve_recipe", "with_overrides", "stage_settings", "expected_rate"]
 
 RecipeLike = Union[None, str, dict, Recipe]
 
@@ -43,6 +43,12 @@ def resolve_recipe(recipe: RecipeLike = None, **overrides: Any) -> Recipe:
         >>> resolve_recipe("paper-resnet50", drop_prob=0.2).drop_prob
         0.2
     """
+    return with_overrides(recipe, overrides, "overrides of apply_dropblock")
+
+
+def with_overrides(recipe: RecipeLike, overrides: dict[str, Any], source: str) -> Recipe:
+    """:func:`resolve_recipe` with the overrides as a dict; ``source`` names them in errors
+    (the command line's ``--set``, or ``apply_dropblock``'s keywords)."""
     from ..recipe.loader import load_recipe, validate_recipe
 
     if isinstance(recipe, Recipe):
@@ -66,7 +72,7 @@ def resolve_recipe(recipe: RecipeLike = None, **overrides: Any) -> Recipe:
         data.pop("missing_stages", None)
     data.update(overrides)
     # RecipeError (key path, bad value, allowed values), never a raw pydantic error
-    return validate_recipe(data, file="overrides of apply_dropblock")
+    return validate_recipe(data, file=source)
 
 
 def expected_rate(target: float, shape: tuple[int, ...], block_size: int,
