@@ -7,23 +7,21 @@ from __future__ import annotations
 
 import copy
 import io
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 from dropblock_fx import DropBlockNd, apply_dropblock, describe, remove_dropblock
+from dropblock_fx.testing import check_surgery
 
 from test_surgery_models import SmallCNN
 
 timm = pytest.importorskip("timm")
 tv = pytest.importorskip("torchvision")
 
-warnings.filterwarnings("ignore", message=".*no schedule is attached.*")
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:.*no schedule is attached")]
 
 TV = ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "regnet_y_400mf", "efficientnet_b0",
       "mobilenet_v3_large", "densenet121", "convnext_tiny", "vgg11_bn"]
@@ -42,41 +40,11 @@ def dropblocks(model: nn.Module) -> dict[str, DropBlockNd]:
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_guarantees(name):
+    """Planned at 224 (the default), run at 32: every guarantee of check_surgery."""
     torch.manual_seed(0)
     model = MODELS[name]().eval()
-    cls, tree, classes = type(model), repr(model), [type(m) for m in model.modules()]
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        ref = model(X)
-
-    apply_dropblock(model)  # the default recipe: last two stages
-    mods = dropblocks(model)
-    plan = describe(model)
-    assert type(model) is cls
-    assert len(mods) == len(plan.rows) > 0
-    assert [r.path for r in plan.rows] == list(mods) or sorted(r.path for r in plan.rows) == sorted(mods)
-    for m in mods.values():
-        assert {m.placement.stage for m in mods.values()} <= {s.index for s in plan.stages}
-        assert m.drop_prob == m.target_drop_prob and not m.training
-    with torch.no_grad():
-        assert torch.equal(model(X), ref)
-
-    after = {k: v.clone() for k, v in model.state_dict().items()}
-    assert list(after) == list(before)
-    assert all(torch.equal(after[k], before[k]) for k in before)
-    model.load_state_dict(before, strict=True)  # weights saved before surgery load after
-
-    model.train()
-    model(X.repeat(2, 1, 1, 1)).float().sum().backward()  # train mode: forward and backward run
-    model.load_state_dict(before, strict=True)  # undo the running-stat updates of that step
-    model.eval()
-
-    remove_dropblock(model)
-    assert repr(model) == tree and [type(m) for m in model.modules()] == classes
-    assert not dropblocks(model) and not hasattr(model, "dropblock_plan")
-    model.load_state_dict(after, strict=True)  # and weights saved after surgery load into the original
-    with torch.no_grad():
-        assert torch.equal(model(X), ref)
+    plan = check_surgery(model, X.repeat(2, 1, 1, 1), input_size=[3, 224, 224])  # the default recipe
+    assert len(plan.rows) > 0
 
 
 @pytest.mark.parametrize("make", [lambda: tv.models.resnet50(), lambda: timm.create_model("efficientnet_b0")],

@@ -1,0 +1,235 @@
+"""Check the guarantees of surgery on your own model: :func:`check_surgery`.
+
+The same check runs on every CNN of timm and torchvision (the coverage run) and in this
+library's tests. On one model and one input it applies DropBlock and checks that
+
+* the model keeps its class, and every DropBlock module is a plan row, in a stage the recipe
+  selected (``DropBlock3d`` on 5-D feature maps);
+* planning and applying leave no trace: every module's own state is as before (bar the
+  inserted children and the plan);
+* eval outputs are bit-identical to the unmodified model's;
+* ``state_dict`` keys (in order) and values are unchanged, and the old weights load strictly;
+* a train forward + backward runs, with finite outputs and gradients;
+* ``remove_dropblock`` restores the module tree, the classes and the eval outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from .modules import DropBlock3d, DropBlockNd, is_inserted
+from .recipe import resolve_stages
+from .surgery import Plan, apply_dropblock, describe, remove_dropblock
+
+__all__ = ["CheckFailed", "check_surgery", "module_state", "output_tensors", "zoo_model"]
+
+
+class CheckFailed(AssertionError):
+    """A guarantee does not hold; ``step`` names the check."""
+
+    def __init__(self, step: str, message: str) -> None:
+        super().__init__(f"[{step}] {message}")
+        self.step = step
+
+
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """Every tensor in a model output (tensors, dicts, lists, tuples, namedtuples)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for k in out for t in output_tensors(out[k])]
+    if isinstance(out, (list, tuple)):
+        return [t for o in out for t in output_tensors(o)]
+    return []
+
+
+def _same(a: Any, b: Any) -> bool:
+    ta, tb = output_tensors(a), output_tensors(b)
+    return len(ta) == len(tb) > 0 and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(ta, tb))
+
+
+def module_state(model: nn.Module) -> dict:
+    """Every module's own state, to compare before and after: its ``__dict__`` keys with the
+    identity of each value, one level into lists and dicts, and each tensor's device (a meta
+    tensor or a proxy left in a cache shows here).
+
+    Example:
+        >>> m = nn.Sequential(nn.Conv2d(3, 4, 3))
+        >>> before = module_state(m)
+        >>> m[0].cache = 1
+        >>> module_state(m) == before
+        False
+    """
+    out = {}
+    for name, m in model.named_modules():
+        for k, v in m.__dict__.items():
+            inner: object = None
+            if isinstance(v, list):
+                inner = tuple((id(x), getattr(x, "device", None)) for x in v)
+            elif isinstance(v, dict):
+                inner = tuple((key, id(x), getattr(x, "device", None)) for key, x in v.items())
+            out[(name, k)] = (id(v), getattr(v, "device", None), inner)
+    return out
+
+
+def _without_surgery(state: dict, inserted: set[str]) -> dict:
+    """``state`` without what surgery adds on purpose: children, the plan, its own modules
+    (and whatever a timm slot held before it)."""
+    return {k: v for k, v in state.items() if k[1] not in ("_modules", "dropblock_plan") and k[0] not in inserted}
+
+
+def check_surgery(model: nn.Module, x: torch.Tensor, recipe: Any = None, *, runner: Optional[nn.Module] = None,
+                  require_sites: bool = True, **overrides: Any) -> Plan:
+    """Apply DropBlock to ``model`` (in place), check every guarantee on input ``x``, then
+    remove it again; returns the plan. Raises :class:`CheckFailed` naming the check.
+
+    Args:
+        model: the model, in eval mode.
+        x: an input batch (batch size 2 or more, for batch norm in train mode).
+        recipe: as for :func:`apply_dropblock`; ``overrides`` too (``target=``,
+            ``input_size=`` default to ``x``'s size).
+        runner: the module to call with ``x`` (default: ``model``), e.g. a detector's
+            backbone when ``target="backbone.body"``.
+        require_sites: fail when nothing was inserted.
+
+    Example:
+        >>> import torchvision
+        >>> m = torchvision.models.resnet18().eval()
+        >>> p = check_surgery(m, torch.randn(2, 3, 64, 64))
+        >>> len(p.rows)
+        12
+    """
+    runner = model if runner is None else runner
+    overrides.setdefault("input_size", list(x.shape[1:]))
+    with torch.no_grad():
+        ref = runner(x)
+    if not output_tensors(ref):
+        raise CheckFailed("reference forward", "the model's output holds no tensor")
+    cls, tree, classes = type(model), repr(model), [type(m) for m in model.modules()]
+    weights = copy.deepcopy(model.state_dict())  # keeps _metadata (MNASNet's loader needs its version)
+    state = module_state(model)
+
+    step = "apply_dropblock"
+    try:
+        apply_dropblock(model, recipe, **overrides)
+        plan = describe(model)
+        mods = {n: m for n, m in model.named_modules() if isinstance(m, DropBlockNd)}
+
+        step = "sites"
+        if type(model) is not cls:
+            raise AssertionError("the model's class changed")
+        if require_sites and not mods:
+            raise AssertionError(f"no DropBlock site (stages {[s.index for s in plan.stages]}; "
+                                 f"notes: {'; '.join(plan.notes)[:150]})")
+        prefix = f"{plan.target}." if plan.target else ""
+        paths = sorted(r.path if r.path.startswith(prefix) else prefix + r.path for r in plan.rows)
+        if len(plan.rows) != len(mods) or (paths != sorted(mods) and sorted(r.path for r in plan.rows) != sorted(mods)):
+            raise AssertionError(f"{len(mods)} DropBlock modules but {len(plan.rows)} plan rows")
+        selected = {i for i, _ in resolve_stages(plan.recipe, plan.stages, skipped=[])}
+        bad = sorted({m.placement.stage for m in mods.values()} - selected)
+        if bad:
+            raise AssertionError(f"sites in stages {bad}, the recipe selected {sorted(selected)}")
+        if any((len(r.resolution) == 3) != isinstance(mods[r.path if r.path in mods else prefix + r.path],
+                                                        DropBlock3d) for r in plan.rows):
+            raise AssertionError("a DropBlock's dimension does not match its feature map")
+
+        step = "no trace"
+        inserted = {n for n, m in model.named_modules() if is_inserted(m)}
+        if _without_surgery(module_state(model), inserted) != _without_surgery(state, inserted):
+            raise AssertionError("planning or applying changed the model's own state")
+
+        step = "eval identity"
+        with torch.no_grad():
+            if not _same(runner(x), ref):
+                raise AssertionError("eval outputs differ after apply_dropblock")
+
+        step = "state_dict identity"
+        after = model.state_dict()
+        if list(after) != list(weights):
+            raise AssertionError("state_dict keys differ")
+        diff = [k for k in weights if not torch.equal(after[k], weights[k])]
+        if diff:
+            raise AssertionError(f"state_dict values differ: {diff[:3]}")
+        model.load_state_dict(weights, strict=True)
+
+        step = "train forward/backward"
+        model.train()
+        for m in mods.values():
+            m.drop_prob = max(float(m.target_drop_prob), 0.1)
+        out = output_tensors(runner(x))
+        loss = sum(t.float().sum() for t in out if t.is_floating_point())
+        if not torch.isfinite(loss):
+            raise AssertionError("train output not finite")
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if not grads:
+            raise AssertionError("no gradient reached the parameters")
+        if not all(torch.isfinite(g).all() for g in grads):
+            raise AssertionError("non-finite gradients")
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(weights, strict=True)
+        model.eval()
+
+        step = "remove_dropblock"
+        remove_dropblock(model)
+        if repr(model) != tree or [type(m) for m in model.modules()] != classes:
+            raise AssertionError("remove_dropblock did not restore the module tree")
+        if any(isinstance(m, DropBlockNd) for m in model.modules()) or hasattr(model, "dropblock_plan"):
+            raise AssertionError("DropBlock left after remove_dropblock")
+        with torch.no_grad():
+            if not _same(runner(x), ref):
+                raise AssertionError("eval outputs differ after remove_dropblock")
+    except CheckFailed:
+        raise
+    except Exception as e:  # noqa: BLE001 - every failure names its check
+        raise CheckFailed(step, f"{type(e).__name__}: {' '.join(str(e).split())}") from e
+    return plan
+
+
+def zoo_model(source: str, name: str) -> tuple[nn.Module, str, nn.Module, list[tuple[int, ...]]]:
+    """A timm or torchvision model built as the coverage run builds it (random init):
+    ``(model, target, runner, input sizes to try, smallest first)``.
+
+    ``source`` is ``"timm"`` or ``"tv-classification"``, ``"tv-segmentation"``,
+    ``"tv-video"``, ``"tv-detection"`` (whose target is ``backbone.body``, else ``backbone``).
+    """
+    if source == "timm":
+        import timm
+
+        model = timm.create_model(name, pretrained=False)
+        return model, "", model, _image_sizes(model, name)
+    import torchvision.models as tvm
+
+    kind = source[3:]
+    kw: dict[str, Any] = {"weights": None}
+    if kind in ("segmentation", "detection"):
+        kw["weights_backbone"] = None
+    if name in ("googlenet", "inception_v3"):
+        kw["aux_logits"] = False
+        if kind == "classification":
+            kw["init_weights"] = True
+    model = tvm.get_model(name, **kw)
+    if kind == "detection":
+        target = "backbone.body" if getattr(model.backbone, "body", None) is not None else "backbone"
+        return model, target, model.get_submodule(target), _image_sizes(model, name)
+    if kind == "video":  # S3D pools over (2, 7, 7) at stride (8, 32, 32), so needs 16x224x224
+        return model, "", model, [(3, 8, 64, 64), (3, 16, 224, 224)]
+    return model, "", model, _image_sizes(model, name)
+
+
+def _image_sizes(model: nn.Module, name: str) -> list[tuple[int, ...]]:
+    sizes = [(3, 64, 64)]
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if cfg.get("min_input_size"):
+        m = tuple(cfg["min_input_size"])
+        sizes = [(m[0], max(64, m[1]), max(64, m[2]))]
+    if name == "inception_v3":
+        sizes = [(3, 80, 80)]
+    sizes += [(sizes[0][0], s, s) for s in (96, 128, 160, 224, 300, 320)]
+    if cfg.get("input_size"):
+        sizes.append(tuple(cfg["input_size"]))
+    return list(dict.fromkeys(sizes))
