@@ -13,6 +13,7 @@ call differs (see ``splice``). A trace that depends on the batch size is refused
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import inspect
 import itertools
@@ -181,7 +182,8 @@ def describe_call(value: Any) -> Any:
 
 
 class _MetaProxy(fx.Proxy):
-    """A Proxy that answers shape questions (and ``isinstance``) like the meta value it carries.
+    """A Proxy that answers shape questions like the meta value it carries (and, while a
+    specialised trace runs, ``isinstance(p, torch.Tensor)``: see ``_isinstance_sees_tensors``).
 
     Sizes are concrete except the first dim, which stays symbolic (a ``size(0)`` node): the
     batch size is never baked in, and nothing else is unguarded (the other dims follow from
@@ -189,10 +191,6 @@ class _MetaProxy(fx.Proxy):
     """
 
     _meta: Any = None
-
-    @property  # type: ignore[misc]
-    def __class__(self):  # noqa: D105 - ``isinstance(p, torch.Tensor)`` as in real execution
-        return torch.Tensor if isinstance(self._meta, torch.Tensor) else type(self)
 
     def _sizes(self) -> tuple:
         shape = tuple(self._meta.shape)
@@ -321,7 +319,7 @@ class _SpecialisingTracer(LeafTracer):
         return p
 
     def trace(self, root: Any, concrete_args: Any = None) -> fx.Graph:
-        with _factories_take_proxies(self):
+        with _factories_take_proxies(self), _isinstance_sees_tensors():
             return super().trace(root, concrete_args)
 
     def create_arg(self, a: Any) -> Any:
@@ -366,13 +364,37 @@ def _factories_take_proxies(tracer: fx.Tracer):
             setattr(torch, name, fn)
 
 
-def _with_batch(value: Any, batch: int) -> Any:
+_TENSOR_TYPES = (torch.Tensor, torch._C.TensorBase)
+
+
+@contextlib.contextmanager
+def _isinstance_sees_tensors():
+    """``isinstance(p, torch.Tensor)`` (and ``torch.is_tensor``, ``torch.jit.isinstance``) is
+    True for a proxy carrying a tensor, in Python code only: C code keeps checking the real
+    type, so no proxy ever reaches a C function as a tensor."""
+    real = builtins.isinstance
+
+    def isinstance_(obj: Any, cls: Any) -> bool:
+        if type(obj) is _MetaProxy and real(obj._meta, torch.Tensor):
+            classes = cls if real(cls, tuple) else (cls,)
+            if any(c in _TENSOR_TYPES for c in classes):
+                return True
+        return real(obj, cls)
+
+    builtins.isinstance = isinstance_
+    try:
+        yield
+    finally:
+        builtins.isinstance = real
+
+
+def with_batch(value: Any, batch: int) -> Any:
     if isinstance(value, torch.Tensor):
         return torch.empty((batch, *value.shape[1:]), dtype=value.dtype, device="meta") if value.dim() else to_meta(value)
     if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
-        return type(value)(_with_batch(v, batch) for v in value)
+        return type(value)(with_batch(v, batch) for v in value)
     if isinstance(value, dict):
-        return {k: _with_batch(v, batch) for k, v in value.items()}
+        return {k: with_batch(v, batch) for k, v in value.items()}
     return value
 
 
@@ -388,7 +410,7 @@ def trace_specialised(module: nn.Module, extra_leaves: tuple[nn.Module, ...], bo
     cache = {} if cache is None else cache
     by_batch = []
     for batch in (1, 2):
-        values = {k: _with_batch(v, batch) for k, v in bound.items()}
+        values = {k: with_batch(v, batch) for k, v in bound.items()}
         by_batch.append(_modes(module, lambda: _SpecialisingTracer(extra_leaves, values, cache).trace(module)))
     codes = [{m: g.python_code("self").src for m, g in gs.items()} for gs in by_batch]
     if codes[0] != codes[1]:
