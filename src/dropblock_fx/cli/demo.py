@@ -376,11 +376,12 @@ def run_demo(args: argparse.Namespace) -> list[RunResult]:
     if not args.no_dropout_arm:
         arms.append(("dropout, same sites", dropout_recipe(recipe)))
     seeds = [args.seed + i for i in range(args.seeds)]
+    threads = torch.get_num_threads()
     model_desc = f"timm {args.model}" + (f" (width {args.width})" if args.width else "")
     print(f"data: {data.name}, {len(data.train_x)} train / {len(data.val_x)} validation images, "
           f"{len(data.classes)} classes, {args.image_size}x{args.image_size}x{data.in_chans}")
     print(f"model: {model_desc}; {args.epochs} epochs, batch {args.batch_size}, AdamW lr {args.lr:g}, "
-          f"seeds {', '.join(map(str, seeds))}, {torch.get_num_threads()} CPU threads")
+          f"seeds {', '.join(map(str, seeds))}, {threads} CPU thread{'s' if threads != 1 else ''}")
     probe = build_model(args.model, len(data.classes), data.in_chans, args.width)
     print(format_plan(make_plan(probe, recipe), model_desc, modules=False))
     if len(arms) > 2:

@@ -104,7 +104,7 @@ the same sites (the recipe with block_size 1). Each arm runs once per seed (the 
 the initial weights and the batch order, the same for every arm). Prints the validation
 loss (last and best epoch), the validation accuracy and the gap between validation and training
 loss (mean and spread over seeds), and plots them per epoch. The outcome is what was
-measured; on a problem this small the arms may well tie. About 2-3 minutes on 2 CPU cores;
+measured; on a problem this small the arms may well tie. About 2 minutes on a 2-core CPU;
 --quick is a smoke test of a few seconds.""",
         """\
 examples:
@@ -210,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=64, help="images are resized to this (default 64)")
     p.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction (default 0.2)")
     p.add_argument("--seed", type=int, default=0, help="first seed; also picks the data split (default 0)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the demo's small convolutions gain little from "
+                        "more, and lose much when other jobs share the cores; 0 = torch's default)")
     p.add_argument("--out", "-o", metavar="PNG", default="dropblock_demo.png", help="plot file")
     p.add_argument("--no-plot", action="store_true", help="do not write the plot")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
