@@ -58,3 +58,24 @@ def test_readme_plan_output_is_what_the_command_prints(capsys):
     shown = text.split("$ dropblock-fx plan resnet50 --recipe paper-resnet50\n")[1].split("```")[0]
     assert main(["plan", "resnet50", "--recipe", "paper-resnet50"]) == 0
     assert capsys.readouterr().out.strip() == shown.strip()
+
+
+def readme_as_docs_home(text: str) -> str:
+    """The README with its links made relative to docs/ (the docs site's home page)."""
+    text = text.replace("The pages under [`docs/`](docs/) read well on GitHub; to build",
+                        "These pages are the `docs/` folder of the repository; to build")
+    text = text.replace("](docs/img/", "](img/")
+    text = re.sub(r"\[docs/([^\]]+)\]", lambda m: "[" + m.group(1).replace(".md", "").rstrip("/") + "]", text)
+    text = text.replace("](docs/", "](")
+    return (text.replace("[LICENSE](LICENSE)", "the `LICENSE` file of the repository")
+                .replace("[CHANGELOG.md](CHANGELOG.md)", "[changelog](changelog.md)"))
+
+
+def test_docs_home_is_the_readme():
+    """docs/index.md is the README with docs-relative links; regenerate it with
+    python -c "import tests.test_docs as t; t.write_docs_home()" after editing the README."""
+    assert (REPO / "docs" / "index.md").read_text() == readme_as_docs_home((REPO / "README.md").read_text())
+
+
+def write_docs_home() -> None:
+    (REPO / "docs" / "index.md").write_text(readme_as_docs_home((REPO / "README.md").read_text()))
