@@ -73,7 +73,8 @@ def readme_as_docs_home(text: str) -> str:
 
 def test_docs_home_is_the_readme():
     """docs/index.md is the README with docs-relative links; regenerate it with
-    python -c "import tests.test_docs as t; t.write_docs_home()" after editing the README."""
+    python -c "import sys; sys.path[:0] = ['tests']; import test_docs; test_docs.write_docs_home()"
+    after editing the README."""
     assert (REPO / "docs" / "index.md").read_text() == readme_as_docs_home((REPO / "README.md").read_text())
 
 
