@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
-from test_surgery_models import SmallCNN, WithUntraceable
+from small_models import SmallCNN, WithUntraceable
 
 import dropblock_fx as dbx
 from dropblock_fx import RecipeError, SurgeryError

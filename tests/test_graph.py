@@ -32,7 +32,7 @@ from dropblock_fx.graph.stages import call_stages
 from dropblock_fx.graph.splice import graph_source, splice_graph
 from dropblock_fx.graph.units import bound_args
 
-from test_surgery_models import Residual, SmallCNN, TrainBranch
+from small_models import Residual, SmallCNN, TrainBranch
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,7 +44,7 @@ def sites_of(block: nn.Module, shape, kinds=("conv", "conv_last", "shortcut", "b
     graphs = trace_modes(block)
     g = graphs.get("any") or graphs["eval"]
     values = replay(g, block, bound_args(block, call), lambda m: record.outputs_within(m, call.start, call.end))
-    sites, _ = find_sites(g, block, values, set(kinds), norm_free, True)
+    sites = find_sites(g, block, values, set(kinds), norm_free, True)
     return g, sites
 
 

@@ -80,10 +80,10 @@ def test_3d_module_drops_cuboids():
     assert (y == 0).any() and y.shape == (2, 4, 6, 8, 8)
 
 
-def test_unscheduled_warning_once():
+def test_unscheduled_warning_once(monkeypatch):
     import dropblock_fx.schedule.pending as pending
 
-    pending._warned_unscheduled = False
+    monkeypatch.setattr(pending, "_warned_unscheduled", False)
     m = dbx.DropBlock2d(0.1, 3)
     m.schedule_pending = True
     with warnings.catch_warnings(record=True) as w:

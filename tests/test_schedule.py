@@ -352,14 +352,22 @@ def test_custom_hook_registry():
 
 
 def test_lightning_hook_without_lightning_is_clear(monkeypatch):
-    try:
-        import lightning  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match=r"dropblock-fx\[lightning\]"):
-            attach_schedule(paper_model(), total_steps=10, hook="lightning")
-    else:
-        sched = attach_schedule(paper_model(), total_steps=10, hook="lightning")
-        assert sched.callback is not None and sched.callback.schedule is sched
+    """Lightning is hidden (None in sys.modules makes its import fail), installed or not."""
+    import sys
+
+    for name in ("lightning", "lightning.pytorch", "lightning.pytorch.callbacks", "pytorch_lightning",
+                 "pytorch_lightning.callbacks"):
+        monkeypatch.setitem(sys.modules, name, None)
+    for name in ("dropblock_fx.integrations.lightning", "dropblock_fx.schedule.lightning"):
+        monkeypatch.delitem(sys.modules, name, raising=False)  # imported afresh, without Lightning
+    with pytest.raises(ImportError, match=r"hook='lightning' needs Lightning"):
+        attach_schedule(paper_model(), total_steps=10, hook="lightning")
+
+
+def test_lightning_hook_with_lightning_gives_the_callback():
+    pytest.importorskip("lightning")
+    sched = attach_schedule(paper_model(), total_steps=10, hook="lightning")
+    assert sched.callback is not None and sched.callback.schedule is sched
 
 
 # -- checkpoint and resume --------------------------------------------------------------------

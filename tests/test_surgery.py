@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import pickle
-import warnings
 from collections import Counter
 
 import pytest
@@ -17,15 +16,13 @@ from dropblock_fx import DropBlock2d, DropBlock3d, DropBlockNd, Plan, SurgeryErr
 from dropblock_fx import remove_dropblock
 from dropblock_fx.recipe import Recipe, StageSpec
 
-from test_surgery_models import NormFree, SmallCNN, TrainBranchNet, WithUntraceable
+from small_models import NormFree, SmallCNN, TrainBranchNet, WithUntraceable
 
 timm = pytest.importorskip("timm")
 tv = pytest.importorskip("torchvision")
 
-warnings.filterwarnings("ignore", message=".*no schedule is attached.*")
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:.*no schedule is attached")]
 
 
 def dropblocks(model: nn.Module) -> dict[str, DropBlockNd]:
@@ -305,16 +302,6 @@ def test_class_methods_and_timm_api_preserved():
     model.layer3[0].zero_init_last()  # block methods too
 
 
-def test_planning_resnet50_is_fast():
-    import time
-
-    model = tv.models.resnet50()
-    apply_dropblock(copy.deepcopy(model), "paper-resnet50")  # warm caches (imports, code objects)
-    t = time.perf_counter()
-    apply_dropblock(model, "paper-resnet50")
-    assert time.perf_counter() - t < 3.0  # the benchmark measures < 1 s; headroom for a loaded CI box
-
-
 def test_public_names():
     for name in ("apply_dropblock", "remove_dropblock", "describe", "plan", "Plan", "PlanRow", "SurgeryError",
                  "register_norm"):
@@ -360,3 +347,15 @@ def test_a_stride_with_no_conv_is_not_a_stage():
     p = plan(m, input_size=[3, 64, 64])
     assert [s.index for s in p.stages] == [0, 1, 2, 3]  # the stride-32 output of features.28 is not one
     assert sorted((r.stage, r.kind) for r in p.rows) == [(2, "conv")] * 2 + [(3, "conv")] * 2
+
+
+def test_plan_rows_are_in_forward_order():
+    """Rows list the DropBlock modules in the order a forward runs them (ResNet-50, paper)."""
+    model = apply_dropblock(tv.models.resnet50(), "paper-resnet50").train()
+    seen: list[str] = []
+    for name, m in model.named_modules():
+        if isinstance(m, DropBlockNd):
+            m.register_forward_hook(lambda mod, i, o, name=name: seen.append(name))
+    model(torch.randn(2, 3, 64, 64))
+    rows = [r.path for r in describe(model).rows]
+    assert seen == rows and len(rows) == 36

@@ -181,7 +181,7 @@ class GlobalStateNet(nn.Module):
 
 
 def test_verify_exact_applies_when_outputs_match():
-    from test_surgery_models import SmallCNN
+    from small_models import SmallCNN
 
     model = SmallCNN().eval()
     dbx.apply_dropblock(model, verify="exact", input_size=(3, 64, 64))

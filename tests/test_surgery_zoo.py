@@ -15,7 +15,7 @@ from torch import nn
 from dropblock_fx import DropBlockNd, apply_dropblock, describe, remove_dropblock
 from dropblock_fx.testing import check_surgery
 
-from test_surgery_models import SmallCNN
+from small_models import SmallCNN
 
 timm = pytest.importorskip("timm")
 tv = pytest.importorskip("torchvision")

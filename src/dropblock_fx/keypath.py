@@ -43,9 +43,15 @@ class KeyedError(ValueError):
         return self.reason
 
 
+def closest_name(word: Any, choices: Sequence[str]) -> Optional[str]:
+    """The choice closest to ``word`` (the one place "did you mean" is decided), or None."""
+    if not isinstance(word, str):
+        return None
+    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
 def closest(word: Any, choices: Sequence[str]) -> str:
     """A ``"; did you mean 'x'?"`` suffix, or ``""``."""
-    if not isinstance(word, str):
-        return ""
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {match[0]!r}?" if match else ""
+    match = closest_name(word, choices)
+    return f"; did you mean {match!r}?" if match else ""

@@ -11,6 +11,8 @@ from typing import Any
 
 from torch import nn
 
+from ..keypath import closest
+
 __all__ = ["load_model", "MODEL_HELP"]
 
 MODEL_HELP = (
@@ -46,7 +48,7 @@ def load_model(spec: str, **kwargs: Any) -> nn.Module:
 
         name = spec[len("timm:"):] if spec.startswith("timm:") else spec
         if ":" not in name and not timm.is_model(name):
-            hint = _closest(name, timm.list_models())
+            hint = closest(name, timm.list_models())
             raise ValueError(f"timm has no model {name!r}{hint} (torchvision models: torchvision:NAME)")
         return timm.create_model(name, pretrained=False, **kwargs)
     where, attr = spec.rsplit(":", 1)
@@ -83,13 +85,6 @@ def _import_attr(where: str, attr: str) -> Any:
     for part in attr.split("."):
         if not hasattr(obj, part):
             names = [n for n in dir(obj) if not n.startswith("_")]
-            raise ValueError(f"{where} has no attribute {part!r}{_closest(part, names)}")
+            raise ValueError(f"{where} has no attribute {part!r}{closest(part, names)}")
         obj = getattr(obj, part)
     return obj
-
-
-def _closest(word: str, choices: list[str]) -> str:
-    import difflib
-
-    hit = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    return f"; did you mean {hit[0]!r}?" if hit else ""

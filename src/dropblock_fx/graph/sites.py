@@ -120,8 +120,8 @@ def _label(prefix: str, scope: str) -> str:
 
 
 def find_sites(graph: fx.Graph, unit: nn.Module, values: dict[fx.Node, Any], kinds: set[str],
-               norm_free: bool, is_block: bool) -> tuple[list[Site], list[str]]:
-    """Candidate sites of ``kinds`` in ``graph`` (positions by node name) and notes."""
+               norm_free: bool, is_block: bool) -> list[Site]:
+    """Candidate sites of ``kinds`` in ``graph`` (positions by node name)."""
     nodes = list(graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     convs = [n for n in nodes if n.op == "call_module" and is_conv(_mod(n, unit))]
@@ -147,7 +147,6 @@ def find_sites(graph: fx.Graph, unit: nn.Module, values: dict[fx.Node, Any], kin
     ends = {e: c for c, e in chains.items()}
     sites: list[Site] = []
     taken: set[Any] = set()
-    notes: list[str] = []
     used_ends: set[fx.Node] = set()
     memo: dict[fx.Node, frozenset] = {}
     counts: dict[str, int] = {}
@@ -215,7 +214,7 @@ def find_sites(graph: fx.Graph, unit: nn.Module, values: dict[fx.Node, Any], kin
             add(Site("block", "dropblock_block", "block output" + _nhwc(last(val)), s, edge=(val.name, out.name),
                      channels_last=last(val)), ("edge", val.name, out.name))
     sites.sort(key=lambda s: order[_node(graph, s.after or s.edge[1])])  # type: ignore[index]
-    return sites, notes
+    return sites
 
 
 def _nhwc(channels_last: bool) -> str:

@@ -22,6 +22,7 @@ import torch
 import torchvision
 from torch import nn
 
+from ..keypath import closest
 from ..recipe import Recipe, load_recipe
 
 __all__ = ["get_model", "default_target", "model_task"]
@@ -39,14 +40,7 @@ def model_task(name: str) -> str:
             return task
     if name.lower() in models.list_models():
         return "classification"
-    raise ValueError(f"torchvision has no model {name!r}{_closest(name)}")
-
-
-def _closest(name: str) -> str:
-    import difflib
-
-    hit = difflib.get_close_matches(name.lower(), torchvision.models.list_models(), n=1, cutoff=0.6)
-    return f"; did you mean {hit[0]!r}?" if hit else ""
+    raise ValueError(f"torchvision has no model {name!r}{closest(name.lower(), models.list_models())}")
 
 
 def default_target(model: nn.Module, task: str) -> str:

@@ -12,14 +12,13 @@ from .loader import (
     recipe_to_yaml,
     validate_recipe,
 )
-from .schema import SITE_KINDS, OpOptions, Recipe, ScheduleSpec, StageSpec
+from .schema import SITE_KINDS, Recipe, ScheduleSpec, StageSpec
 from .stages import ModelStage, resolve_stage, resolve_stages
 
 __all__ = [
     "Recipe",
     "StageSpec",
     "ScheduleSpec",
-    "OpOptions",
     "SITE_KINDS",
     "RecipeError",
     "RecipeIssue",

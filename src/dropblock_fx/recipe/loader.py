@@ -6,7 +6,6 @@ allowed; nothing else escapes (the loader is fuzzed for it).
 
 from __future__ import annotations
 
-import difflib
 import os
 import weakref
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any, Mapping, Optional, Union
 import yaml
 from pydantic import ValidationError
 
+from ..keypath import closest_name
 from .errors import _MISSING, KeyedError, RecipeError, RecipeIssue, closest
 from .schema import SITE_KINDS, Recipe, ScheduleSpec
 
@@ -116,8 +116,8 @@ def load_recipe(source: RecipeLike = None) -> Recipe:
             is_file = False
         if is_file:
             return _load_file(path)
-        match = difflib.get_close_matches(text_source, list(files), n=1, cutoff=0.6)
-        suggestion = f" (did you mean the built-in {match[0]!r}?)" if match else ""
+        match = closest_name(text_source, list(files))
+        suggestion = f" (did you mean the built-in {match!r}?)" if match else ""
         raise RecipeError(
             [RecipeIssue(
                 reason=f"{text_source!r} is not a built-in recipe or an existing file{suggestion}",

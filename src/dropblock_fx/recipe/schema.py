@@ -44,17 +44,6 @@ StageRef = Annotated[
 ]
 
 
-class OpOptions(_Strict):
-    """Options passed to every inserted DropBlock module (see ``drop_block``)."""
-
-    mask: Literal["channel", "shared", "batch"] = "channel"
-    seed_region: Literal["valid", "full"] = "valid"
-    gamma_scale: float = Field(1.0, ge=0.0)
-    scale: Literal["count", "expected", "none"] = "count"
-    noise: bool = False
-    calibrate: bool = False
-
-
 class StageSpec(_Strict):
     """One selected stage, with optional overrides of the recipe-wide settings (``keep_prob``
     is accepted as ``1 - drop_prob``)."""
@@ -220,10 +209,3 @@ class Recipe(_Strict):
         from .loader import recipe_from_yaml
 
         return recipe_from_yaml(text, file=file)
-
-    def op_options(self) -> OpOptions:
-        """Recipe-wide op options."""
-        return OpOptions(
-            mask=self.mask, seed_region=self.seed_region, gamma_scale=self.gamma_scale,
-            scale=self.scale, noise=self.noise, calibrate=self.calibrate,
-        )

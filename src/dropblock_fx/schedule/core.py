@@ -88,11 +88,6 @@ class DropBlockSchedule:
         """The schedule's factor now: every module runs at ``target_drop_prob * value``."""
         return schedule_value(self.spec.name, self.progress, self.spec.params)
 
-    def value_at(self, count: float) -> float:
-        """The factor after ``count`` units (for plots; changes nothing)."""
-        p = 0.0 if not self.length else min(1.0, max(0.0, count / self.length))
-        return schedule_value(self.spec.name, p, self.spec.params)
-
     @property
     def drop_prob(self) -> float:
         """The current recipe-level rate: the largest module rate now (0 without modules)."""

@@ -128,7 +128,7 @@ def _graph_sites(ctx: SiteContext) -> list[Candidate]:
             per_mode = {}
             for mode, g in u.graphs.items():
                 values = replay(g, u.module, bound, lambda m: ctx.record.outputs_within(m, start, end))
-                per_mode[mode], _ = find_sites(g, u.module, values, kinds, ctx.norm_free, u.kind == "block")
+                per_mode[mode] = find_sites(g, u.module, values, kinds, ctx.norm_free, u.kind == "block")
         except Exception as e:  # noqa: BLE001
             ctx.notes.append(f"{base.rstrip('.') or ctx.target.label}: could not match sites ({type(e).__name__}: {e})")
             continue
