@@ -54,9 +54,12 @@ def apply_dropblock(model: nn.Module, recipe: RecipeLike = None, *, replace: boo
 
     Example:
         >>> import torchvision, dropblock_fx as dbx
-        >>> m = dbx.apply_dropblock(torchvision.models.resnet50(), "paper-resnet50")  # doctest: +SKIP
-        >>> len(dbx.describe(m).rows)                                                  # doctest: +SKIP
+        >>> m = dbx.apply_dropblock(torchvision.models.resnet50(), "paper-resnet50")
+        >>> len(dbx.describe(m).rows)
         36
+        >>> m = dbx.apply_dropblock(torchvision.models.resnet18(), stages=[4], verify="exact")
+        >>> [r.path for r in dbx.describe(m).rows][:2]
+        ['layer4.0.dropblock_conv1', 'layer4.0.dropblock_conv_last']
     """
     check_model(model, "apply_dropblock")
     check_verify(verify)
@@ -159,6 +162,13 @@ def describe(model: nn.Module) -> Plan:
 
     Raises:
         SurgeryError: the model has no DropBlock plan.
+
+    Example:
+        >>> import torchvision
+        >>> m = apply_dropblock(torchvision.models.resnet18(), stages=[4])
+        >>> p = describe(m)
+        >>> p.count("conv"), p.stages[-1].name, p.rows[0].mechanism
+        (2, 'layer4', 'graph')
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"describe(model): model must be a torch.nn.Module, not {type(model).__name__}")
