@@ -208,18 +208,3 @@ class SiblingNet(nn.Module):
 
     def forward(self, x):
         return self.layers(x).mean((2, 3))
-
-
-def module_state(model: nn.Module) -> dict:
-    """Every module's own state: ``__dict__`` keys with the identity of each value, one level
-    into lists and dicts, and every tensor's device (a meta tensor left behind shows here)."""
-    out = {}
-    for name, m in model.named_modules():
-        for k, v in m.__dict__.items():
-            inner: object = None
-            if isinstance(v, list):
-                inner = tuple((id(x), getattr(x, "device", None)) for x in v)
-            elif isinstance(v, dict):
-                inner = tuple((key, id(x), getattr(x, "device", None)) for key, x in v.items())
-            out[(name, k)] = (id(v), getattr(v, "device", None), inner)
-    return out

@@ -13,11 +13,12 @@ from torch import nn
 
 import dropblock_fx as dbx
 from constructs import (CachingDetector, DropConnectBlock, DropConnectNet, IsinstanceUNet, IsinstanceUp, NestedUNet,
-                        SiblingNet, module_state)
+                        SiblingNet)
 from dropblock_fx import SurgeryError
 from dropblock_fx.graph.stages import stage_of_shape
 from dropblock_fx.graph.tracing import trace_modes
 from dropblock_fx.graph.verify import check_graphs
+from dropblock_fx.testing import module_state
 
 SIZE = (3, 128, 128)
 pytestmark = pytest.mark.filterwarnings("ignore:dropblock_fx. this model's recipe has a schedule")

@@ -25,7 +25,8 @@ from torch.utils._pytree import tree_flatten
 
 from .leaves import autowrap_functions, is_leaf
 
-__all__ = ["LeafTracer", "trace_modes", "trace_specialised", "describe_call", "replay", "to_meta", "meta_state"]
+__all__ = ["LeafTracer", "trace_modes", "trace_specialised", "describe_call", "replay", "to_meta", "meta_state",
+           "attr_at", "with_batch"]
 
 
 class LeafTracer(fx.Tracer):
@@ -105,6 +106,14 @@ def run_meta(m: nn.Module, args: tuple, kwargs: dict, cache: Optional[dict] = No
                                           tie_weights=True)
 
 
+def attr_at(root: nn.Module, target: str) -> Any:
+    """The object at a dotted ``get_attr`` target under ``root``."""
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def replay(graph: fx.Graph, unit: nn.Module, bound: dict[str, Any],
            outputs_of: Callable[[nn.Module], list[Any]]) -> dict[fx.Node, Any]:
     """Meta value of every node: leaf calls take the outputs recorded in the shape pass (in
@@ -130,10 +139,7 @@ def replay(graph: fx.Graph, unit: nn.Module, bound: dict[str, Any],
                 elif node.args:
                     env[node] = node.args[0]
             elif node.op == "get_attr":
-                obj: Any = unit
-                for part in str(node.target).split("."):
-                    obj = getattr(obj, part)
-                env[node] = to_meta(obj)
+                env[node] = to_meta(attr_at(unit, str(node.target)))
             elif node.op == "call_module":
                 mod = unit.get_submodule(str(node.target))
                 q = queues.get(id(mod))
@@ -308,9 +314,7 @@ class _SpecialisingTracer(LeafTracer):
                     finally:
                         self._computing = False
                 elif kind == "get_attr":
-                    obj: Any = self.root
-                    for part in str(target).split("."):
-                        obj = getattr(obj, part)
+                    obj = attr_at(self.root, str(target))
                     p._meta = to_meta(obj) if isinstance(obj, torch.Tensor) else unknown
         except Exception:  # noqa: BLE001 - no value: shape questions on it stay symbolic
             p._meta = None

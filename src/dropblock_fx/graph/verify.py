@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
-from .tracing import with_batch, run_meta, to_meta
+from .tracing import attr_at, run_meta, to_meta, with_batch
 
 __all__ = ["output_signature", "unused_tensor_args", "check_graphs"]
 
@@ -98,10 +98,7 @@ def _run(graph: fx.Graph, unit: nn.Module, bound: dict[str, Any], extra: frozens
         if node.op == "placeholder":
             env[node] = _placeholder_value(node, bound)
         elif node.op == "get_attr":
-            obj: Any = unit
-            for part in str(node.target).split("."):
-                obj = getattr(obj, part)
-            env[node] = to_meta(obj)
+            env[node] = to_meta(attr_at(unit, str(node.target)))
         elif node.op == "call_module":
             target = str(node.target)
             if target in extra:  # a DropBlock module: the input's shape (the op's own tests hold it)
