@@ -228,3 +228,17 @@ def test_specialised_units_pickle_and_warn_once(tmp_path):
         for _ in range(3):
             loaded.blocks[4](torch.randn(1, 32, 8, 8), drop_connect_rate=0.2)
     assert sum("was rewritten for calls like" in str(m.message) for m in w) == 1
+
+
+def test_specialised_units_compile_without_graph_breaks():
+    model = DropConnectNet()
+    x, ref, _ = _applied(model)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        with torch.no_grad():
+            assert torch.equal(compiled(x), ref)
+        model.train()
+        compiled(x).sum().backward()
+    finally:
+        torch._dynamo.reset()

@@ -97,7 +97,7 @@ def guarded_call(self: nn.Module, guard: dict[str, Any], train_fn: Any, eval_fn:
                  kwargs: dict) -> Any:
     """Run a specialised forward when the call matches what it was traced for, else the
     original forward (no DropBlock in that call; warns once per class)."""
-    orig = original_class(self)
+    orig = type(self)._dropblock_original_class  # self is spliced (plain lookup: torch.compile traces it)
     names, defaults = _params(orig)
     values = list(args) + [kwargs.get(n, defaults.get(n, _MISSING)) for n in names[len(args):]]
     if not any(isinstance(v, fx.Proxy) for v in values):  # an FX retrace keeps the specialised code
