@@ -58,8 +58,9 @@ def apply_dropblock(model: nn.Module, recipe: RecipeLike = None, *, replace: boo
         >>> len(dbx.describe(m).rows)
         36
         >>> m = dbx.apply_dropblock(torchvision.models.resnet18(), stages=[4], verify="exact")
-        >>> [r.path for r in dbx.describe(m).rows][:2]
-        ['layer4.0.dropblock_conv1', 'layer4.0.dropblock_conv_last']
+        >>> paths = [r.path for r in dbx.describe(m).rows]
+        >>> paths[0], paths[1]
+        ('layer4.0.dropblock_conv1', 'layer4.0.dropblock_conv_last')
     """
     check_model(model, "apply_dropblock")
     check_verify(verify)
