@@ -279,3 +279,13 @@ def test_interrupted_mid_epoch_and_resumed_matches_an_uninterrupted_run(tmp_path
     # and, since the RNG state was saved too, the same masks and so the same weights
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+def test_a_call_that_inserts_nothing_leaves_no_plan_and_a_corrected_call_works():
+    model = SmallCNN()
+    with pytest.warns(UserWarning, match=r"^apply_dropblock: nothing inserted in SmallCNN \(") as rec:
+        dbx.apply_dropblock(model, sites=["timm"], **SIZE)  # a plain CNN has no timm slots
+    assert len(rec) == 1 and "\n" not in str(rec[0].message)
+    assert not hasattr(model, "dropblock_plan")
+    dbx.apply_dropblock(model, **SIZE)  # the corrected call is not refused as "already applied"
+    assert len(dbx.describe(model).rows) > 0

@@ -82,9 +82,10 @@ def apply_dropblock(model: nn.Module, recipe: RecipeLike = None, *, replace: boo
                         lambda: _apply_actions(model, p, prep.actions), lambda: remove_dropblock(model))
         else:
             _apply_actions(model, p, prep.actions)
-        if not p.rows:
-            warnings.warn(f"apply_dropblock: no site of the recipe matched in {type(model).__name__}; "
-                          f"see describe(model).notes: {'; '.join(p.notes) or 'none'}", UserWarning, stacklevel=2)
+        if not p.rows:  # nothing inserted, no plan kept: a corrected call works
+            why = p.notes[-1] if p.notes else "no site of the recipe's kinds in its stages"
+            warnings.warn(f"apply_dropblock: nothing inserted in {type(model).__name__} ({why[:160]}); "
+                          "plan(model, ...) shows every note", UserWarning, stacklevel=2)
     except Exception:
         if previous is not None:  # put the previous plan back: the model is as it was
             old = prepare(model, previous.recipe, keep_foreign=True)
@@ -127,7 +128,8 @@ def _apply_actions(model: nn.Module, p: Plan, actions: list[Action]) -> None:
                 db.__dict__["_dropblock_replaced"] = old  # not a child: state_dict and repr unchanged
                 m._modules[attr] = db
                 undo.append(lambda m=m, attr=attr, old=old: m._modules.__setitem__(attr, old))
-        model.dropblock_plan = p
+        if p.rows:
+            model.dropblock_plan = p
     except Exception as e:
         for fn in reversed(undo):
             fn()
