@@ -150,3 +150,22 @@ def test_torch_load_in_a_fresh_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert out.stdout.strip().endswith("ok"), out.stderr
+
+
+@pytest.mark.parametrize("name", ["retinanet_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn"])
+def test_detector_without_target_is_planned_on_its_backbone_whatever_the_weights(name):
+    """A detector's forward depends on the data (NMS), so a whole-model pass would depend on
+    the random weights; surgery picks the image backbone, as dropblock_fx.torchvision does."""
+    import dropblock_fx.torchvision as dbtv
+
+    plans = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = tv.models.get_model(name, weights=None, weights_backbone=None)
+        plans.append(apply_dropblock(model).dropblock_plan)
+        assert plans[-1].target == dbtv.default_target(model, "detection") == "backbone.body"
+        assert plans[-1].notes[0].endswith("planned on its image backbone 'backbone.body' "
+                                           "(pass target= to choose another)")
+    assert len(plans[0].rows) > 0
+    assert [r.as_dict() for r in plans[0].rows] == [r.as_dict() for r in plans[1].rows] == \
+        [r.as_dict() for r in plans[2].rows]

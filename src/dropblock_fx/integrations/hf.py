@@ -1,5 +1,5 @@
 """A Hugging Face ``Trainer`` callback that drives the DropBlock schedule (optional extra:
-``pip install 'dropblock-fx[hf]'``).
+``pip install -e '.[hf]'`` in a clone of dropblock-fx).
 
 The schedule follows ``state.global_step`` (optimizer updates done) over ``state.max_steps``,
 both of which the ``Trainer`` restores from a checkpoint, so ``trainer.train(
@@ -24,7 +24,8 @@ try:
     from transformers import TrainerCallback
 except ImportError as e:  # pragma: no cover - depends on what is installed
     raise ImportError(
-        "the Hugging Face Trainer callback needs transformers: pip install 'dropblock-fx[hf]'"
+        "the Hugging Face Trainer callback needs transformers (the hf extra; in a clone of "
+        "dropblock-fx: pip install -e '.[hf]')"
     ) from e
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -1,5 +1,5 @@
 """A Lightning ``Callback`` that drives a :class:`DropBlockSchedule` (optional extra:
-``pip install dropblock-fx[lightning]``).
+``pip install -e '.[lightning]'`` in a clone of dropblock-fx).
 
 The schedule follows ``trainer.global_step`` (optimizer steps done), so gradient
 accumulation, multiple devices and resuming from a Lightning checkpoint need nothing more.
@@ -16,7 +16,8 @@ except ImportError:  # pragma: no cover - depends on what is installed
         from pytorch_lightning.callbacks import Callback
     except ImportError as e:
         raise ImportError(
-            "hook='lightning' needs Lightning: pip install 'dropblock-fx[lightning]'"
+            "hook='lightning' needs Lightning (the lightning extra; in a clone of dropblock-fx: "
+            "pip install -e '.[lightning]')"
         ) from e
 
 if TYPE_CHECKING:  # pragma: no cover

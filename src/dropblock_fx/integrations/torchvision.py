@@ -45,14 +45,9 @@ def model_task(name: str) -> str:
 
 def default_target(model: nn.Module, task: str) -> str:
     """The submodule a recipe is applied to by default (``""`` = the whole model)."""
-    if task not in ("detection", "segmentation"):
-        return ""
-    backbone = getattr(model, "backbone", None)
-    if backbone is None:
-        return ""
-    if task == "detection" and isinstance(getattr(backbone, "body", None), nn.Module):
-        return "backbone.body"
-    return "backbone"
+    from ..surgery.target import backbone_target
+
+    return backbone_target(model) if task in ("detection", "segmentation") else ""
 
 
 def get_model(

@@ -35,7 +35,7 @@ from .candidates import SiteContext, find_candidates
 from .rows import Plan, PlanRow
 from .select import select
 from .settings import RecipeLike, resolve_recipe, stage_settings
-from .target import SurgeryError, Target, check_model, locate
+from .target import SurgeryError, Target, backbone_target, check_model, locate
 
 __all__ = ["PlanRow", "Plan", "SurgeryError", "plan", "prepare", "Prepared", "resolve_recipe"]
 
@@ -97,7 +97,18 @@ def prepare(model: nn.Module, recipe: Recipe, keep_foreign: bool = False) -> Pre
     notes: list[str] = []
     target = locate(model, recipe, keep_foreign, notes)
     with preserved(model):
-        record = _shape_pass(target, recipe, notes)
+        auto = "" if target.path else backbone_target(model)
+        try:
+            record = _shape_pass(target, recipe, notes)
+            auto = auto if record.mode == "real" else ""
+        except SurgeryError:
+            if not auto:
+                raise
+        if auto:  # data-dependent (detection post-processing): what a real pass sees depends on the weights
+            notes = [f"{type(model).__name__} cannot be planned whole (its forward depends on the data); "
+                     f"planned on its image backbone {auto!r} (pass target= to choose another)"]
+            target = locate(model, recipe, keep_foreign, notes, path=auto)
+            record = _shape_pass(target, recipe, notes)
         by_call = call_stages(record)
         stages = find_stages(target.root, record, by_call)
         if not stages:

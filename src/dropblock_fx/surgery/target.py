@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -12,7 +12,7 @@ from ..graph.leaves import foreign_dropblock
 from ..modules import is_inserted
 from ..recipe.schema import Recipe
 
-__all__ = ["SurgeryError", "Target", "check_model", "locate", "existing_dropblocks"]
+__all__ = ["SurgeryError", "Target", "check_model", "locate", "backbone_target", "existing_dropblocks"]
 
 
 class SurgeryError(RuntimeError):
@@ -61,9 +61,20 @@ def existing_dropblocks(model: nn.Module) -> tuple[list[str], list[str]]:
     return ours, foreign
 
 
-def locate(model: nn.Module, recipe: Recipe, keep_foreign: bool, notes: list[str]) -> Target:
-    """The recipe's ``target`` in ``model``; refuses foreign DropBlocks unless ``keep_foreign``."""
-    path = recipe.target or ""
+def backbone_target(model: nn.Module) -> str:
+    """The image backbone of a detection or segmentation model: ``backbone.body`` (the CNN
+    inside a torchvision FPN backbone), else ``backbone``; ``""`` when it has none."""
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        return ""
+    return "backbone.body" if isinstance(getattr(backbone, "body", None), nn.Module) else "backbone"
+
+
+def locate(model: nn.Module, recipe: Recipe, keep_foreign: bool, notes: list[str],
+           path: Optional[str] = None) -> Target:
+    """The recipe's ``target`` (or ``path``) in ``model``; refuses foreign DropBlocks unless
+    ``keep_foreign``."""
+    path = (recipe.target or "") if path is None else path
     try:
         root = model.get_submodule(path) if path else model
     except AttributeError as e:
