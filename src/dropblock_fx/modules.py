@@ -114,6 +114,9 @@ class DropBlockNd(nn.Module):
         self.generator = generator
         self._drop_prob = p
         self.placement: Optional[Placement] = None  # set by surgery (see is_inserted)
+        # The rate at full strength, which schedules scale (surgery sets it from the recipe;
+        # attach_schedule takes drop_prob for a module built by hand).
+        self.target_drop_prob: Optional[float] = None
         # Set by surgery when the recipe has a schedule, cleared by attach_schedule: a
         # scheduled recipe must never silently train at its final rate.
         self.schedule_pending = False
