@@ -208,3 +208,33 @@ class SiblingNet(nn.Module):
 
     def forward(self, x):
         return self.layers(x).mean((2, 3))
+
+
+# 5. An optional argument passed as None, by keyword ------------------------------------------
+
+class MaskedBlock(nn.Module):
+    """A residual block with an optional ``mask`` its parent passes as ``mask=None``."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x, mask=None):
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if mask is not None:
+            y = y * mask
+        return F.relu(x + y)
+
+
+class MaskedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(cbr(3, 16, 2), cbr(16, 16, 2), cbr(16, 16, 2), cbr(16, 16, 2))
+        self.blocks = nn.ModuleList([MaskedBlock(16) for _ in range(2)])
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            x = b(x, mask=None)
+        return x

@@ -242,3 +242,20 @@ def test_specialised_units_compile_without_graph_breaks():
         compiled(x).sum().backward()
     finally:
         torch._dynamo.reset()
+
+
+def test_an_argument_traced_as_none_keeps_its_name_and_is_guarded():
+    """FX names a None-specialised argument ``mask_1``: a parent calling ``mask=None`` by
+    keyword broke. The rewritten forward keeps the name, and a call with a mask runs the
+    original forward instead of FX's assertion."""
+    from constructs import MaskedBlock, MaskedNet
+
+    model = MaskedNet()
+    original = copy.deepcopy(model).eval()
+    x, ref, p = _applied(model)  # the parent passes mask=None by keyword
+    assert {r.kind for r in p.rows if r.path.startswith("blocks.")} == {"conv", "conv_last", "shortcut"}
+    feat = torch.randn(2, 16, 8, 8)
+    mask = torch.rand(2, 16, 8, 8)
+    with pytest.warns(UserWarning, match=r"MaskedBlock was rewritten for calls like the planned one \(mask=None\)"):
+        got = model.blocks[0](feat, mask=mask)
+    assert torch.equal(got, MaskedBlock.forward(original.blocks[0], feat, mask=mask))

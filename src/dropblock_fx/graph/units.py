@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -132,10 +133,12 @@ def _trace(m: nn.Module, leaves: tuple[nn.Module, ...], call: Call,
         reasons.append(why)
     else:
         try:
-            graphs = trace_modes(m, leaves, concrete_none_args(m, call))
+            nones = concrete_none_args(m, call)
+            graphs = trace_modes(m, leaves, nones)
+            guard = _none_guard(graphs, nones, _has_var_args(m)) if nones else None
             problem = check_graphs(graphs, m, bound, call.output, cache=cache)
             if problem is None:
-                return graphs, None
+                return graphs, guard
             reasons.append(problem)
         except Exception as e:  # noqa: BLE001
             reasons.append(f"{type(e).__name__}: {_first_line(e)}")
@@ -148,6 +151,29 @@ def _trace(m: nn.Module, leaves: tuple[nn.Module, ...], call: Call,
     except Exception as e:  # noqa: BLE001
         reasons.append(f"specialised: {type(e).__name__}: {_first_line(e)}")
     raise TraceFailure("; ".join(dict.fromkeys(reasons)))
+
+
+def _has_var_args(m: nn.Module) -> bool:
+    ps = inspect.signature(type(m).forward).parameters.values()
+    return any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in ps)
+
+
+def _none_guard(graphs: dict[str, fx.Graph], nones: dict[str, Any], var_args: bool) -> Optional[dict[str, Any]]:
+    """A plain trace with the arguments passed as None baked in: give their placeholders back
+    their names (FX calls them ``mask_1``, which breaks keyword calls) and drop FX's
+    ``_assert_is_none`` (it would raise on another call); the rewritten forward's guard runs
+    the original forward on a call that passes something else. With ``*args`` / ``**kwargs``
+    (no guard can bind them) FX's assertion stays: another call raises, never runs wrong."""
+    for g in graphs.values():
+        for node in list(g.nodes):
+            if (not var_args and node.op == "call_function"
+                    and getattr(node.target, "__name__", "") == "_assert_is_none"):
+                g.erase_node(node)
+        for node in g.nodes:
+            base = re.sub(r"_\d+$", "", str(node.target)) if node.op == "placeholder" else None
+            if base in nones:
+                node.target = base
+    return None if var_args else {name: ("value", None) for name in nones}
 
 
 def _first_line(e: Exception) -> str:
