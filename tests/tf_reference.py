@@ -1,6 +1,6 @@
 """An independent, plain re-implementation of the official TensorFlow DropBlock
-(tensorflow/tpu, models/official/resnet/resnet_model.py), written from REFERENCE.md
-section 1 and kept deliberately literal: noise of the full tensor shape, a
+(tensorflow/tpu, models/official/resnet/resnet_model.py), written from the published
+algorithm (docs/paper.md) and kept deliberately literal: noise of the full tensor shape, a
 valid-block-center mask, a min-pool with SAME padding, one scalar normaliser.
 
 Generalised only where the official code cannot go: H != W (each side uses its own
