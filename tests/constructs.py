@@ -238,3 +238,37 @@ class MaskedNet(nn.Module):
         for b in self.blocks:
             x = b(x, mask=None)
         return x
+
+
+# 6. A residual block whose branch goes down and back up (EfficientFormerV2's attention) -------
+
+class DownUpMixer(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(c, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c))
+        self.up = nn.Upsample(scale_factor=2.0)
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+
+class DownUpBlock(nn.Module):
+    """``x + mixer(x)`` where the mixer runs at half the resolution: the block is descended
+    (its inside is deeper than its output), and its residual add still gets its sites."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.mixer = DownUpMixer(c)
+
+    def forward(self, x):
+        return x + self.mixer(x)
+
+
+class DownUpNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(cbr(3, 16, 2), cbr(16, 16, 2), cbr(16, 32, 2), cbr(32, 32, 2))
+        self.blocks = nn.Sequential(DownUpBlock(32), DownUpBlock(32))
+
+    def forward(self, x):
+        return self.blocks(self.stem(x))

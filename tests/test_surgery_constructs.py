@@ -259,3 +259,14 @@ def test_an_argument_traced_as_none_keeps_its_name_and_is_guarded():
     with pytest.warns(UserWarning, match=r"MaskedBlock was rewritten for calls like the planned one \(mask=None\)"):
         got = model.blocks[0](feat, mask=mask)
     assert torch.equal(got, MaskedBlock.forward(original.blocks[0], feat, mask=mask))
+
+
+def test_a_descended_residual_block_keeps_its_shortcut_and_branch_sites():
+    from constructs import DownUpNet
+
+    model = DownUpNet()
+    _, _, p = _applied(model, stages=[3])
+    for i in (0, 1):
+        rows = {r.kind: r for r in p.rows if r.path.startswith(f"blocks.{i}.dropblock")}
+        assert set(rows) == {"shortcut", "conv_last"}, p.rows
+        assert all(r.stage == 3 and r.resolution == (8, 8) and r.mechanism == "graph" for r in rows.values())

@@ -144,6 +144,14 @@ def find_sites(graph: fx.Graph, unit: nn.Module, values: dict[fx.Node, Any], kin
         return None if all(d == 1 for d in s[2:]) else s
 
     chains = {c: e for c in convs if (e := _chain_end(c, unit, norm_free)) is not None}
+    conv_holders: dict[fx.Node, bool] = {}
+
+    def holds_conv(n: fx.Node) -> bool:
+        """A call of a conv, or of a child unit with convs inside (a descended block's branch)."""
+        if n not in conv_holders:
+            m = _mod(n, unit)
+            conv_holders[n] = m is not None and any(is_conv(x) for x in m.modules())
+        return conv_holders[n]
     ends = {e: c for c, e in chains.items()}
     sites: list[Site] = []
     taken: set[Any] = set()
@@ -170,8 +178,8 @@ def find_sites(graph: fx.Graph, unit: nn.Module, values: dict[fx.Node, Any], kin
             continue
         a0, a1 = _ancestors(ins[0], memo), _ancestors(ins[1], memo)
         own0, own1 = a0 - a1, a1 - a0
-        c0 = sum(1 for n in own0 if n in chains or (n.op == "call_module" and is_conv(_mod(n, unit))))
-        c1 = sum(1 for n in own1 if n in chains or (n.op == "call_module" and is_conv(_mod(n, unit))))
+        c0 = sum(1 for n in own0 if n in chains or holds_conv(n))
+        c1 = sum(1 for n in own1 if n in chains or holds_conv(n))
         if c0 == c1:
             continue
         (short, s_own), (branch, b_own) = ((ins[0], own0), (ins[1], own1)) if c0 < c1 else ((ins[1], own1), (ins[0], own0))
@@ -181,7 +189,9 @@ def find_sites(graph: fx.Graph, unit: nn.Module, values: dict[fx.Node, Any], kin
             add(Site("shortcut", name_for("shortcut", scope), f"shortcut into {r.name}" + _nhwc(last(r)), s_r,
                      edge=(short.name, r.name), channels_last=last(r)), ("edge", short.name, r.name))
         on_branch = [e for e in ends if e in b_own]
-        has_norm = any(n.op == "call_module" and is_norm(_mod(n, unit)) for n in b_own)
+        # a norm on the branch, or a child unit with convs (a descended block's branch)
+        has_norm = any(n.op == "call_module" and (is_norm(_mod(n, unit)) or (holds_conv(n) and not is_conv(_mod(n, unit))))
+                       for n in b_own)
         if on_branch:
             end_ = max(on_branch, key=order.__getitem__)
             used_ends.add(end_)

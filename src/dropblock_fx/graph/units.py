@@ -237,12 +237,15 @@ def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by
     def has_loose_layers(m: nn.Module, absorbed: tuple[nn.Module, ...]) -> bool:
         return any((not is_walkable(c) or c in absorbed) and stages_in(c) & wanted for c in m.children())
 
-    def container(m: nn.Module, path: str, call: Optional[Call], rewritable: bool) -> None:
+    def container(m: nn.Module, path: str, call: Optional[Call], rewritable: bool, own_ops: bool = False) -> None:
+        """``own_ops``: a descended block, whose own forward (a residual add) holds sites even
+        without loose layers."""
         absorbed = tuple(c for c in m.children() if is_walkable(c) and _absorbable(c)) if rewritable else ()
         children = tuple(c for _, c in composite_children(m, absorbed))
         unit_index = len(units)
         visit_children(m, path, absorbed)
-        if not has_loose_layers(m, absorbed):
+        own = own_ops and call is not None and stages_by_call.get(position[id(call)]) in wanted
+        if not (own or has_loose_layers(m, absorbed)):
             return
         unit = Unit(path, m, "container", call, extra_leaves=children)
         if rewritable and call is not None:
@@ -273,8 +276,11 @@ def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by
             chain = _is_chain(m, children)
         except Exception:  # noqa: BLE001 - untraceable at one level: a block (tried whole below)
             chain = False
-        if chain or spans_stages(m, call):
+        if chain:
             container(m, path, call, rewritable=True)
+            return
+        if spans_stages(m, call):
+            container(m, path, call, rewritable=True, own_ops=True)
             return
         unit = Unit(path, m, "block", call)
         try:
