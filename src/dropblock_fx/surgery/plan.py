@@ -77,6 +77,26 @@ def _shape_pass(target: Target, recipe: Recipe, notes: list[str]) -> ShapeRecord
     return record
 
 
+def _target_and_shapes(model: nn.Module, recipe: Recipe, keep_foreign: bool,
+                       notes: list[str]) -> tuple[Target, ShapeRecord]:
+    """Phases 1-2. A model with a backbone and no target whose forward depends on the data
+    (detection post-processing: what a real pass sees depends on the weights) is planned on
+    its image backbone instead."""
+    target = locate(model, recipe, keep_foreign, notes)
+    auto = "" if target.path else backbone_target(model)
+    try:
+        record = _shape_pass(target, recipe, notes)
+        if record.mode != "real" or not auto:
+            return target, record
+    except SurgeryError:
+        if not auto:
+            raise
+    notes[:] = [f"{type(model).__name__} cannot be planned whole (its forward depends on the data); "
+                f"planned on its image backbone {auto!r} (pass target= to choose another)"]
+    target = locate(model, recipe, keep_foreign, notes, path=auto)
+    return target, _shape_pass(target, recipe, notes)
+
+
 def _unit_notes(units: list[Unit], target: Target, notes: list[str]) -> None:
     for u in units:
         where = target.prefix + u.path if u.path else target.label
@@ -95,20 +115,8 @@ def _unit_notes(units: list[Unit], target: Target, notes: list[str]) -> None:
 def prepare(model: nn.Module, recipe: Recipe, keep_foreign: bool = False) -> Prepared:
     """Every planning phase; nothing of ``model`` is changed (see the module docstring)."""
     notes: list[str] = []
-    target = locate(model, recipe, keep_foreign, notes)
     with preserved(model):
-        auto = "" if target.path else backbone_target(model)
-        try:
-            record = _shape_pass(target, recipe, notes)
-            auto = auto if record.mode == "real" else ""
-        except SurgeryError:
-            if not auto:
-                raise
-        if auto:  # data-dependent (detection post-processing): what a real pass sees depends on the weights
-            notes = [f"{type(model).__name__} cannot be planned whole (its forward depends on the data); "
-                     f"planned on its image backbone {auto!r} (pass target= to choose another)"]
-            target = locate(model, recipe, keep_foreign, notes, path=auto)
-            record = _shape_pass(target, recipe, notes)
+        target, record = _target_and_shapes(model, recipe, keep_foreign, notes)
         by_call = call_stages(record)
         stages = find_stages(target.root, record, by_call)
         if not stages:
