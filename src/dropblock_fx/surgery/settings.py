@@ -12,7 +12,8 @@ from ..recipe import resolve_stages
 from ..recipe.schema import Recipe, StageSpec
 from .target import SurgeryError
 
-__all__ = ["StageSettings", "RecipeLike", "resolve_recipe", "with_overrides", "stage_settings", "expected_rate"]
+__all__ = ["StageSettings", "RecipeLike", "resolve_recipe", "with_overrides", "stage_settings", "expected_rate",
+           "small_map_note"]
 
 RecipeLike = Union[None, str, dict, Recipe]
 
@@ -112,4 +113,34 @@ def stage_settings(recipe: Recipe, stages: list[Stage], notes: list[str]) -> dic
                      f"{len(stages)} stage(s) ({have}) and the recipe says missing_stages: skip")
     deepest = max(selected)
     by_index = {s.index: s for s in stages}
-    return {i: _one(recipe, by_index[i], spec, deepest) for i, spec in selected.items()}
+    settings = {i: _one(recipe, by_index[i], spec, deepest) for i, spec in selected.items()}
+    notes += [n for n in (small_map_note(cfg, tuple(recipe.input_size)) for cfg in settings.values()) if n]
+    return settings
+
+
+def small_map_note(cfg: StageSettings, input_size: tuple[int, ...]) -> str:
+    """A plan note when the stage's map at ``input_size`` is 1x1 or smaller than the block
+    (the block is clipped; a block covering the whole map drops whole feature maps); ``''``
+    otherwise.
+
+    Example:
+        >>> from dropblock_fx.graph.stages import Stage
+        >>> cfg = StageSettings(Stage(4, "layer4", 32, (1, 1)), 0.1, 7, frozenset({"conv"}), 1.0,
+        ...                     (("mask", "channel"),))
+        >>> small_map_note(cfg, (3, 32, 32)).split("; ")[0]
+        'stage 4 (layer4): 1x1 at input_size (3, 32, 32): DropBlock there is channel dropout'
+    """
+    res = tuple(cfg.stage.resolution)
+    block = clip_block(res, (cfg.block_size,) * len(res))
+    if not res or (block == (cfg.block_size,) * len(res) and any(s > 1 for s in res)):
+        return ""
+    where = f"stage {cfg.stage.index} ({cfg.stage.name}): {'x'.join(map(str, res))} at input_size {input_size}"
+    fix = "drop it from stages= or plan at the size you train at"
+    opts = dict(cfg.options)
+    if block == res and (opts.get("seed_region", "valid") == "valid" or all(s == 1 for s in res)):
+        # one seed position, a block over the whole map: each map is dropped whole or kept
+        what = "channel dropout" if opts.get("mask", "channel") == "channel" else "whole-map dropout"
+        clipped = "" if all(s == 1 for s in res) else f", smaller than block_size {cfg.block_size}"
+        return f"{where}{clipped}: DropBlock there is {what}; {fix}"
+    return (f"{where}, smaller than block_size {cfg.block_size} (clipped to {'x'.join(map(str, block))}): "
+            f"the expected rate is for the clipped block; {fix}")
