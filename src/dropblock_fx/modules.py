@@ -37,15 +37,24 @@ OP_OPTIONS = ("mask", "seed_region", "gamma_scale", "scale", "noise", "calibrate
 
 @dataclass(frozen=True)
 class Placement:
-    """Where surgery put a DropBlock module: its stage, site kind and rate at full strength.
+    """Where surgery put a DropBlock module: its stage, site kind and rate at full strength,
+    its path in the model and the feature map it was planned for.
 
     The contract between surgery (which sets ``module.placement``), schedules (which scale
     ``target_drop_prob``) and ``remove_dropblock`` (which removes what :func:`is_inserted`).
+    ``resolution`` is the spatial size of the module's input at the recipe's ``input_size``
+    (``()``: unknown, nothing is compared).
+
+    Example:
+        >>> Placement(4, "conv", 0.1, path="layer4.0.dropblock_conv1", resolution=(7, 7)).resolution
+        (7, 7)
     """
 
     stage: int
     site: str
     target_drop_prob: float
+    path: str = ""
+    resolution: tuple[int, ...] = ()
 
 
 def is_inserted(m: object) -> bool:
@@ -70,6 +79,12 @@ def set_unscheduled_handler(handler: Optional[Callable[[object], None]]) -> None
     _unscheduled_handler = handler
 
 
+# What an inserted module calls when a training forward's feature map differs from its
+# planned one: surgery gives the modules of one apply_dropblock call one shared watch, which
+# warns once for the whole model.
+ResolutionHandler = Callable[["DropBlockNd", tuple[int, ...]], None]
+
+
 def __getattr__(name: str) -> Any:
     # The marker moved to the schedule layer; this path still resolves (and old pickles load).
     if name == "PendingSchedule":
@@ -83,6 +98,9 @@ class DropBlockNd(nn.Module):
     """Base class of :class:`DropBlock2d` and :class:`DropBlock3d`; see :func:`drop_block`."""
 
     n_spatial: int = 2
+    # Class defaults too: modules pickled before these attributes existed still run.
+    resolution_watch: Optional[ResolutionHandler] = None
+    seen_resolution: Optional[tuple[int, ...]] = None
 
     def __init__(
         self,
@@ -120,6 +138,10 @@ class DropBlockNd(nn.Module):
         # Set by surgery when the recipe has a schedule, cleared by attach_schedule: a
         # scheduled recipe must never silently train at its final rate.
         self.schedule_pending = False
+        # Set by surgery: called when a training forward's map differs from
+        # placement.resolution, which is then recorded in seen_resolution (describe reads it).
+        self.resolution_watch: Optional[ResolutionHandler] = None
+        self.seen_resolution: Optional[tuple[int, ...]] = None
         # Non-persistent: invisible to state_dict(), so weights load strictly both ways.
         self.register_buffer("drop_prob_tensor", torch.tensor(p, dtype=torch.float32), persistent=False)
 
@@ -158,7 +180,12 @@ class DropBlockNd(nn.Module):
                 return x
             p: float | torch.Tensor = self.drop_prob_tensor
         else:
-            if not self.training or self._drop_prob == 0.0:
+            if not self.training:
+                return x
+            watch = self.resolution_watch
+            if watch is not None and x.shape[2:] != self.placement.resolution:  # type: ignore[union-attr]
+                self._saw_resolution(tuple(x.shape[2:]), watch)
+            if self._drop_prob == 0.0:
                 return x
             if self.schedule_pending and _unscheduled_handler is not None:
                 _unscheduled_handler(self.schedule_pending)
@@ -167,6 +194,13 @@ class DropBlockNd(nn.Module):
             x, p, normalize_block_size(self.block_size, self.n_spatial), self.mask, self.seed_region,
             self.gamma_scale, self.scale, self.noise, self.calibrate, self.inplace, self.generator,
         )
+
+    def _saw_resolution(self, seen: tuple[int, ...], watch: ResolutionHandler) -> None:
+        # Only on a mismatch; the matching path above allocates nothing beyond the compare.
+        if not self.placement.resolution or seen == self.seen_resolution:  # type: ignore[union-attr]
+            return
+        self.seen_resolution = seen
+        watch(self, seen)
 
     def extra_repr(self) -> str:
         parts = [f"drop_prob={self._drop_prob:g}", f"block_size={self.block_size}"]

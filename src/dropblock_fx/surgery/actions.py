@@ -12,7 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_leaves
 
 from ..graph.sites import insert_sites
 from ..graph.splice import compile_source, graph_source
@@ -37,6 +39,9 @@ class Action:
     rows: list[PlanRow] = field(default_factory=list)
     names: list[str] = field(default_factory=list)  # child names (graph, after) / the slot attribute
     source: str = ""
+    # The module is called at several shapes in the planned forward (a head shared by the
+    # levels of an FPN): its DropBlock modules have no one planned map to compare with.
+    varying: bool = False
 
 
 def new_dropblock(row: PlanRow, training: bool = True) -> DropBlockNd:
@@ -44,7 +49,7 @@ def new_dropblock(row: PlanRow, training: bool = True) -> DropBlockNd:
     opts = dict(row.options)
     cls = DropBlock3d if len(row.resolution) == 3 else DropBlock2d
     m = cls(drop_prob=row.target_drop_prob, **opts)
-    m.placement = Placement(row.stage, row.kind, row.target_drop_prob)
+    m.placement = Placement(row.stage, row.kind, row.target_drop_prob, row.path, tuple(row.resolution))
     m.target_drop_prob = row.target_drop_prob
     return m.train(training)
 
@@ -54,6 +59,13 @@ def _row(c: Candidate, cfg: StageSettings) -> PlanRow:
     opts = dict(cfg.options, block_size=cfg.block_size)
     return PlanRow(c.stage, cfg.stage.name, tuple(c.shape[2:]), c.path, c.kind, block, cfg.target, exp, c.anchor,
                    c.mechanism, tuple(sorted(opts.items())))
+
+
+def _called_at_several_shapes(ctx: SiteContext, module: nn.Module) -> bool:
+    calls = ctx.record.by_module.get(id(module), ())
+    shapes = {tuple(tuple(t.shape) for t in tree_leaves((c.args, c.kwargs, c.output)) if isinstance(t, torch.Tensor))
+              for c in calls}
+    return len(shapes) > 1
 
 
 def _copy_graph(g: fx.Graph) -> fx.Graph:
@@ -78,6 +90,7 @@ def build_actions(ctx: SiteContext, chosen: list[Candidate]) -> tuple[list[PlanR
             else:
                 act = Action(how, module_at(root, path), (prefix + path) or type(root).__name__,
                              names=["dropblock"] if how == "after" else [])
+            act.varying = _called_at_several_shapes(ctx, act.module)
             actions[c.action] = act
         if how == "graph":
             act.names.append(c.path.rsplit(".", 1)[1])

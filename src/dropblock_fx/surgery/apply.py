@@ -12,15 +12,18 @@ from ..modules import DropBlockNd, is_inserted
 from .actions import Action, new_dropblock
 from .exact import check_verify, exact_check
 from .plan import Plan, PlanRow, prepare
+from .resolution import ResolutionWatch, with_seen_resolutions
 from .settings import RecipeLike, resolve_recipe
 from .target import SurgeryError, check_model, existing_dropblocks
 
 __all__ = ["apply_dropblock", "remove_dropblock", "describe"]
 
 
-def _make(row: PlanRow, scheduled: Any, parent: nn.Module) -> DropBlockNd:
+def _make(row: PlanRow, scheduled: Any, parent: nn.Module, watch: Optional[ResolutionWatch]) -> DropBlockNd:
     m = new_dropblock(row, parent.training)
     m.schedule_pending = scheduled
+    if watch is not None and m.placement is not None and m.placement.resolution:
+        m.resolution_watch = watch
     return m
 
 
@@ -100,6 +103,8 @@ def _apply_actions(model: nn.Module, p: Plan, actions: list[Action]) -> None:
     from ..schedule.pending import PendingSchedule
 
     scheduled = PendingSchedule() if p.recipe.schedule is not None else False
+    # one watch for the whole model too: it warns once if it trains on maps of another size
+    watch = ResolutionWatch(tuple(p.recipe.input_size))
     current = ""
     try:
         for act in actions:
@@ -109,7 +114,7 @@ def _apply_actions(model: nn.Module, p: Plan, actions: list[Action]) -> None:
                 for name, row in zip(act.names, act.rows):
                     if name in m._modules or hasattr(m, name):
                         raise SurgeryError(f"{current}: it already has an attribute {name!r}")
-                    m.add_module(name, _make(row, scheduled, m))
+                    m.add_module(name, _make(row, scheduled, m, None if act.varying else watch))
                     undo.append(lambda m=m, name=name: m._modules.pop(name, None))
                 if is_spliced(m):
                     raise SurgeryError(f"{current}: already rewritten")
@@ -119,12 +124,12 @@ def _apply_actions(model: nn.Module, p: Plan, actions: list[Action]) -> None:
                 m = act.module
                 if "dropblock" in m._modules or is_spliced(m):
                     raise SurgeryError(f"{current}: already rewritten")
-                splice_after(m, _make(act.rows[0], scheduled, m))
+                splice_after(m, _make(act.rows[0], scheduled, m, None if act.varying else watch))
                 undo.append(lambda m=m: (unsplice(m), m._modules.pop("dropblock", None)))
             else:
                 m, attr = act.module, act.names[0]
                 old = m._modules[attr]
-                db = _make(act.rows[0], scheduled, m)
+                db = _make(act.rows[0], scheduled, m, None if act.varying else watch)
                 db.__dict__["_dropblock_replaced"] = old  # not a child: state_dict and repr unchanged
                 m._modules[attr] = db
                 undo.append(lambda m=m, attr=attr, old=old: m._modules.__setitem__(attr, old))
@@ -163,6 +168,11 @@ def remove_dropblock(model: nn.Module) -> nn.Module:
 def describe(model: nn.Module) -> Plan:
     """The plan of a model modified by :func:`apply_dropblock` (``print`` it for a table).
 
+    When the model trained on feature maps of another size than the plan's (images of
+    another size than the recipe's ``input_size``), the rows of the modules concerned also
+    give the map seen, the block size clipped to it and the expected rate there
+    (``seen_resolution``, ``seen_block_size``, ``seen_expected_drop_prob``).
+
     Raises:
         SurgeryError: the model has no DropBlock plan.
 
@@ -180,4 +190,4 @@ def describe(model: nn.Module) -> Plan:
         ours, foreign = existing_dropblocks(model)
         extra = f" (it has {len(foreign)} foreign DropBlock modules)" if foreign else ""
         raise SurgeryError(f"{type(model).__name__}: no DropBlock plan; call apply_dropblock first{extra}")
-    return p
+    return with_seen_resolutions(p, model)

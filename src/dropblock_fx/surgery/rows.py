@@ -16,9 +16,17 @@ from ..recipe.schema import Recipe
 __all__ = ["PlanRow", "Plan"]
 
 
+_SEEN = ("seen_resolution", "seen_block_size", "seen_expected_drop_prob")
+
+
 @dataclass(frozen=True)
 class PlanRow:
-    """One DropBlock module of a plan."""
+    """One DropBlock module of a plan.
+
+    The ``seen_*`` fields are filled only in :func:`describe`'s answer, for a module that
+    trained on feature maps of another size than planned: that size, the block size clipped
+    to it and the expected real rate there.
+    """
 
     stage: int
     stage_name: str
@@ -31,9 +39,13 @@ class PlanRow:
     anchor: str
     mechanism: str  # "graph" | "after-norm" | "after-block" | "slot"
     options: tuple[tuple[str, Any], ...] = ()
+    seen_resolution: tuple[int, ...] = ()
+    seen_block_size: tuple[int, ...] = ()
+    seen_expected_drop_prob: Optional[float] = None
 
     def as_dict(self) -> dict[str, Any]:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "options"}
+        skip = {"options"} if self.seen_resolution else {"options", *_SEEN}
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skip}
         d["options"] = dict(self.options)
         return d
 
@@ -66,13 +78,19 @@ class Plan:
         body = [[f"{r.stage} {r.stage_name}", "x".join(map(str, r.resolution)), r.path, r.kind,
                  "x".join(map(str, r.block_size)), f"{r.target_drop_prob:.4g}", f"{r.expected_drop_prob:.4g}"]
                 for r in self.rows]
+        if any(r.seen_resolution for r in self.rows):  # describe() after training at another size
+            head += ["seen", "seen block", "seen p"]
+            for r, cells in zip(self.rows, body):
+                cells += (["x".join(map(str, r.seen_resolution)), "x".join(map(str, r.seen_block_size)),
+                           f"{r.seen_expected_drop_prob:.4g}"] if r.seen_resolution else ["-"] * 3)
         widths = [max(len(x) for x in col) for col in zip(head, *body)] if body else [len(h) for h in head]
         fmt = "  ".join(f"{{:{'<' if i < 4 else '>'}{w}}}" for i, w in enumerate(widths))
         name = self.recipe.name or "custom recipe"
         lines = [f"DropBlock plan ({name}): {len(self.rows)} modules, input {tuple(self.input_shape)}"
                  + (f", target {self.target!r}" if self.target else "")]
-        lines.append("stages: " + ", ".join(f"{s.index}={s.name} (stride {s.stride}, "
-                                            f"{'x'.join(map(str, s.resolution))})" for s in self.stages))
+        lines.append("stages: " + ", ".join(
+            f"{s.index}={s.name} ({s.rule}, {'x'.join(map(str, s.resolution))}"
+            + (f": {s.span}" if s.span != s.name else "") + ")" for s in self.stages))
         lines += [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
         lines += [fmt.format(*row) for row in body]
         lines += [f"note: {n}" for n in self.notes]
