@@ -1,6 +1,6 @@
 """Quick start: add the paper's DropBlock to a timm ResNet-50 and train a few steps.
 
-Runs on the CPU in well under a minute on random data (nothing is downloaded):
+Runs on the CPU in under a minute on random data (nothing is downloaded):
 
     python examples/quickstart.py
 """
@@ -19,7 +19,10 @@ steps = 6
 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 sched = dbx.attach_schedule(model, total_steps=steps, optimizer=opt)  # opt.step() advances it
 
-x, y = torch.randn(4, 3, 96, 96), torch.randint(0, 10, (4,))
+# Train at the size the plan was made for (the recipe's input_size, 3x224x224), or its block
+# sizes and expected rates do not describe what runs: for other images, pass
+# apply_dropblock(..., input_size=(3, H, W)).
+x, y = torch.randn(2, 3, 224, 224), torch.randint(0, 10, (2,))
 model.train()
 for step in range(steps):
     loss = torch.nn.functional.cross_entropy(model(x), y)
