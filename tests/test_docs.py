@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def test_readme_snippet_runs():
     section = text.split("## Add it to your model")[1]
     code = section.split("```python\n")[1].split("```")[0]
     torch.manual_seed(0)
-    loader = [(torch.randn(2, 3, 64, 64), torch.tensor([0, 1])) for _ in range(2)]
+    loader = [(torch.randn(2, 3, 224, 224), torch.tensor([0, 1])) for _ in range(2)]  # the recipe's size
     env = {"model": timm.create_model("resnet18", num_classes=2), "epochs": 1, "loader": loader}
     cwd = Path.cwd()
     try:
@@ -44,11 +45,14 @@ def test_readme_snippet_runs():
 
         with tempfile.TemporaryDirectory() as tmp:
             os.chdir(tmp)
-            exec(compile(code, "README.md", "exec"), env)  # noqa: S102 - our own README
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                exec(compile(code, "README.md", "exec"), env)  # noqa: S102 - our own README
             ckpt = torch.load(Path(tmp) / "ckpt.pt", weights_only=True)
     finally:
         os.chdir(cwd)
     assert ckpt["schedule"] and env["sched"].drop_prob > 0
+    assert not [w for w in caught if "dropblock_fx" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_readme_plan_output_is_what_the_command_prints(capsys):
