@@ -13,7 +13,6 @@ from torch import nn
 
 from dropblock_fx import DropBlock2d
 from dropblock_fx.graph import (
-    find_stages,
     is_leaf,
     is_spliced,
     original_class,
@@ -28,7 +27,7 @@ from dropblock_fx.graph.leaves import is_norm, is_norm_act
 from dropblock_fx.graph.shapes import ShapeRecord
 from dropblock_fx.graph.sites import find_sites, insert_sites
 from dropblock_fx.graph.tracing import replay
-from dropblock_fx.graph.stages import call_stages
+from dropblock_fx.graph.stages import map_stages
 from dropblock_fx.graph.splice import graph_source, splice_graph
 from dropblock_fx.graph.units import bound_args
 
@@ -191,7 +190,7 @@ def test_meta_shape_pass_records_calls_without_compute():
     assert all(p.device.type == "cpu" for p in model.parameters())
     out = record.first(model.stages[3]).output
     assert out.device.type == "meta" and tuple(out.shape) == (1, 64, 2, 2)
-    stages = find_stages(model, record, call_stages(record))
+    stages = map_stages(model, record).stages
     assert [(s.index, s.name, s.stride) for s in stages] == [
         (0, "stem", 2), (1, "stages.0", 4), (2, "stages.1", 8), (3, "stages.2", 16), (4, "stages.3", 32)
     ]

@@ -4,7 +4,7 @@ from .leaves import is_leaf, norm_types, register_norm
 from .shapes import ShapeRecord, record_calls
 from .sites import Site, find_sites, insert_sites
 from .splice import graph_source, is_spliced, original_class, splice_after, splice_graph, unsplice
-from .stages import Stage, find_stages, stage_of_shape
+from .stages import Stage, StageMap, find_stages, map_stages, stage_of_shape
 from .tracing import LeafTracer, trace_modes, trace_specialised
 from .units import Unit, find_units
 
@@ -27,6 +27,8 @@ __all__ = [
     "splice_graph",
     "unsplice",
     "Stage",
+    "StageMap",
+    "map_stages",
     "find_stages",
     "stage_of_shape",
     "Unit",

@@ -1,52 +1,122 @@
-"""Stages: groups of layers at one output stride, numbered so the paper's groups keep their meaning.
+"""Stages: groups of layers at one *nominal* output stride, numbered so the paper's groups keep
+their meaning on every family.
 
-Stage ``k`` is the part of the network at output stride ``2 ** (k + 1)`` (ResNet-50: stage 3
-= ``layer3`` at stride 16, stage 4 = ``layer4`` at stride 32); strides 1 and 2 are both
-stage 0; a stride where no conv runs (a trailing max-pool) is not a stage. A feature map's
-stage comes from its exact shape in the shape pass. Names come
-from timm's ``feature_info`` where the model has it, else from the outermost modules whose
-every call is at that stride (``layer3``, ``features.4..features.5``).
+The rule, in three parts:
+
+1. **Stage index.** Stage ``k`` is the part of the network at nominal output stride
+   ``2 ** (k + 1)`` (ResNet-50: stage 3 = ``layer3`` at stride 16, stage 4 = ``layer4`` at
+   stride 32); strides 1 and 2 are both stage 0; a stride where no conv runs (VGG's trailing
+   max-pool) is not a stage.
+2. **Nominal stride.** A feature map's nominal stride is its real stride times the dilation
+   that replaced the missing strides (DeepLab, ``replace_stride_with_dilation``, timm's
+   ``output_stride``). That dilation is read per *group*: the outermost module whose every
+   call runs at one real stride (``layer3`` of a dilated ResNet). A group's dilation is the
+   smallest dilation of its spatial convs, not counting its first conv-holding child (the
+   block where the stride was removed keeps the previous dilation): a power of two ``d > 1``
+   there means the group runs at ``d`` times its real stride. Everything downstream of a
+   dilated group (a head fed by it) keeps its factor until an upsampling resets it. Parallel
+   branches that mix dilations (selective-kernel nets) or non-power-of-two rates (ASPP) are
+   not a replaced stride.
+3. **Blocks.** A block (a module with its own ``forward``, one feature-map output, whose
+   inside runs at its output's stage or the one before) and every site inside it belong to
+   the stage of the block's *output*: ResNet's ``layer4.0.conv1`` at 14x14 is stage 4, as is
+   EfficientNet's first block of the stride-32 group. A module whose inside runs deeper than
+   its output (a nested U-Net's skip block, a decoder block that convolves before it
+   upsamples) is not a block: each part keeps its own stage. Loose layers (in plain
+   ``nn.Sequential`` containers or at the top level) belong to the stage of their own output.
+
+Names come from timm's ``feature_info`` where the model has it, else from the outermost
+modules of the stage (``layer3``, ``features.4..features.5``); ``Stage.modules`` always
+lists the outermost modules whose every call is in the stage.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 
-from .leaves import is_conv
+from .leaves import is_container, is_conv
 from .shapes import Call, ShapeRecord
 
-__all__ = ["Stage", "stage_of_shape", "find_stages"]
+__all__ = ["Stage", "StageMap", "stage_of_shape", "map_stages", "find_stages"]
 
 
 @dataclass
 class Stage:
+    """One stage: its index, name, nominal stride, real feature-map size, the dilation that
+    stands for the missing stride (1: none) and its outermost modules in call order."""
+
     index: int
     name: str
     stride: int
     resolution: tuple[int, ...]
+    dilation: int = 1
+    modules: tuple[str, ...] = ()
 
     @property
     def reduction(self) -> int:
         return self.stride
 
+    @property
+    def rule(self) -> str:
+        """Why these maps are this stage: their real stride, or the real stride times the
+        dilation that replaced the missing strides."""
+        if self.dilation > 1:
+            return f"stride {self.stride} = {self.stride // self.dilation} x dilation {self.dilation}"
+        return f"stride {self.stride}"
 
-def stage_of_shape(input_shape: tuple[int, ...], shape: tuple[int, ...]) -> Optional[int]:
-    """Stage of a feature map of ``shape`` for an input of ``input_shape`` (None: not spatial)."""
+    @property
+    def span(self) -> str:
+        """The stage's modules as call-order runs: ``layer3.0..layer3.5``; runs that other
+        stages interrupt (a U-Net's encoder and decoder) are joined with ``+``."""
+        return " + ".join(a if a == b else f"{a}..{b}" for a, b in _runs(self.modules)) or self.name
+
+
+def _runs(modules: tuple[str, ...]) -> list[tuple[str, str]]:
+    out: list[tuple[str, str]] = []
+    for m in modules:
+        if m.startswith("|"):  # a break marker: the next module starts a new run
+            out.append(("", ""))
+            continue
+        if out and out[-1][0]:
+            out[-1] = (out[-1][0], m)
+        else:
+            if out and not out[-1][0]:
+                out.pop()
+            out.append((m, m))
+    return [r for r in out if r[0]]
+
+
+def _log(input_shape: tuple[int, ...], shape: tuple[int, ...]) -> Optional[int]:
+    """log2 of the real reduction of a feature map (None: not a feature map of this input)."""
     if len(shape) != len(input_shape) or len(shape) not in (4, 5) or min(shape[2:]) <= 0:
         return None
     # H and W must be reduced by the same power of two: this also rejects
     # channels-last tensors (N, H, W, C) inside blocks such as ConvNeXt's.
     # (H, W) only: video nets often keep or halve the temporal dim at their own pace.
     logs = {round(math.log2(i / o)) for i, o in zip(input_shape[-2:], shape[-2:])}
-    if len(logs) != 1:
-        return None
-    log = logs.pop()
+    return logs.pop() if len(logs) == 1 else None
+
+
+def _stage(log: int) -> Optional[int]:
     return max(0, log - 1) if log >= 0 else None
+
+
+def stage_of_shape(input_shape: tuple[int, ...], shape: tuple[int, ...]) -> Optional[int]:
+    """Stage of a feature map of ``shape`` for an input of ``input_shape`` by its real stride
+    (None: not spatial). :func:`map_stages` adds dilation and the block rule.
+
+    Example:
+        >>> stage_of_shape((1, 3, 224, 224), (1, 1024, 14, 14))
+        3
+    """
+    log = _log(input_shape, shape)
+    return None if log is None else _stage(log)
 
 
 def _out_shape(call: Call) -> Optional[tuple[int, ...]]:
@@ -56,79 +126,304 @@ def _out_shape(call: Call) -> Optional[tuple[int, ...]]:
     return None
 
 
-def call_stages(record: ShapeRecord) -> dict[int, int]:
-    """``{call position in record.calls: stage}`` for calls with a spatial tensor output."""
-    out: dict[int, int] = {}
+def _feature_log(record: ShapeRecord, call: Call) -> Optional[int]:
+    s = _out_shape(call)
+    if s is None or all(d == 1 for d in s[2:]):
+        return None
+    return _log(record.input_shape, s)
+
+
+@dataclass
+class StageMap:
+    """Every recorded call's stage, and the model's stages.
+
+    ``by_call`` (call index -> stage) is what sites use: nominal stride, block rule applied.
+    ``nominal`` is before the block rule; ``factor`` the dilation factor of each call;
+    ``blocks`` the outermost blocks (path -> stage).
+    """
+
+    record: ShapeRecord
+    stages: list[Stage]
+    by_call: dict[int, int]
+    nominal: dict[int, int]
+    factor: dict[int, int]
+    blocks: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._position = {id(c): i for i, c in enumerate(self.record.calls)}
+
+    def of_call(self, call: Optional[Call]) -> Optional[int]:
+        return None if call is None else self.by_call.get(self._position[id(call)])
+
+    def factor_of(self, call: Optional[Call]) -> int:
+        return 1 if call is None else self.factor.get(self._position[id(call)], 1)
+
+    def of_shape(self, shape: tuple[int, ...], near: Optional[Call] = None) -> Optional[int]:
+        """The stage of a feature map of ``shape`` computed next to ``near`` (same dilation)."""
+        log = _log(self.record.input_shape, shape)
+        if log is None:
+            return None
+        return _stage(log + int(math.log2(self.factor_of(near))))
+
+
+def _spans(record: ShapeRecord) -> list[int]:
+    """``end[i]``: one past the last call inside call ``i`` (calls are in start order)."""
+    calls = record.calls
+    end = [len(calls)] * len(calls)
+    stack: list[int] = []
+    for i, c in enumerate(calls):
+        while stack and calls[stack[-1]].end < c.start:
+            end[stack.pop()] = i
+        stack.append(i)
+    return end
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+def _dilation(conv: nn.Module) -> Optional[int]:
+    """A spatial conv's dilation over H, W (None: 1x1 kernel, where dilation means nothing)."""
+    k, d = tuple(conv.kernel_size), tuple(conv.dilation)
+    if max(k[-2:]) <= 1:
+        return None
+    return max(d[-2:])
+
+
+def _children(m: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
+    return [(f"{path}.{n}" if path else n, c) for n, c in m.named_children()]
+
+
+def dilation_factors(root: nn.Module, record: ShapeRecord, end: list[int]) -> dict[int, int]:
+    """Call index -> the dilation that stands for strides removed upstream (rule part 2)."""
+    calls = record.calls
+    position = {id(c): i for i, c in enumerate(calls)}
+    logs = {i: _feature_log(record, c) for i, c in enumerate(calls)}
+
+    def indices(m: nn.Module) -> list[int]:
+        return [position[id(c)] for c in record.by_module.get(id(m), ())]
+
+    def inside(m: nn.Module) -> Iterator[int]:
+        for i in indices(m):
+            yield from range(i, end[i])
+
+    group_of: dict[int, int] = {}
+    group_d: dict[int, int] = {}
+
+    def conv_dilations(m: nn.Module) -> list[int]:
+        out = []
+        for sub in m.modules():
+            if is_conv(sub) and sub in called:
+                d = _dilation(sub)
+                if d is not None:
+                    out.append(d)
+        return out
+
+    called = {c.module for c in calls}
+
+    def find_groups(m: nn.Module) -> None:
+        own = indices(m)
+        kids = list(m.children())
+        if own and kids:
+            seen = {logs[j] for j in inside(m)} - {None}
+            if len(seen) == 1:
+                holders = sorted((c for c in kids if conv_dilations(c)),
+                                 key=lambda c: min(indices(c), default=len(calls)))
+                pool = holders[1:] if len(holders) > 1 else holders
+                ds = [d for c in pool for d in conv_dilations(c)]
+                d = min(ds) if ds else 1
+                d = d if d > 1 and d & (d - 1) == 0 else 1
+                for i in own:
+                    group_d[i] = d
+                    for j in range(i + 1, end[i]):
+                        group_of[j] = i
+                return
+        for c in kids:
+            find_groups(c)
+
+    find_groups(root)
+    factor: dict[int, int] = {}
+    produced: dict[int, int] = {}  # id(tensor) -> factor of the call that returned it
+    parent: list[Optional[int]] = [None] * len(calls)
+    stack: list[int] = []
+    for i in range(len(calls)):
+        while stack and end[stack[-1]] <= i:
+            stack.pop()
+        parent[i] = stack[-1] if stack else None
+        stack.append(i)
+    pending: list[tuple[int, int]] = []  # (end, call index): outputs are known at a call's end
+    for i, c in enumerate(calls):
+        while pending and pending[0][0] < c.start:
+            _, k = heapq.heappop(pending)
+            for t in _tensors(calls[k].output):
+                produced.setdefault(id(t), factor[k])
+        if i in group_of:
+            f = factor[group_of[i]]
+        else:
+            first = next((t for t in _tensors((c.args, c.kwargs)) if t.dim() in (4, 5)), None)
+            p = parent[i]
+            f = produced.get(id(first), factor[p] if p is not None else 1) if first is not None else \
+                (factor[p] if p is not None else 1)
+            in_log = _log(record.input_shape, tuple(first.shape)) if first is not None else None
+            if logs[i] is not None and in_log is not None and logs[i] < in_log:
+                f = 1  # upsampled: a decoder's maps mean their real resolution
+            f = max(f, group_d.get(i, 1))
+        factor[i] = f
+        heapq.heappush(pending, (c.end, i))
+    return factor
+
+
+def _block_rule(root: nn.Module, record: ShapeRecord, nominal: dict[int, int],
+                end: list[int]) -> tuple[dict[int, int], dict[str, int]]:
+    """Rule part 3: every call inside an outermost block takes the block's output stage."""
+    position = {id(c): i for i, c in enumerate(record.calls)}
+    by_call = dict(nominal)
+    blocks: dict[str, int] = {}
+
+    def visit(m: nn.Module, path: str) -> None:
+        calls = record.by_module.get(id(m), ())
+        if path and calls and not is_container(m) and any(True for _ in m.children()):
+            outs = {nominal.get(position[id(c)]) for c in calls}
+            if len(outs) == 1 and None not in outs and all(_out_shape(c) is not None for c in calls):
+                s = outs.pop()
+                assert s is not None
+                inner = {nominal[j] for c in calls for j in range(position[id(c)], end[position[id(c)]])
+                         if j in nominal}
+                if max(inner) <= s and min(inner) >= s - 1:
+                    blocks[path] = s
+                    for c in calls:
+                        i = position[id(c)]
+                        for j in range(i, end[i]):
+                            if j in by_call:
+                                by_call[j] = s
+                    return
+        for p, c in _children(m, path):
+            visit(c, p)
+
+    visit(root, "")
+    return by_call, blocks
+
+
+def map_stages(root: nn.Module, record: ShapeRecord) -> StageMap:
+    """Stages of ``root`` from its shape pass (the module docstring's rule).
+
+    Example:
+        >>> import torchvision
+        >>> from dropblock_fx.graph.shapes import record_calls
+        >>> m = torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True])
+        >>> sm = map_stages(m, record_calls(m, (3, 224, 224)))
+        >>> [(s.name, s.stride, s.resolution, s.dilation) for s in sm.stages[3:]]
+        [('layer3', 16, (28, 28), 2), ('layer4', 32, (28, 28), 4)]
+    """
+    end = _spans(record)
+    factor = dilation_factors(root, record, end)
+    nominal: dict[int, int] = {}
     for i, c in enumerate(record.calls):
-        s = _out_shape(c)
-        if s is not None and not all(d == 1 for d in s[2:]):
-            st = stage_of_shape(record.input_shape, s)
+        log = _feature_log(record, c)
+        if log is not None:
+            st = _stage(log + int(math.log2(factor.get(i, 1))))
             if st is not None:
-                out[i] = st
-    return out
+                nominal[i] = st
+    by_call, blocks = _block_rule(root, record, nominal, end)
+    stages = find_stages(root, record, nominal, by_call, factor)
+    return StageMap(record, stages, by_call, nominal, factor, blocks)
 
 
-def find_stages(root: nn.Module, record: ShapeRecord, stages_by_call: dict[int, int]) -> list[Stage]:
-    """The model's stages in order, with names, strides and resolutions."""
+def find_stages(root: nn.Module, record: ShapeRecord, stages_by_call: dict[int, int],
+                site_stages: Optional[dict[int, int]] = None,
+                factor: Optional[dict[int, int]] = None) -> list[Stage]:
+    """The model's stages in order, with names, strides, resolutions and modules."""
+    site_stages = stages_by_call if site_stages is None else site_stages
+    factor = factor or {}
     res: dict[int, tuple[int, ...]] = {}
     conv_res: dict[int, tuple[int, ...]] = {}
-    for i, st in stages_by_call.items():
-        res[st] = _out_shape(record.calls[i])[2:]  # type: ignore[index]
+    dil: dict[int, int] = {}
+    exact: set[int] = set()  # stages whose resolution is at their own stride (stage 0: 2, not 1)
+    for i, st in sorted(stages_by_call.items()):
+        shape = _out_shape(record.calls[i])[2:]  # type: ignore[index]
+        on_stride = _feature_log(record, record.calls[i]) == st + 1 - int(math.log2(factor.get(i, 1)))
+        if st in exact and not on_stride:
+            continue
+        res[st] = shape
         if is_conv(record.calls[i].module):
-            conv_res[st] = res[st]
+            conv_res[st] = shape
+            dil[st] = factor.get(i, 1)
+            if on_stride:
+                exact.add(st)
     # A stride with no conv output (VGG's and AlexNet's last max-pool) is not a stage: the
     # "two deepest stages" of VGG are its two deepest groups of convs. Resolutions come from
     # conv outputs, which are always N, C, H, W (a channels-last N, H, W, C output can pass
     # for a feature map when C is close to W).
     if conv_res:
         res = conv_res
-    names = _feature_info_names(root, record)
-    if not names:
-        names = _module_names(root, record, stages_by_call)
+    modules = _stage_modules(root, record, site_stages)
+    names = _feature_info_names(root, record, stages_by_call)
     stages = []
     for st in sorted(res):
-        stride = 2 ** (st + 1)
-        stages.append(Stage(st, names.get(st, f"stage{st}"), stride, res[st]))
+        mods = tuple(modules.get(st, ()))
+        plain = " + ".join(a if a == b else f"{a}..{b}" for a, b in _runs(mods))
+        stages.append(Stage(st, names.get(st) or plain or f"stage{st}", 2 ** (st + 1), res[st],
+                            dil.get(st, 1), mods))
     return stages
 
 
-def _feature_info_names(root: nn.Module, record: ShapeRecord) -> dict[int, str]:
+def _stage_modules(root: nn.Module, record: ShapeRecord, by_call: dict[int, int]) -> dict[int, list[str]]:
+    """Per stage, the outermost modules whose every call is in it, in call order; a ``|``
+    marks where another stage's modules come in between."""
+    position = {id(c): i for i, c in enumerate(record.calls)}
+    end = _spans(record)
+    found: list[tuple[int, str, int]] = []  # (first call, path, stage)
+
+    def visit(m: nn.Module, path: str) -> None:
+        for p, c in _children(m, path):
+            calls = record.by_module.get(id(c), ())
+            sts = {by_call[j] for call in calls for j in range(position[id(call)], end[position[id(call)]])
+                   if j in by_call}
+            if not sts and calls:
+                continue
+            if len(sts) == 1 and calls:
+                found.append((position[id(calls[0])], p, sts.pop()))
+            else:
+                visit(c, p)
+
+    visit(root, "")
+    found.sort()
+    out: dict[int, list[str]] = {}
+    last: Optional[int] = None
+    for _, p, st in found:
+        mods = out.setdefault(st, [])
+        if mods and last != st:
+            mods.append("|")
+        mods.append(p)
+        last = st
+    return out
+
+
+def _feature_info_names(root: nn.Module, record: ShapeRecord, nominal: dict[int, int]) -> dict[int, str]:
     info: Any = getattr(root, "feature_info", None)
     if info is None:
         return {}
+    position = {id(c): i for i, c in enumerate(record.calls)}
     try:
         entries = list(info.info) if hasattr(info, "info") else list(info)
         found: dict[int, list[str]] = {}
         for e in entries:
             module, red = e["module"], int(e["reduction"])
             st = max(0, round(math.log2(red)) - 1) if red >= 1 else 0
+            try:  # the module's own output says its nominal stage (dilated nets report real strides)
+                calls = record.by_module.get(id(root.get_submodule(module)), ())
+                st = nominal.get(position[id(calls[-1])], st) if calls else st
+            except AttributeError:
+                pass
             found.setdefault(st, []).append(module)
         # two entries of one stage: "a+b"; an isotropic run of blocks (ConvMixer): "first..last"
         return {st: "+".join(ms) if len(ms) <= 2 else f"{ms[0]}..{ms[-1]}" for st, ms in found.items()}
     except Exception:  # noqa: BLE001 - not timm's format: fall back to module names
         return {}
-
-
-def _module_names(root: nn.Module, record: ShapeRecord, stages_by_call: dict[int, int]) -> dict[int, str]:
-    """Outermost modules whose direct children all output feature maps of one stage."""
-    position = {id(c): i for i, c in enumerate(record.calls)}
-    found: dict[int, list[str]] = {}
-
-    def out_stage(m: nn.Module) -> Optional[int]:
-        calls = record.by_module.get(id(m))
-        return stages_by_call.get(position[id(calls[-1])]) if calls else None
-
-    def walk(m: nn.Module, path: str) -> None:
-        for name, child in m.named_children():
-            p = f"{path}.{name}" if path else name
-            st = out_stage(child)
-            kids = {out_stage(c) for c in child.children()} - {None}
-            if st is None and not kids:
-                continue
-            if st is None or len(kids) > 1:
-                walk(child, p)
-            else:
-                found.setdefault(st, []).append(p)
-
-    walk(root, "")
-    return {st: (ps[0] if len(ps) == 1 else f"{ps[0]}..{ps[-1]}") for st, ps in found.items()}

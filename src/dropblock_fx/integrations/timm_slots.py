@@ -51,7 +51,7 @@ def timm_slot_sites(ctx: SiteContext) -> list[Candidate]:
         owner = ctx.unit_of(path)
         shape = tuple(call.output.shape)
         st = ctx.unit_stage(owner) if owner is not None else None
-        st = ctx.stage_of(shape) if st is None else st
+        st = ctx.stages.of_call(call) if st is None else st
         if ctx.wants(st, "timm"):
             out.append(Candidate(st, owner.path if owner is not None else path,  # type: ignore[arg-type]
                                  ctx.target.prefix + path, "timm", shape, f"timm's DropBlock slot ({how})", "slot",

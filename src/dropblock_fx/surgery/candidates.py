@@ -11,11 +11,11 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from torch import nn
+from torch import fx, nn
 
-from ..graph.shapes import ShapeRecord
+from ..graph.shapes import Call, ShapeRecord
 from ..graph.sites import Site, find_sites
-from ..graph.stages import stage_of_shape
+from ..graph.stages import StageMap
 from ..graph.tracing import replay
 from ..graph.units import Unit, bound_args
 from .settings import StageSettings
@@ -45,6 +45,7 @@ class SiteContext:
 
     target: Target
     record: ShapeRecord
+    stages: StageMap
     units: list[Unit]
     settings: dict[int, StageSettings]
     norm_free: bool
@@ -59,16 +60,37 @@ class SiteContext:
     def wants(self, stage: Optional[int], kind: str) -> bool:
         return stage in self.settings and kind in self.settings[stage].sites
 
-    def stage_of(self, shape: tuple[int, ...]) -> Optional[int]:
-        return stage_of_shape(self.record.input_shape, shape)
+    def stage_of(self, shape: tuple[int, ...], near: Optional[Call] = None) -> Optional[int]:
+        """The stage of a feature map of ``shape`` computed next to the call ``near``."""
+        return self.stages.of_shape(shape, near)
 
     def unit_stage(self, u: Unit) -> Optional[int]:
         """A block's sites belong to the stage of the block's output; other units' sites to
-        the stage of their own feature map (None here)."""
+        the stage of the layer that made their feature map (None here). See ``graph.stages``."""
         if u.kind != "block" and not u.was_block:
             return None
-        out = u.call.output if u.call is not None else None
-        return self.stage_of(tuple(out.shape)) if hasattr(out, "shape") else None
+        return self.stages.of_call(u.call)
+
+    def site_stage(self, u: Unit, g: fx.Graph, site: Site) -> Optional[int]:
+        """The stage of a site of a unit that is not a block: that of the module call that
+        made the site's tensor (block rule and dilation included), else of its shape."""
+        nodes = {n.name: n for n in g.nodes}
+        node = nodes.get(site.after or (site.edge[0] if site.edge else ""))
+        seen = 0
+        while node is not None and node.op != "call_module" and seen < 64:
+            seen += 1
+            node = next((a for a in node.all_input_nodes if a.op != "get_attr"), None)
+        if node is not None and node.op == "call_module" and u.call is not None:
+            try:
+                m = u.module.get_submodule(str(node.target))
+            except AttributeError:
+                m = None
+            call = next((c for c in self.record.by_module.get(id(m), ())
+                         if u.call.start < c.start and c.end < u.call.end), None) if m is not None else None
+            st = self.stages.of_call(call)
+            if st is not None and tuple(call.output.shape) == tuple(site.shape):  # type: ignore[union-attr]
+                return st
+        return self.stage_of(site.shape, u.call)
 
     def unit_of(self, path: str) -> Optional[Unit]:
         """The innermost unit holding the module at ``path`` (relative to the target)."""
@@ -134,8 +156,9 @@ def _graph_sites(ctx: SiteContext) -> list[Candidate]:
             continue
         ctx.graph_sites[u.path] = per_mode
         ustage = ctx.unit_stage(u)
+        g = u.graphs.get("eval") or u.graphs.get("any")
         for site in per_mode.get("eval") or per_mode.get("any") or []:
-            st = ustage if ustage is not None else ctx.stage_of(site.shape)
+            st = ustage if ustage is not None else ctx.site_stage(u, g, site)  # type: ignore[arg-type]
             if ctx.wants(st, site.kind):
                 block = u.path if u.kind == "block" else f"{u.path}:{site.name}"
                 out.append(Candidate(st, block, base + site.name, site.kind, site.shape, site.anchor, "graph",  # type: ignore[arg-type]
@@ -157,7 +180,7 @@ def _fallback_sites(ctx: SiteContext) -> list[Candidate]:
             st = ctx.stage_of(shape) if len(shape) in (4, 5) else None
             if st is None:
                 continue  # not a feature map, or a channels-last norm (N, H, W, C): "after" cannot permute
-            st = ustage if ustage is not None else st
+            st = ustage if ustage is not None else ctx.stages.of_call(call)
             if ctx.wants(st, "conv"):
                 out.append(Candidate(st, f"{u.path}:{path}", prefix + path + ".dropblock", "conv", shape,
                                      f"after {path} (no graph)", "after-norm", ("after", path), u.path))

@@ -27,7 +27,7 @@ from ..graph.leaves import norm_types
 from ..graph.preserve import preserved
 from ..graph.shapes import ShapeRecord, record_calls
 from ..graph.splice import guard_text
-from ..graph.stages import call_stages, find_stages
+from ..graph.stages import map_stages
 from ..graph.units import Unit, find_units
 from ..recipe.schema import Recipe
 from .actions import Action, build_actions
@@ -69,12 +69,26 @@ def _shape_pass(target: Target, recipe: Recipe, notes: list[str]) -> ShapeRecord
         with preserved(target.model):  # what the forward caches on itself must not reach tracing
             record = record_calls(target.root, tuple(recipe.input_size), target.runners)
     except RuntimeError as e:
-        raise SurgeryError(f"{target.label}: {e}") from None
+        raise SurgeryError(f"{target.label}: {e}; {_target_hint(target.root, recipe)}") from None
     if record.runner:
         notes.append(f"{target.path} does not take an image tensor: shapes found by running {record.runner} up to it")
     if record.mode != "meta":
         notes.append(f"shapes found with a {record.mode} forward pass (the meta pass failed)")
     return record
+
+
+def _target_hint(root: nn.Module, recipe: Recipe) -> str:
+    """What to pass instead: the children holding the most convs (the image backbone is
+    usually among them), or the input size."""
+    counts = [(sum(isinstance(m, (nn.Conv2d, nn.Conv3d)) for m in child.modules()), name)
+              for name, child in root.named_children()]
+    best = [name for n, name in sorted(counts, key=lambda t: -t[0]) if n][:3]
+    if not best:
+        return f"check the recipe's input_size {tuple(recipe.input_size)}"
+    prefix = "" if not recipe.target else recipe.target + "."
+    return ("pass target= naming its image backbone, e.g. "
+            + " or ".join(f"target={prefix + b!r}" for b in best)
+            + f" (or fix input_size {tuple(recipe.input_size)})")
 
 
 def _target_and_shapes(model: nn.Module, recipe: Recipe, keep_foreign: bool,
@@ -117,8 +131,8 @@ def prepare(model: nn.Module, recipe: Recipe, keep_foreign: bool = False) -> Pre
     notes: list[str] = []
     with preserved(model):
         target, record = _target_and_shapes(model, recipe, keep_foreign, notes)
-        by_call = call_stages(record)
-        stages = find_stages(target.root, record, by_call)
+        smap = map_stages(target.root, record)
+        stages = smap.stages
         if not stages:
             raise SurgeryError(f"{target.label}: no spatial feature maps found at input size "
                                f"{tuple(recipe.input_size)}")
@@ -127,9 +141,9 @@ def prepare(model: nn.Module, recipe: Recipe, keep_foreign: bool = False) -> Pre
         if norm_free:
             notes.append("no norm layers: conv sites are after conv -> activation (or the conv, if none)")
         cache: dict = {}
-        units = find_units(target.root, record, set(settings), by_call, cache)
+        units = find_units(target.root, record, set(settings), smap.by_call, cache)
         _unit_notes(units, target, notes)
-        ctx = SiteContext(target, record, units, settings, norm_free, notes, meta_cache=cache)
+        ctx = SiteContext(target, record, smap, units, settings, norm_free, notes, meta_cache=cache)
         chosen = select(find_candidates(ctx), settings, notes)
         rows, actions = build_actions(ctx, chosen)
     p = Plan(rows, recipe, stages, target.path, record.input_shape, notes)
