@@ -76,18 +76,18 @@ def record_calls(root: nn.Module, input_size: tuple[int, ...], runners: tuple[nn
         RuntimeError: when no pass can run the model.
     """
     shape = (1, *input_size)
-    errors: list[str] = []
+    errors: dict[str, list[str]] = {}  # one message, the passes that raised it
     for runner in (root, *runners):
         for mode in ("meta", "fake", "real"):
             try:
                 return _run(root, shape, mode, runner)
             except Exception as e:  # noqa: BLE001 - try the next mode, report all
                 who = "" if runner is root else f"{type(runner).__name__} "
-                errors.append(f"{who}{mode} pass: {type(e).__name__}: {e}")
-    raise RuntimeError(
-        f"could not run {type(root).__name__} on an input of shape {shape} to find its stages "
-        f"({'; '.join(errors)}); check the recipe's input_size or give target=<submodule>"
-    )
+                text = " ".join(str(e).split())
+                text = text if len(text) <= 160 else text[:157] + "..."
+                errors.setdefault(f"{type(e).__name__}: {text}", []).append(who + mode)
+    why = "; ".join(f"{', '.join(passes)} pass: {msg}" for msg, passes in errors.items())
+    raise RuntimeError(f"could not run {type(root).__name__} on an input of shape {shape} to find its stages ({why})")
 
 
 def _run(root: nn.Module, shape: tuple[int, ...], mode: str, runner: nn.Module) -> ShapeRecord:
