@@ -230,3 +230,21 @@ def test_demo_on_an_image_folder(capsys, tmp_path):
     assert code == 0 and "2 classes" in out and "64x64x3" in out
     code, _, err = run(capsys, "demo", "--quick", "--data", str(tmp_path / "missing"))
     assert code == 1 and "missing" in err
+
+
+def test_plan_shows_each_stage_modules_and_the_dilation_that_stands_for_its_stride(capsys):
+    code, out, _ = run(capsys, "plan", "torchvision:deeplabv3_resnet50", "--target", "backbone",
+                       "--recipe", "paper-resnet50", "--input-size", "64")
+    assert code == 0
+    lines: dict[str, str] = {}  # the stage table comes first, then the per-stage summary
+    for line in out.splitlines():
+        if line[:1].isdigit():
+            lines.setdefault(" ".join(line.split()[:2]), line)
+    assert "16 = 8 x dilation 2" in lines["3 layer3"] and lines["3 layer3"].rstrip().endswith("layer3")
+    assert "32 = 8 x dilation 4" in lines["4 layer4"]
+    assert lines["1 maxpool..layer1"].rstrip().endswith("maxpool..layer1")
+    code, out, _ = run(capsys, "plan", "torchvision:deeplabv3_resnet50", "--target", "backbone",
+                       "--recipe", "paper-resnet50", "--input-size", "64", "--json")
+    data = json.loads(out)
+    assert [(s["index"], s["stride"], s["dilation"]) for s in data["stages"]][3:] == [(3, 16, 2), (4, 32, 4)]
+    assert data["stages"][4]["modules"] == ["layer4"] and len(data["rows"]) == 36

@@ -108,7 +108,18 @@ def _table(head: list[str], body: list[list[str]], right_from: int) -> str:
     widths = [max(len(x) for x in col) for col in zip(head, *body)] if body else [len(h) for h in head]
     fmt = "  ".join(f"{{:{'<' if i < right_from else '>'}{w}}}" for i, w in enumerate(widths))
     lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-    return "\n".join(lines + [fmt.format(*row) for row in body])
+    return "\n".join(line.rstrip() for line in lines + [fmt.format(*row) for row in body])
+
+
+def _clip(text: str, width: int) -> str:
+    """``text`` cut at a ``+`` run boundary to about ``width`` characters, saying how many runs are left."""
+    runs = text.split(" + ")
+    out = runs[0]
+    for i, r in enumerate(runs[1:], 1):
+        if len(out) + 3 + len(r) > width:
+            return f"{out} + {len(runs) - i} more"
+        out += " + " + r
+    return out
 
 
 def format_plan(plan: Any, model_spec: str, modules: bool) -> str:
@@ -116,8 +127,11 @@ def format_plan(plan: Any, model_spec: str, modules: bool) -> str:
     name = plan.recipe.name or "custom recipe"
     lines = [f"{model_spec}: recipe {name}, {len(plan.rows)} DropBlock modules, input "
              f"{'x'.join(map(str, plan.input_shape[1:]))}" + (f", target {plan.target}" if plan.target else "")]
-    lines.append("stages: " + ", ".join(
-        f"{s.index}={s.name} ({'x'.join(map(str, s.resolution))})" for s in plan.stages))
+    lines.append(_table(["stage", "name", "stride (nominal)", "resolution", "modules (call order)"],
+                        [[str(s.index), s.name, s.rule.replace("stride ", ""), "x".join(map(str, s.resolution)),
+                          _clip(s.span, 72)] for s in plan.stages], 6))
+    lines.append("(a block and its sites are in the stage of the block's output; a dilation that replaced "
+                 "a stride counts as that stride)")
     head = ["stage", "name", "resolution(s)", "sites", "block", "target p", "expected p"]
     body = [[str(s["stage"]), s["name"], _fmt_list(s["resolutions"], lambda v: "x".join(map(str, v))),
              _fmt_list([f"{k} x{n}" for k, n in s["sites"].items()]),
@@ -143,7 +157,8 @@ def plan_json(plan: Any, model_spec: str) -> dict[str, Any]:
         recipe=plan.recipe.model_dump(mode="json", exclude_none=True),
         input_shape=list(plan.input_shape),
         target=plan.target,
-        stages=[dict(index=s.index, name=s.name, stride=s.stride, resolution=list(s.resolution))
+        stages=[dict(index=s.index, name=s.name, stride=s.stride, resolution=list(s.resolution),
+                     dilation=s.dilation, rule=s.rule, modules=[m for m in s.modules if m != "|"], span=s.span)
                 for s in plan.stages],
         summary=stage_summary(plan),
         rows=plan.as_dicts(),

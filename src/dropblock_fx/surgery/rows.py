@@ -88,8 +88,9 @@ class Plan:
         name = self.recipe.name or "custom recipe"
         lines = [f"DropBlock plan ({name}): {len(self.rows)} modules, input {tuple(self.input_shape)}"
                  + (f", target {self.target!r}" if self.target else "")]
-        lines.append("stages: " + ", ".join(f"{s.index}={s.name} (stride {s.stride}, "
-                                            f"{'x'.join(map(str, s.resolution))})" for s in self.stages))
+        lines.append("stages: " + ", ".join(
+            f"{s.index}={s.name} ({s.rule}, {'x'.join(map(str, s.resolution))}"
+            + (f": {s.span}" if s.span != s.name else "") + ")" for s in self.stages))
         lines += [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
         lines += [fmt.format(*row) for row in body]
         lines += [f"note: {n}" for n in self.notes]
