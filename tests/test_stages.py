@@ -289,3 +289,16 @@ def test_dilated_efficientnet_has_the_plain_stages_and_sites(output_stride):
     assert _rows(p) == _rows(plain)
     assert [(s.index, s.stride, s.span) for s in p.stages] == [(s.index, s.stride, s.span) for s in plain.stages]
     assert p.stages[-1].dilation == 32 // output_stride
+
+
+def test_a_map_collapsed_to_1x1_is_still_its_stage_and_se_vectors_are_not_maps():
+    """At a 32 px input ResNet's layer4 runs at 1x1: it is stage 4 (stride 32), not a missing
+    stage; squeeze-excitation vectors (1x1 too) never make a stage, at any input size."""
+    for build in (torchvision.models.resnet18, lambda: timm.create_model("seresnet18")):
+        p = dbx.plan(build(), input_size=(3, 32, 32))
+        assert [(s.index, s.resolution) for s in p.stages] == [(0, (16, 16)), (1, (8, 8)), (2, (4, 4)),
+                                                                (3, (2, 2)), (4, (1, 1))]
+        assert p.stages[4].span.startswith("layer4") and "pool" not in p.stages[4].span
+        assert {r.stage for r in p.rows} == {3}  # the default stages, 3 and 4; no site on 1x1 maps
+    p = dbx.plan(timm.create_model("seresnet18"))
+    assert [s.index for s in p.stages] == [0, 1, 2, 3, 4]

@@ -126,11 +126,38 @@ def _out_shape(call: Call) -> Optional[tuple[int, ...]]:
     return None
 
 
-def _feature_log(record: ShapeRecord, call: Call) -> Optional[int]:
+def _feature_log(record: ShapeRecord, call: Call, collapsed: frozenset[int] = frozenset()) -> Optional[int]:
+    """log2 of the call's output stride; None for no feature map. A 1x1 output is a feature map
+    only where a stride collapsed a real map (``collapsed``): SE vectors and pooled maps are not."""
     s = _out_shape(call)
-    if s is None or all(d == 1 for d in s[2:]):
+    if s is None or (all(d == 1 for d in s[2:]) and id(call.output) not in collapsed):
         return None
     return _log(record.input_shape, s)
+
+
+_GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d)
+
+
+def _collapsed(record: ShapeRecord) -> frozenset[int]:
+    """Ids of 1x1 outputs that are feature maps: a conv that reduced a real map to 1x1 (ResNet's
+    ``layer4`` at a 32 px input), and what is computed from those, up to one stride past the
+    deepest real map (a conv whose kernel covers a 5x5 map is a head, not a stage)."""
+    ids: set[int] = set()
+    deepest = max((log for c in record.calls if (log := _feature_log(record, c)) is not None), default=None)
+    if deepest is None:
+        return frozenset()
+    for c in sorted(record.calls, key=lambda c: c.end):  # a producer ends before its users
+        s = _out_shape(c)
+        if s is None or not all(d == 1 for d in s[2:]) or _log(record.input_shape, s) != deepest + 1:
+            continue
+        first = next((t for t in _tensors((c.args, c.kwargs)) if t.dim() in (4, 5)), None)
+        if first is None:
+            continue
+        if isinstance(c.module, _GLOBAL_POOLS):
+            continue  # the classifier's pooled vector is not a feature map, even of a 1x1 stage
+        if id(first) in ids or (is_conv(c.module) and any(d > 1 for d in first.shape[2:])):
+            ids.add(id(c.output))
+    return frozenset(ids)
 
 
 @dataclass
@@ -201,11 +228,12 @@ def _children(m: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
     return [(f"{path}.{n}" if path else n, c) for n, c in m.named_children()]
 
 
-def dilation_factors(root: nn.Module, record: ShapeRecord, end: list[int]) -> dict[int, int]:
+def dilation_factors(root: nn.Module, record: ShapeRecord, end: list[int],
+                     collapsed: frozenset[int] = frozenset()) -> dict[int, int]:
     """Call index -> the dilation that stands for strides removed upstream (rule part 2)."""
     calls = record.calls
     position = {id(c): i for i, c in enumerate(calls)}
-    logs = {i: _feature_log(record, c) for i, c in enumerate(calls)}
+    logs = {i: _feature_log(record, c, collapsed) for i, c in enumerate(calls)}
 
     def indices(m: nn.Module) -> list[int]:
         return [position[id(c)] for c in record.by_module.get(id(m), ())]
@@ -323,10 +351,11 @@ def map_stages(root: nn.Module, record: ShapeRecord) -> StageMap:
         [('layer3', 16, (28, 28), 2), ('layer4', 32, (28, 28), 4)]
     """
     end = _spans(record)
-    factor = dilation_factors(root, record, end)
+    collapsed = _collapsed(record)
+    factor = dilation_factors(root, record, end, collapsed)
     nominal: dict[int, int] = {}
     for i, c in enumerate(record.calls):
-        log = _feature_log(record, c)
+        log = _feature_log(record, c, collapsed)
         if log is not None:
             st = _stage(log + int(math.log2(factor.get(i, 1))))
             if st is not None:
