@@ -194,8 +194,10 @@ def test_plan_notes_stages_too_small_for_the_block():
     note = next(n for n in p.notes if n.startswith("stage 3 (layer3):"))
     assert note.startswith("stage 3 (layer3): 2x2 at input_size (3, 32, 32), smaller than block_size 7")
     assert "channel dropout" in note and "stages=" in note
-    if any(s.index == 4 for s in p.stages):  # a 1x1 map counts as a stage
-        assert any(n.startswith("stage 4 (layer4): 1x1 at input_size (3, 32, 32)") for n in p.notes), p.notes
+    # layer4 collapses the map to 1x1: still stage 4 (stride 32), with a note and no site on it
+    assert [s.resolution for s in p.stages if s.index == 4] == [(1, 1)]
+    note4 = next(n for n in p.notes if n.startswith("stage 4 (layer4): 1x1 at input_size (3, 32, 32)"))
+    assert "no DropBlock" in note4 and p.count(stage=4) == 0
     p64 = dbx.plan(torchvision.models.resnet18(), stages=[3, 4], input_size=[3, 64, 64])
     assert sum(n.startswith(("stage 3 (layer3): 4x4", "stage 4 (layer4): 2x2")) for n in p64.notes) == 2
 
@@ -214,8 +216,8 @@ def test_small_map_note_cases():
         return small_map_note(StageSettings(Stage(4, "s4", 32, res), 0.1, block, frozenset({"conv"}), 1.0, options),
                               (3, 32, 32))
 
-    assert note((1, 1)).startswith("stage 4 (s4): 1x1 at input_size (3, 32, 32): DropBlock there is channel dropout")
-    assert "channel dropout" in note((1, 1), block=1)
+    assert note((1, 1)).startswith("stage 4 (s4): 1x1 at input_size (3, 32, 32): its 1x1 maps get no DropBlock")
+    assert "no DropBlock" in note((1, 1), block=1)
     assert note((7, 7)) == "" and note((14, 14)) == "" and note((2, 2), block=1) == ""
     assert "whole-map dropout" in note((3, 3), mask="shared")
     assert "clipped to 3x3" in note((3, 3), seed_region="full")

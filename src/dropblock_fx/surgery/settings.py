@@ -128,7 +128,7 @@ def small_map_note(cfg: StageSettings, input_size: tuple[int, ...]) -> str:
         >>> cfg = StageSettings(Stage(4, "layer4", 32, (1, 1)), 0.1, 7, frozenset({"conv"}), 1.0,
         ...                     (("mask", "channel"),))
         >>> small_map_note(cfg, (3, 32, 32)).split("; ")[0]
-        'stage 4 (layer4): 1x1 at input_size (3, 32, 32): DropBlock there is channel dropout'
+        'stage 4 (layer4): 1x1 at input_size (3, 32, 32): its 1x1 maps get no DropBlock (there is no block to drop)'
     """
     res = tuple(cfg.stage.resolution)
     block = clip_block(res, (cfg.block_size,) * len(res))
@@ -137,10 +137,11 @@ def small_map_note(cfg: StageSettings, input_size: tuple[int, ...]) -> str:
     where = f"stage {cfg.stage.index} ({cfg.stage.name}): {'x'.join(map(str, res))} at input_size {input_size}"
     fix = "drop it from stages= or plan at the size you train at"
     opts = dict(cfg.options)
-    if block == res and (opts.get("seed_region", "valid") == "valid" or all(s == 1 for s in res)):
+    if all(s == 1 for s in res):
+        return f"{where}: its 1x1 maps get no DropBlock (there is no block to drop); {fix}"
+    if block == res and opts.get("seed_region", "valid") == "valid":
         # one seed position, a block over the whole map: each map is dropped whole or kept
         what = "channel dropout" if opts.get("mask", "channel") == "channel" else "whole-map dropout"
-        clipped = "" if all(s == 1 for s in res) else f", smaller than block_size {cfg.block_size}"
-        return f"{where}{clipped}: DropBlock there is {what}; {fix}"
+        return f"{where}, smaller than block_size {cfg.block_size}: DropBlock there is {what}; {fix}"
     return (f"{where}, smaller than block_size {cfg.block_size} (clipped to {'x'.join(map(str, block))}): "
             f"the expected rate is for the clipped block; {fix}")
