@@ -6,7 +6,8 @@ The rule, in three parts:
 1. **Stage index.** Stage ``k`` is the part of the network at nominal output stride
    ``2 ** (k + 1)`` (ResNet-50: stage 3 = ``layer3`` at stride 16, stage 4 = ``layer4`` at
    stride 32); strides 1 and 2 are both stage 0; a stride where no conv runs (VGG's trailing
-   max-pool) is not a stage.
+   max-pool) is not a stage. A map a stride collapsed to 1x1 is a stage (with no site);
+   squeeze-excitation vectors and pooled maps are not feature maps.
 2. **Nominal stride.** A feature map's nominal stride is its real stride times the dilation
    that replaced the missing strides (DeepLab, ``replace_stride_with_dilation``, timm's
    ``output_stride``). That dilation is read per *group*: the outermost module whose every
