@@ -229,7 +229,7 @@ def _children(m: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
     return [(f"{path}.{n}" if path else n, c) for n, c in m.named_children()]
 
 
-def dilation_factors(root: nn.Module, record: ShapeRecord, end: list[int],
+def _dilation_factors(root: nn.Module, record: ShapeRecord, end: list[int],
                      collapsed: frozenset[int] = frozenset()) -> dict[int, int]:
     """Call index -> the dilation that stands for strides removed upstream (rule part 2)."""
     calls = record.calls
@@ -353,7 +353,7 @@ def map_stages(root: nn.Module, record: ShapeRecord) -> StageMap:
     """
     end = _spans(record)
     collapsed = _collapsed(record)
-    factor = dilation_factors(root, record, end, collapsed)
+    factor = _dilation_factors(root, record, end, collapsed)
     nominal: dict[int, int] = {}
     for i, c in enumerate(record.calls):
         log = _feature_log(record, c, collapsed)
