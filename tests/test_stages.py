@@ -302,3 +302,12 @@ def test_a_map_collapsed_to_1x1_is_still_its_stage_and_se_vectors_are_not_maps()
         assert {r.stage for r in p.rows} == {3}  # the default stages, 3 and 4; no site on 1x1 maps
     p = dbx.plan(timm.create_model("seresnet18"))
     assert [s.index for s in p.stages] == [0, 1, 2, 3, 4]
+
+
+def test_a_head_conv_whose_kernel_covers_the_map_makes_no_stage():
+    """timm's VGG ends in a 7x7 ConvMlp that maps a 7x7 map to 1x1 with stride 1: a head,
+    not a stride, so VGG keeps its four conv stages at any input size."""
+    for size in (64, 224):
+        p = dbx.plan(timm.create_model("vgg11"), input_size=(3, size, size))
+        assert [s.index for s in p.stages] == [0, 1, 2, 3]
+        assert {r.stage for r in p.rows} == {2, 3}

@@ -140,9 +140,9 @@ _GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3
 
 
 def _collapsed(record: ShapeRecord) -> frozenset[int]:
-    """Ids of 1x1 outputs that are feature maps: a conv that reduced a real map to 1x1 (ResNet's
-    ``layer4`` at a 32 px input), and what is computed from those, up to one stride past the
-    deepest real map (a conv whose kernel covers a 5x5 map is a head, not a stage)."""
+    """Ids of 1x1 outputs that are feature maps: a strided conv that reduced a real map to 1x1
+    (ResNet's ``layer4`` at a 32 px input), and what is computed from those, one stride past
+    the deepest real map (a conv whose kernel covers the map, as VGG's ``ConvMlp``, is a head)."""
     ids: set[int] = set()
     deepest = max((log for c in record.calls if (log := _feature_log(record, c)) is not None), default=None)
     if deepest is None:
@@ -156,7 +156,8 @@ def _collapsed(record: ShapeRecord) -> frozenset[int]:
             continue
         if isinstance(c.module, _GLOBAL_POOLS):
             continue  # the classifier's pooled vector is not a feature map, even of a 1x1 stage
-        if id(first) in ids or (is_conv(c.module) and any(d > 1 for d in first.shape[2:])):
+        strided = is_conv(c.module) and max(c.module.stride) > 1  # not a kernel covering the map (VGG's ConvMlp)
+        if id(first) in ids or (strided and any(d > 1 for d in first.shape[2:])):
             ids.add(id(c.output))
     return frozenset(ids)
 
