@@ -111,17 +111,6 @@ def _table(head: list[str], body: list[list[str]], right_from: int) -> str:
     return "\n".join(line.rstrip() for line in lines + [fmt.format(*row) for row in body])
 
 
-def _clip(text: str, width: int) -> str:
-    """``text`` cut at a ``+`` run boundary to about ``width`` characters, saying how many runs are left."""
-    runs = text.split(" + ")
-    out = runs[0]
-    for i, r in enumerate(runs[1:], 1):
-        if len(out) + 3 + len(r) > width:
-            return f"{out} + {len(runs) - i} more"
-        out += " + " + r
-    return out
-
-
 def format_plan(plan: Any, model_spec: str, modules: bool) -> str:
     summary = stage_summary(plan)
     name = plan.recipe.name or "custom recipe"
@@ -129,7 +118,7 @@ def format_plan(plan: Any, model_spec: str, modules: bool) -> str:
              f"{'x'.join(map(str, plan.input_shape[1:]))}" + (f", target {plan.target}" if plan.target else "")]
     lines.append(_table(["stage", "name", "stride (nominal)", "resolution", "modules (call order)"],
                         [[str(s.index), s.name, s.rule.replace("stride ", ""), "x".join(map(str, s.resolution)),
-                          _clip(s.span, 72)] for s in plan.stages], 6))
+                          s.span_within(72)] for s in plan.stages], 6))
     lines.append("(a block and its sites are in the stage of the block's output; a dilation that replaced "
                  "a stride counts as that stride)")
     head = ["stage", "name", "resolution(s)", "sites", "block", "target p", "expected p"]

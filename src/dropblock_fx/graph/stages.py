@@ -78,6 +78,23 @@ class Stage:
         return " + ".join(a if a == b else f"{a}..{b}" for a, b in _runs(self.modules)) or self.name
 
 
+    def span_within(self, width: int = 72) -> str:
+        """:attr:`span` cut after the last whole run that fits in about ``width`` characters,
+        saying how many runs are left (HRNet's stages interleave in every module).
+
+        Example:
+            >>> Stage(3, "stage3", 16, (14, 14), modules=("a", "|", "b", "|", "c")).span_within(6)
+            'a + b + 1 more'
+        """
+        runs = self.span.split(" + ")
+        out = runs[0]
+        for i, r in enumerate(runs[1:], 1):
+            if len(out) + 3 + len(r) > width:
+                return f"{out} + {len(runs) - i} more"
+            out += " + " + r
+        return out
+
+
 def _runs(modules: tuple[str, ...]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for m in modules:

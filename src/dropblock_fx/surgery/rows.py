@@ -90,7 +90,7 @@ class Plan:
                  + (f", target {self.target!r}" if self.target else "")]
         lines.append("stages: " + ", ".join(
             f"{s.index}={s.name} ({s.rule}, {'x'.join(map(str, s.resolution))}"
-            + (f": {s.span}" if s.span != s.name else "") + ")" for s in self.stages))
+            + (f": {s.span_within(72)}" if s.span != s.name else "") + ")" for s in self.stages))
         lines += [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
         lines += [fmt.format(*row) for row in body]
         lines += [f"note: {n}" for n in self.notes]
