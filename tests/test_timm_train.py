@@ -106,7 +106,8 @@ def test_schedule_follows_the_run_and_a_resume(tmp_path, opt, on_updates):
     assert num_epochs == 5  # epochs + cooldown: the schedule spans the whole run
     check_rates(seen, model, total)
     assert [d for d, _ in seen] == list(range(total))
-    assert max(seen[-1][1].values()) > 0.09  # reaches the target at the last step
+    targets = {n: m.target_drop_prob for n, m in model.named_modules() if isinstance(m, DropBlockNd)}
+    assert targets and all(seen[-1][1][n] >= 0.9 * t > 0 for n, t in targets.items())  # near the target at the end
 
     first, _, _ = run(tmp_path / "a", opt=opt, on_updates=on_updates, stop_after=1)
     second, model2, _ = run(tmp_path / "b", opt=opt, on_updates=on_updates,
