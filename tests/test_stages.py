@@ -311,3 +311,27 @@ def test_a_head_conv_whose_kernel_covers_the_map_makes_no_stage():
         p = dbx.plan(timm.create_model("vgg11"), input_size=(3, size, size))
         assert [s.index for s in p.stages] == [0, 1, 2, 3]
         assert {r.stage for r in p.rows} == {2, 3}
+
+
+def test_ssd_is_planned_on_its_base_network_not_its_extra_layers():
+    """SSD's extra layers shrink the map to 1x1; the paper's groups are the base network's.
+    The plan does not depend on the input size or the weights."""
+    plans = []
+    for seed, size in ((0, 64), (1, 320)):
+        torch.manual_seed(seed)
+        model = torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)
+        plans.append(dbx.plan(model, input_size=(3, size, size)))
+    assert all(p.target == "backbone.features" for p in plans)
+    assert _rows(plans[0]) == _rows(plans[1]) and {r.stage for r in plans[0].rows} == {3, 4}
+    assert "backbone.features" in plans[0].notes[0]
+
+
+def test_a_bare_sequential_target_is_rewritten_like_the_same_layers_in_a_model():
+    """``target="features"`` (VGG's layers in one nn.Sequential) gets the sites the whole model
+    gives them; an SSD300 is planned on its VGG base network and gets sites there too."""
+    whole = dbx.plan(torchvision.models.vgg16())
+    part = dbx.plan(torchvision.models.vgg16(), target="features")
+    assert _rows(part) == _rows(whole) and len(part.rows) > 0
+    ssd = dbx.plan(torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None),
+                   input_size=(3, 300, 300))
+    assert ssd.target == "backbone.features" and {r.stage for r in ssd.rows} == {1, 2}

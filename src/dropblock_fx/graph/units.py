@@ -6,9 +6,10 @@
   timm's ``RegStage`` / ``ConvNeXtStage``, ``ConvNormAct``); its child blocks are units of
   their own, and its loose layers (``conv -> norm -> act`` directly inside it) are traced
   with the child units as leaves.
-* ``root``: the target itself, never rewritten (it keeps its class and ``forward``); loose
-  layers there, and inside blocks that cannot be traced, only get sites that need no graph
-  (after norm modules), and the plan says so.
+* ``root``: the target itself. The whole model is never rewritten (it keeps its class and
+  ``forward``); loose layers there, and inside blocks that cannot be traced, only get sites
+  that need no graph (after norm modules), and the plan says so. A target inside the model
+  (``target="features"``) is rewritten like any container.
 """
 
 from __future__ import annotations
@@ -193,8 +194,12 @@ def _absorbable(c: nn.Module) -> bool:
 
 
 def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by_call: dict[int, int],
-               cache: Optional[dict] = None) -> list[Unit]:
+               cache: Optional[dict] = None, rewrite_root: bool = False) -> list[Unit]:
     """Units under ``root`` that hold feature maps of the ``wanted`` stages, in call order.
+
+    ``root``'s own forward is rewritten only with ``rewrite_root`` (a target inside the model,
+    such as an SSD's ``backbone.features``, a bare ``nn.Sequential`` of layers); the model
+    itself keeps its class, so its loose layers get only sites after norms.
 
     A block whose inside goes deeper than its output (a nested U-Net's skip block, which
     wraps the whole deeper network and comes back up) is never one unit: it is descended
@@ -255,7 +260,7 @@ def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by
                 unit.kind, unit.error = "opaque", str(e)
         else:
             unit.kind = "opaque"
-            unit.error = "the target module itself is never rewritten" if not path else "not called directly"
+            unit.error = "the model itself is never rewritten" if not path else "not called directly"
         if unit.kind == "opaque":
             unit.loose_norms = loose_norms(m, path)
         units.insert(unit_index, unit)
@@ -297,5 +302,5 @@ def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by
                 units.append(unit)
 
     call = record.first(root)
-    container(root, "", call, rewritable=False)
+    container(root, "", call, rewritable=rewrite_root)
     return units
