@@ -17,7 +17,7 @@ at least 4 spatial (kernel > 1, not patchify) convolutions and at most one atten
 (a module with a ``num_heads`` attribute or ``nn.MultiheadAttention``) per 4 spatial convs.
 Names registered by ``dropblock_fx.timm`` (``*_dropblock``) are skipped. torchvision:
 classification, segmentation, video (3-D) and detection models (their ``backbone.body``, or
-``backbone`` for SSD) go through the same filter.
+``backbone.features`` for SSD) go through the same filter.
 
 Usage::
 

@@ -59,7 +59,7 @@ def test_detection_applies_to_the_backbone_body():
 
 def test_detection_default_target_without_body_and_explicit_target():
     assert dbtv.default_target(torchvision.models.get_model("ssdlite320_mobilenet_v3_large", weights_backbone=None),
-                               "detection") == "backbone"
+                               "detection") == "backbone.features"
     m = dbtv.get_model("fasterrcnn_mobilenet_v3_large_320_fpn", weights_backbone=None, recipe_overrides=SMALL)
     assert describe(m).target == "backbone.body"
     m = dbtv.get_model("fasterrcnn_mobilenet_v3_large_320_fpn", weights_backbone=None, target="backbone.body",

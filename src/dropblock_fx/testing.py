@@ -195,7 +195,8 @@ def zoo_model(source: str, name: str) -> tuple[nn.Module, str, nn.Module, list[t
     ``(model, target, runner, input sizes to try, smallest first)``.
 
     ``source`` is ``"timm"`` or ``"tv-classification"``, ``"tv-segmentation"``,
-    ``"tv-video"``, ``"tv-detection"`` (whose target is ``backbone.body``, else ``backbone``).
+    ``"tv-video"``, ``"tv-detection"`` (whose target is the one ``apply_dropblock`` picks:
+    ``backbone.body``, ``backbone.features`` for SSD).
     """
     if source == "timm":
         import timm
@@ -214,7 +215,9 @@ def zoo_model(source: str, name: str) -> tuple[nn.Module, str, nn.Module, list[t
             kw["init_weights"] = True
     model = tvm.get_model(name, **kw)
     if kind == "detection":
-        target = "backbone.body" if getattr(model.backbone, "body", None) is not None else "backbone"
+        from .surgery.target import backbone_target
+
+        target = backbone_target(model)  # what apply_dropblock picks for a detector without target
         return model, target, model.get_submodule(target), _image_sizes(model, name)
     if kind == "video":  # S3D pools over (2, 7, 7) at stride (8, 32, 32), so needs 16x224x224
         return model, "", model, [(3, 8, 64, 64), (3, 16, 224, 224)]

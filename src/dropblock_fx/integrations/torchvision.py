@@ -3,7 +3,8 @@
 Classification and video models are rewritten whole. Detection and segmentation models
 cannot be traced whole, and the paper puts DropBlock in their backbone, so the recipe is
 applied to a submodule: ``backbone.body`` (the ResNet / MobileNet inside an FPN backbone),
-else ``backbone`` (SSD, segmentation). A recipe's own ``target`` (``ppyolo-neck``:
+``backbone.features`` (SSD's base network, without its extra layers), else ``backbone``
+(segmentation). A recipe's own ``target`` (``ppyolo-neck``:
 ``backbone.fpn``) or an explicit ``target=`` wins.
 
 Example:

@@ -63,11 +63,22 @@ def existing_dropblocks(model: nn.Module) -> tuple[list[str], list[str]]:
 
 def backbone_target(model: nn.Module) -> str:
     """The image backbone of a detection or segmentation model: ``backbone.body`` (the CNN
-    inside a torchvision FPN backbone), else ``backbone``; ``""`` when it has none."""
+    inside a torchvision FPN backbone), ``backbone.features`` (the base network of an SSD
+    feature extractor, without its ``extra`` layers), else ``backbone``; ``""`` when it has none.
+
+    Example:
+        >>> import torchvision
+        >>> backbone_target(torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights_backbone=None))
+        'backbone.features'
+    """
     backbone = getattr(model, "backbone", None)
     if not isinstance(backbone, nn.Module):
         return ""
-    return "backbone.body" if isinstance(getattr(backbone, "body", None), nn.Module) else "backbone"
+    if isinstance(getattr(backbone, "body", None), nn.Module):
+        return "backbone.body"
+    if all(isinstance(getattr(backbone, n, None), nn.Module) for n in ("features", "extra")):
+        return "backbone.features"
+    return "backbone"
 
 
 def locate(model: nn.Module, recipe: Recipe, keep_foreign: bool, notes: list[str],
