@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
@@ -184,8 +184,7 @@ class StageMap:
     """Every recorded call's stage, and the model's stages.
 
     ``by_call`` (call index -> stage) is what sites use: nominal stride, block rule applied.
-    ``nominal`` is before the block rule; ``factor`` the dilation factor of each call;
-    ``blocks`` the outermost blocks (path -> stage).
+    ``nominal`` is before the block rule; ``factor`` the dilation factor of each call.
     """
 
     record: ShapeRecord
@@ -193,7 +192,6 @@ class StageMap:
     by_call: dict[int, int]
     nominal: dict[int, int]
     factor: dict[int, int]
-    blocks: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self._position = {id(c): i for i, c in enumerate(self.record.calls)}
@@ -248,11 +246,11 @@ def _children(m: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
 
 
 def _dilation_factors(root: nn.Module, record: ShapeRecord, end: list[int],
-                     collapsed: frozenset[int] = frozenset()) -> dict[int, int]:
-    """Call index -> the dilation that stands for strides removed upstream (rule part 2)."""
+                      logs: dict[int, Optional[int]]) -> dict[int, int]:
+    """Call index -> the dilation that stands for strides removed upstream (rule part 2);
+    ``logs``: each call's output stride as a power of two (None: no feature map)."""
     calls = record.calls
     position = {id(c): i for i, c in enumerate(calls)}
-    logs = {i: _feature_log(record, c, collapsed) for i, c in enumerate(calls)}
 
     def indices(m: nn.Module) -> list[int]:
         return [position[id(c)] for c in record.by_module.get(id(m), ())]
@@ -263,17 +261,12 @@ def _dilation_factors(root: nn.Module, record: ShapeRecord, end: list[int],
 
     group_of: dict[int, int] = {}
     group_d: dict[int, int] = {}
+    called = {c.module for c in calls}
 
     def conv_dilations(m: nn.Module) -> list[int]:
-        out = []
-        for sub in m.modules():
-            if is_conv(sub) and sub in called:
-                d = _dilation(sub)
-                if d is not None:
-                    out.append(d)
-        return out
-
-    called = {c.module for c in calls}
+        """Dilations of the spatial convs under ``m`` that ran."""
+        ds = (_dilation(sub) for sub in m.modules() if is_conv(sub) and sub in called)
+        return [d for d in ds if d is not None]
 
     def find_groups(m: nn.Module) -> None:
         own = indices(m)
@@ -281,10 +274,10 @@ def _dilation_factors(root: nn.Module, record: ShapeRecord, end: list[int],
         if own and kids:
             seen = {logs[j] for j in inside(m)} - {None}
             if len(seen) == 1:
-                holders = sorted((c for c in kids if conv_dilations(c)),
-                                 key=lambda c: min(indices(c), default=len(calls)))
+                per_kid = [(min(indices(c), default=len(calls)), ds) for c in kids if (ds := conv_dilations(c))]
+                holders = [ds for _, ds in sorted(per_kid, key=lambda t: t[0])]
                 pool = holders[1:] if len(holders) > 1 else holders
-                ds = [d for c in pool for d in conv_dilations(c)]
+                ds = [d for kid in pool for d in kid]
                 d = min(ds) if ds else 1
                 d = d if d > 1 and d & (d - 1) == 0 else 1
                 for i in own:
@@ -327,12 +320,10 @@ def _dilation_factors(root: nn.Module, record: ShapeRecord, end: list[int],
     return factor
 
 
-def _block_rule(root: nn.Module, record: ShapeRecord, nominal: dict[int, int],
-                end: list[int]) -> tuple[dict[int, int], dict[str, int]]:
+def _block_rule(root: nn.Module, record: ShapeRecord, nominal: dict[int, int], end: list[int]) -> dict[int, int]:
     """Rule part 3: every call inside an outermost block takes the block's output stage."""
     position = {id(c): i for i, c in enumerate(record.calls)}
     by_call = dict(nominal)
-    blocks: dict[str, int] = {}
 
     def visit(m: nn.Module, path: str) -> None:
         calls = record.by_module.get(id(m), ())
@@ -344,7 +335,6 @@ def _block_rule(root: nn.Module, record: ShapeRecord, nominal: dict[int, int],
                 inner = {nominal[j] for c in calls for j in range(position[id(c)], end[position[id(c)]])
                          if j in nominal}
                 if max(inner) <= s and min(inner) >= s - 1:
-                    blocks[path] = s
                     for c in calls:
                         i = position[id(c)]
                         for j in range(i, end[i]):
@@ -355,7 +345,7 @@ def _block_rule(root: nn.Module, record: ShapeRecord, nominal: dict[int, int],
             visit(c, p)
 
     visit(root, "")
-    return by_call, blocks
+    return by_call
 
 
 def map_stages(root: nn.Module, record: ShapeRecord) -> StageMap:
@@ -371,17 +361,17 @@ def map_stages(root: nn.Module, record: ShapeRecord) -> StageMap:
     """
     end = _spans(record)
     collapsed = _collapsed(record)
-    factor = _dilation_factors(root, record, end, collapsed)
+    logs = {i: _feature_log(record, c, collapsed) for i, c in enumerate(record.calls)}
+    factor = _dilation_factors(root, record, end, logs)
     nominal: dict[int, int] = {}
-    for i, c in enumerate(record.calls):
-        log = _feature_log(record, c, collapsed)
+    for i, log in logs.items():
         if log is not None:
             st = _stage(log + int(math.log2(factor.get(i, 1))))
             if st is not None:
                 nominal[i] = st
-    by_call, blocks = _block_rule(root, record, nominal, end)
+    by_call = _block_rule(root, record, nominal, end)
     stages = find_stages(root, record, nominal, by_call, factor)
-    return StageMap(record, stages, by_call, nominal, factor, blocks)
+    return StageMap(record, stages, by_call, nominal, factor)
 
 
 def find_stages(root: nn.Module, record: ShapeRecord, stages_by_call: dict[int, int],

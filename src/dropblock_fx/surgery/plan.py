@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from ..graph.leaves import norm_types
+from ..graph.leaves import is_conv, norm_types
 from ..graph.preserve import preserved
 from ..graph.shapes import ShapeRecord, record_calls
 from ..graph.splice import guard_text
@@ -80,7 +80,7 @@ def _shape_pass(target: Target, recipe: Recipe, notes: list[str]) -> ShapeRecord
 def _target_hint(root: nn.Module, recipe: Recipe) -> str:
     """What to pass instead: the children holding the most convs (the image backbone is
     usually among them), or the input size."""
-    counts = [(sum(isinstance(m, (nn.Conv2d, nn.Conv3d)) for m in child.modules()), name)
+    counts = [(sum(is_conv(m) for m in child.modules()), name)
               for name, child in root.named_children()]
     best = [name for n, name in sorted(counts, key=lambda t: -t[0]) if n][:3]
     if not best:
