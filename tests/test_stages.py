@@ -17,6 +17,7 @@ from torch import nn
 from torchvision.models.segmentation import deeplabv3_resnet50
 
 import dropblock_fx as dbx
+from constructs import IsinstanceUNet, cbr
 from dropblock_fx.graph.shapes import record_calls
 from dropblock_fx.graph.stages import map_stages
 
@@ -162,22 +163,6 @@ def test_densenet_transition_belongs_to_the_stage_it_opens():
 
 # --- U-Net decoders that go back up ---------------------------------------------------------
 
-def cbr(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-
-class UpThenConv(nn.Module):
-    """smp's decoder block: upsample, concatenate the skip, two conv-BN-ReLU."""
-
-    def __init__(self, cin: int, cskip: int, cout: int):
-        super().__init__()
-        self.conv1, self.conv2 = cbr(cin + cskip, cout), cbr(cout, cout)
-
-    def forward(self, x, skip):
-        x = torch.cat([F.interpolate(x, scale_factor=2.0), skip], 1)
-        return self.conv2(self.conv1(x))
-
-
 class ConvThenUp(nn.Module):
     """A decoder block that convolves at the deep resolution, then upsamples."""
 
@@ -189,16 +174,14 @@ class ConvThenUp(nn.Module):
         return F.interpolate(self.conv(x), scale_factor=2.0)
 
 
-class UNet(nn.Module):
-    def __init__(self, conv_first: bool = False):
+class ConvFirstUNet(nn.Module):
+    """IsinstanceUNet's encoder with ConvThenUp decoder blocks (skips concatenated after them)."""
+
+    def __init__(self):
         super().__init__()
         self.enc = nn.ModuleList([cbr(3, 8, 2), cbr(8, 16, 2), cbr(16, 32, 2), cbr(32, 64, 2)])
-        self.conv_first = conv_first
-        if conv_first:
-            self.dec = nn.ModuleList([ConvThenUp(64, 32), ConvThenUp(32 + 32, 16), ConvThenUp(16 + 16, 8)])
-        else:
-            self.dec = nn.ModuleList([UpThenConv(64, 32, 32), UpThenConv(32, 16, 16), UpThenConv(16, 8, 8)])
-        self.head = nn.Conv2d(8 + 8 if conv_first else 8, 2, 1)
+        self.dec = nn.ModuleList([ConvThenUp(64, 32), ConvThenUp(32 + 32, 16), ConvThenUp(16 + 16, 8)])
+        self.head = nn.Conv2d(8 + 8, 2, 1)
 
     def forward(self, x):
         feats = []
@@ -206,12 +189,13 @@ class UNet(nn.Module):
             x = e(x)
             feats.append(x)
         for d, skip in zip(self.dec, reversed(feats[:-1])):
-            x = d(x, skip) if not self.conv_first else torch.cat([d(x), skip], 1)
+            x = torch.cat([d(x), skip], 1)
         return self.head(x)
 
 
 def test_unet_decoder_blocks_take_the_stage_of_their_output():
-    p = dbx.plan(UNet(), stages=[0, 1, 2, 3], input_size=(3, 64, 64))
+    """IsinstanceUNet's decoder blocks upsample, concatenate the skip, then convolve (smp's)."""
+    p = dbx.plan(IsinstanceUNet(), stages=[0, 1, 2, 3], input_size=(3, 64, 64))
     dec = {r.path.split(".")[1]: r.stage for r in p.rows if r.path.startswith("dec.")}
     assert dec == {"0": 2, "1": 1, "2": 0}  # strides 8, 4, 2
     enc = {r.path: r.stage for r in p.rows if r.path.startswith("enc.")}
@@ -220,7 +204,7 @@ def test_unet_decoder_blocks_take_the_stage_of_their_output():
 
 
 def test_a_decoder_block_that_convolves_before_upsampling_keeps_its_convs_stage():
-    p = dbx.plan(UNet(conv_first=True), stages=[0, 1, 2, 3], input_size=(3, 64, 64))
+    p = dbx.plan(ConvFirstUNet(), stages=[0, 1, 2, 3], input_size=(3, 64, 64))
     dec = {r.path: r.stage for r in p.rows if r.path.startswith("dec.")}
     assert dec and all(dec[k] == {"0": 3, "1": 2, "2": 1}[k.split(".")[1]] for k in dec), dec
 
