@@ -227,6 +227,20 @@ def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by
     def composite_children(m: nn.Module, absorbed: tuple[nn.Module, ...] = ()) -> list[tuple[str, nn.Module]]:
         return [(n, c) for n, c in m.named_children() if is_walkable(c) and c not in absorbed]
 
+    def called_children(m: nn.Module, absorbed: tuple[nn.Module, ...] = ()) -> tuple[nn.Module, ...]:
+        """The modules ``m``'s forward calls that tracing ``m`` must keep as single calls: its
+        composite children, and for a child that is never called itself (a ``ModuleList``
+        the forward iterates: ``for block in self.blocks``), that child's own, recursively.
+        Were those traced into, ``m``'s rewritten forward would run their original code and
+        never the rewritten one (nor its DropBlock modules)."""
+        out: list[nn.Module] = []
+        for _, c in composite_children(m, absorbed):
+            if record.first(c) is None and next(c.children(), None) is not None:
+                out += called_children(c)
+            else:
+                out.append(c)
+        return tuple(out)
+
     def visit_children(m: nn.Module, path: str, absorbed: tuple[nn.Module, ...] = ()) -> None:
         for name, child in m.named_children():
             if is_walkable(child) and child not in absorbed:
@@ -246,7 +260,7 @@ def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by
         """``own_ops``: a descended block, whose own forward (a residual add) holds sites even
         without loose layers."""
         absorbed = tuple(c for c in m.children() if is_walkable(c) and _absorbable(c)) if rewritable else ()
-        children = tuple(c for _, c in composite_children(m, absorbed))
+        children = called_children(m, absorbed)
         unit_index = len(units)
         visit_children(m, path, absorbed)
         own = own_ops and call is not None and stages_by_call.get(position[id(call)]) in wanted
