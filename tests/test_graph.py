@@ -43,7 +43,8 @@ def sites_of(block: nn.Module, shape, kinds=("conv", "conv_last", "shortcut", "b
     graphs = trace_modes(block)
     g = graphs.get("any") or graphs["eval"]
     values = replay(g, block, bound_args(block, call), lambda m: record.outputs_within(m, call.start, call.end))
-    sites = find_sites(g, block, values, set(kinds), norm_free, True)
+    maps = map_stages(block, record).feature_maps()
+    sites = find_sites(g, block, values, set(kinds), norm_free, True, maps)
     return g, sites
 
 

@@ -1,14 +1,23 @@
-"""One forward pass on meta tensors that records every module call (inputs, output, order).
+"""One forward pass on meta tensors that records every module call (inputs, output, order)
+and which tensors lie on the main path.
 
 The model's parameters are swapped for meta tensors with ``torch.func.functional_call``
 only for the duration of the call, so a ResNet-152 plan costs no real compute and no
 memory. Models that create real tensors inside ``forward`` get a second try under
 ``FakeTensorMode``, and models with data-dependent control flow one real forward on zeros
 (eval mode, no grad; the plan notes it). Every module's ``training`` flag is restored.
+
+The pass also follows the data, op by op (a ``TorchFunctionMode``), to tell the **main path**
+from side branches: a tensor is on the main path when the output depends on it other than
+only as a gate, through the input of a sigmoid / softmax or as the broadcast operand of a
+product (see ``graph.feature_maps``). Squeeze-excitation vectors, pooled gates and attention
+logits are side branches; a U-Net's deep path, which comes back through a concatenation or
+a sum, is main.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -16,6 +25,10 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
+
+from .feature_maps import gate_inputs
 
 __all__ = ["Call", "ShapeRecord", "record_calls"]
 
@@ -43,6 +56,12 @@ class ShapeRecord:
     mode: str = "meta"
     runner: str = ""  # the ancestor run to reach the target ('' : the target itself)
     runner_module: Optional[nn.Module] = None  # the module that was run
+    main: Optional[frozenset[int]] = None  # ids of the tensors on the main path (None: not followed)
+
+    def on_main_path(self, value: Any) -> bool:
+        """Does the target's output depend on ``value`` (a recorded tensor) other than as a
+        gate? True when the data was not followed."""
+        return self.main is None or id(value) in self.main
 
     def first(self, m: nn.Module) -> Optional[Call]:
         calls = self.by_module.get(id(m))
@@ -61,9 +80,51 @@ class _Reached(Exception):
     """Raised once the target's call is recorded: the rest of the runner is not needed."""
 
 
-def record_calls(root: nn.Module, input_size: tuple[int, ...], runners: tuple[nn.Module, ...] = ()) -> ShapeRecord:
-    """Run ``root`` once on a meta (else fake, else real) batch of one ``input_size`` input, in
-    eval mode, recording the calls of ``root`` and its submodules.
+class _Flow(TorchFunctionMode):
+    """Follows the data of a forward: for every torch op, the tensors it read (each flagged
+    when read only as a gate) and the tensors it returned. Keeps every tensor it saw alive,
+    so ids stay unique for the pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[tuple[tuple[int, bool], ...], tuple[int, ...]]] = []
+        self.produced: set[int] = set()
+        self._keep: list[Any] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if outs:
+            ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+            gates = gate_inputs(func, ins, outs[0])
+            self.ops.append((tuple((id(t), id(t) in gates) for t in ins), tuple(id(t) for t in outs)))
+            self.produced.update(id(t) for t in outs)
+            self._keep.append((ins, outs))
+        return out
+
+    def add_module_call(self, call: "Call") -> None:
+        """A module whose output no op produced (a scripted or C++ module): its output
+        depends on all its inputs."""
+        outs = [t for t in tree_leaves(call.output) if isinstance(t, torch.Tensor)]
+        if outs and not any(id(t) in self.produced for t in outs):
+            ins = [t for t in tree_leaves((call.args, call.kwargs)) if isinstance(t, torch.Tensor)]
+            self.ops.append((tuple((id(t), False) for t in ins), tuple(id(t) for t in outs)))
+            self.produced.update(id(t) for t in outs)
+
+    def main_path(self, output: Any) -> frozenset[int]:
+        """Ids of the tensors ``output`` depends on other than only as a gate."""
+        main = {id(t) for t in tree_leaves(output) if isinstance(t, torch.Tensor)}
+        for ins, outs in reversed(self.ops):
+            if any(o in main for o in outs):
+                main.update(i for i, gate in ins if not gate)
+        return frozenset(main)
+
+
+def record_calls(root: nn.Module, input_size: tuple[int, ...], runners: tuple[nn.Module, ...] = (), *,
+                 batch: int = 1, training: bool = False, follow: bool = True) -> ShapeRecord:
+    """Run ``root`` once on a meta (else fake, else real) batch of ``input_size`` inputs,
+    recording the calls of ``root`` and its submodules.
 
     Args:
         root: the module whose calls are recorded.
@@ -71,16 +132,26 @@ def record_calls(root: nn.Module, input_size: tuple[int, ...], runners: tuple[nn
         runners: ancestors of ``root`` (nearest first) to run instead when ``root`` does not
             take an image tensor (an FPN takes a dict of feature maps): the first one that
             reaches ``root`` is used, and stopped there.
+        batch: the batch size.
+        training: run in train mode (meta and fake passes only: a real pass is always in eval
+            mode, so that it updates no running statistics).
+        follow: follow the data to find the main path (``ShapeRecord.main``).
 
     Raises:
         RuntimeError: when no pass can run the model.
+
+    Example:
+        >>> m = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU())
+        >>> r = record_calls(m, (3, 32, 32))
+        >>> [(c.path, tuple(c.output.shape)) for c in r.calls][1:], r.on_main_path(r.calls[1].output)
+        ([('0', (1, 8, 15, 15)), ('1', (1, 8, 15, 15))], True)
     """
-    shape = (1, *input_size)
+    shape = (batch, *input_size)
     errors: dict[str, list[str]] = {}  # one message, the passes that raised it
     for runner in (root, *runners):
         for mode in ("meta", "fake", "real"):
             try:
-                return _run(root, shape, mode, runner)
+                return _run(root, shape, mode, runner, training and mode != "real", follow)
             except Exception as e:  # noqa: BLE001 - try the next mode, report all
                 who = "" if runner is root else f"{type(runner).__name__} "
                 text = " ".join(str(e).split())
@@ -90,9 +161,11 @@ def record_calls(root: nn.Module, input_size: tuple[int, ...], runners: tuple[nn
     raise RuntimeError(f"could not run {type(root).__name__} on an input of shape {shape} to find its stages ({why})")
 
 
-def _run(root: nn.Module, shape: tuple[int, ...], mode: str, runner: nn.Module) -> ShapeRecord:
+def _run(root: nn.Module, shape: tuple[int, ...], mode: str, runner: nn.Module, training: bool = False,
+         follow: bool = True) -> ShapeRecord:
     record = ShapeRecord(input_shape=shape, mode=mode, runner="" if runner is root else type(runner).__name__,
                          runner_module=runner)
+    flow = _Flow() if follow else None
     counter = itertools.count()
     stack: list[Call] = []
     handles = []
@@ -111,8 +184,13 @@ def _run(root: nn.Module, shape: tuple[int, ...], mode: str, runner: nn.Module) 
         call = stack.pop()
         call.end = next(counter)
         call.output = out
-        if mod is root and runner is not root:
-            raise _Reached()
+        if flow is not None:
+            flow.add_module_call(call)
+        if mod is root:
+            if flow is not None:
+                record.main = flow.main_path(out)
+            if runner is not root:
+                raise _Reached()
 
     for path, m in named:
         if id(m) in seen:
@@ -122,8 +200,8 @@ def _run(root: nn.Module, shape: tuple[int, ...], mode: str, runner: nn.Module) 
         handles.append(m.register_forward_hook(post, with_kwargs=True))
     flags = [(m, m.training) for m in runner.modules()]
     try:
-        runner.eval()
-        with torch.no_grad():
+        runner.train(training)
+        with torch.no_grad(), (flow if flow is not None else contextlib.nullcontext()):
             try:
                 if mode == "meta":
                     tensors = dict(itertools.chain(runner.named_parameters(remove_duplicate=False),

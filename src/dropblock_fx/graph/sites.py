@@ -16,11 +16,12 @@ Site kinds (positions in the unit's graph):
 A residual add is a two-input add of equal-shape feature maps; its shortcut is the input
 whose own ancestors (those not shared with the other input) hold fewer convs.
 
-Feature maps are ``N, C, (D,) H, W`` tensors, or channels-last ``N, (D,) H, W, C`` ones
-(MambaOut's stages, ConvNeXt's MLPs) whose middle dims match a conv output's spatial size:
-a site on one of those is wrapped in two permutes (a view on each side, so the DropBlock
-sees an ``N, C, H, W`` view with channels_last strides). ``Site.shape`` is always the
-channels-first shape.
+Every site is on a feature map, by the rule of ``graph.feature_maps``: the input's batch, a
+stage map's spatial size, on the unit's main path (never a gate's branch or attention
+logits). A feature map may also be channels-last, ``N, (D,) H, W, C`` (MambaOut's stages,
+ConvNeXt's MLPs): a site on one of those is wrapped in two permutes (a view on each side, so
+the DropBlock sees an ``N, C, H, W`` view with channels_last strides). ``Site.shape`` is
+always the channels-first shape.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any, Optional
 import torch
 from torch import fx, nn
 
+from .feature_maps import FeatureMaps, side_nodes
 from .leaves import ADD_FUNCTIONS, ADD_METHODS, is_act_node, is_conv, is_identity, is_norm, is_norm_act
 
 __all__ = ["Site", "find_sites", "insert_sites"]
@@ -120,28 +122,35 @@ def _label(prefix: str, scope: str) -> str:
 
 
 def find_sites(graph: fx.Graph, unit: nn.Module, values: dict[fx.Node, Any], kinds: set[str],
-               norm_free: bool, is_block: bool) -> list[Site]:
-    """Candidate sites of ``kinds`` in ``graph`` (positions by node name)."""
+               norm_free: bool, is_block: bool, maps: FeatureMaps,
+               rejected: Optional[list[tuple[str, str]]] = None) -> list[Site]:
+    """Candidate sites of ``kinds`` in ``graph`` (positions by node name). ``maps``: the
+    network's stage maps and the batch of the recorded call; ``rejected`` receives
+    ``(position, why)`` for positions left out because they hold no feature map."""
     nodes = list(graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     convs = [n for n in nodes if n.op == "call_module" and is_conv(_mod(n, unit))]
-    conv_spatial = {s[2:] for n in convs if (s := _shape(values.get(n))) is not None}
-    if not conv_spatial:
-        conv_spatial = {s[2:] for n in nodes if n.op == "placeholder" and (s := _shape(values.get(n)))}
+    spatial = maps.spatial
+    side = side_nodes(graph, unit, values)
 
     def last(node: fx.Node) -> bool:
-        """Is ``node`` a channels-last (N, (D,) H, W, C) map at a conv's resolution?"""
+        """Is ``node`` a channels-last (N, (D,) H, W, C) view of a stage map?"""
         s = _shape(values.get(node))
-        return s is not None and s[2:] not in conv_spatial and s[1:-1] in conv_spatial
+        return s is not None and s[-2:] not in spatial and s[-3:-1] in spatial
 
-    def ok(node: fx.Node) -> Optional[tuple[int, ...]]:
-        """The channels-first shape of a feature map at a conv's resolution (else None)."""
+    def ok(node: fx.Node, what: str = "") -> Optional[tuple[int, ...]]:
+        """The channels-first shape of a feature map (else None; says why in ``rejected``)."""
         s = _shape(values.get(node))
-        if s is not None and last(node):
-            s = (s[0], s[-1], *s[1:-1])
-        elif s is None or s[2:] not in conv_spatial:
+        if s is None:
             return None
-        return None if all(d == 1 for d in s[2:]) else s
+        if last(node):
+            s = (s[0], s[-1], *s[1:-1])
+        why = "it is on a side branch (only a gate depends on it)" if node in side else maps.why_not(s)
+        if why is not None:
+            if rejected is not None and what:
+                rejected.append((f"{what} ({'x'.join(map(str, s))})", why))
+            return None
+        return s
 
     chains = {c: e for c in convs if (e := _chain_end(c, unit, norm_free)) is not None}
     conv_holders: dict[fx.Node, bool] = {}
@@ -174,7 +183,7 @@ def find_sites(graph: fx.Graph, unit: nn.Module, values: dict[fx.Node, Any], kin
         if not _is_add(r):
             continue
         ins = [a for a in r.args[:2] if isinstance(a, fx.Node)]
-        if len(ins) != 2 or (s_r := ok(r)) is None or _shape(values.get(ins[0])) != _shape(values.get(ins[1])):
+        if len(ins) != 2 or _shape(values.get(ins[0])) != _shape(values.get(ins[1])) or (s_r := ok(r, f"residual add {r.name}")) is None:
             continue
         a0, a1 = _ancestors(ins[0], memo), _ancestors(ins[1], memo)
         own0, own1 = a0 - a1, a1 - a0
@@ -210,7 +219,7 @@ def find_sites(graph: fx.Graph, unit: nn.Module, values: dict[fx.Node, Any], kin
         for conv, end in chains.items():
             if end in used_ends:
                 continue
-            s = ok(end)
+            s = ok(end, f"after {_text(conv)}")
             if s is None:
                 continue
             add(Site("conv", name_for(str(conv.target).replace(".", "_"), ""),

@@ -41,6 +41,7 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import nn
 
+from .feature_maps import FeatureMaps
 from .leaves import is_container, is_conv
 from .shapes import Call, ShapeRecord
 
@@ -146,9 +147,12 @@ def _out_shape(call: Call) -> Optional[tuple[int, ...]]:
 
 def _feature_log(record: ShapeRecord, call: Call, collapsed: frozenset[int] = frozenset()) -> Optional[int]:
     """log2 of the call's output stride; None for no feature map. A 1x1 output is a feature map
-    only where a stride collapsed a real map (``collapsed``): SE vectors and pooled maps are not."""
+    only where a stride collapsed a real map (``collapsed``): SE vectors and pooled maps are not;
+    nor is anything on a side branch (a pooled gate, attention logits: ``graph.feature_maps``)."""
     s = _out_shape(call)
     if s is None or (all(d == 1 for d in s[2:]) and id(call.output) not in collapsed):
+        return None
+    if not record.on_main_path(call.output):
         return None
     return _log(record.input_shape, s)
 
@@ -201,6 +205,19 @@ class StageMap:
 
     def factor_of(self, call: Optional[Call]) -> int:
         return 1 if call is None else self.factor.get(self._position[id(call)], 1)
+
+    def feature_maps(self) -> FeatureMaps:
+        """The stage maps (spatial sizes of each stage's main-path maps, block rule applied)
+        and the recorded batch: what ``graph.feature_maps`` compares a site's tensor with."""
+        by_stage: dict[int, set[tuple[int, ...]]] = {}
+        # conv outputs only: they are always N, C, H, W, while a channels-last N, H, W, C
+        # output can pass for a map (H, W) when C is close to W
+        convs = [i for i in self.by_call if is_conv(self.record.calls[i].module)]
+        for i in convs or self.by_call:
+            s = _out_shape(self.record.calls[i])
+            if s is not None:
+                by_stage.setdefault(self.by_call[i], set()).add(s[-2:])
+        return FeatureMaps(self.record.input_shape[0], {k: frozenset(v) for k, v in by_stage.items()})
 
     def of_shape(self, shape: tuple[int, ...], near: Optional[Call] = None) -> Optional[int]:
         """The stage of a feature map of ``shape`` computed next to ``near`` (same dilation)."""

@@ -10,7 +10,7 @@ with a note, never applied.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import fx, nn
@@ -26,7 +26,7 @@ from .rows import PlanRow
 from .settings import StageSettings
 from .target import SurgeryError
 
-__all__ = ["Action", "new_dropblock", "build_actions"]
+__all__ = ["Action", "new_dropblock", "build_actions", "without_rows"]
 
 
 @dataclass
@@ -42,6 +42,7 @@ class Action:
     # The module is called at several shapes in the planned forward (a head shared by the
     # levels of an FPN): its DropBlock modules have no one planned map to compare with.
     varying: bool = False
+    unit: str = ""  # a graph action's unit path (relative to the target)
 
 
 def new_dropblock(row: PlanRow, training: bool = True) -> DropBlockNd:
@@ -89,7 +90,7 @@ def build_actions(ctx: SiteContext, chosen: list[Candidate]) -> tuple[list[PlanR
                 act = Action("slot", module_at(root, parent), prefix + parent, names=[attr])
             else:
                 act = Action(how, module_at(root, path), (prefix + path) or type(root).__name__,
-                             names=["dropblock"] if how == "after" else [])
+                             names=["dropblock"] if how == "after" else [], unit=path)
             act.varying = _called_at_several_shapes(ctx, act.module)
             actions[c.action] = act
         if how == "graph":
@@ -97,22 +98,46 @@ def build_actions(ctx: SiteContext, chosen: list[Candidate]) -> tuple[list[PlanR
         act.rows.append(row)
         rows.append(row)
 
-    dropped: set[str] = set()
-    for (how, path), act in actions.items():
-        if how != "graph":
+    for act in actions.values():
+        if act.how == "graph":
+            _rewrite_or_drop(ctx, act)
+    return _kept(rows, actions.values())
+
+
+def _rewrite_or_drop(ctx: SiteContext, act: Action) -> None:
+    problem = _rewrite(ctx, act)
+    if problem:
+        ctx.notes.append(f"{act.path}: not rewritten, its rewritten forward failed verification ({problem})")
+        act.rows, act.names, act.source = [], [], ""
+
+
+def _kept(rows: list[PlanRow], actions: Iterable[Action]) -> tuple[list[PlanRow], list[Action]]:
+    kept = [a for a in actions if a.rows]
+    paths = {r.path for a in kept for r in a.rows}
+    return [r for r in rows if r.path in paths], kept
+
+
+def without_rows(ctx: SiteContext, rows: list[PlanRow], actions: list[Action],
+                 dropped: set[str]) -> tuple[list[PlanRow], list[Action]]:
+    """The plan without the rows at ``dropped`` paths: their actions lose them, and a graph
+    action that keeps other rows is rewritten (and verified) again without them."""
+    for act in actions:
+        gone = [i for i, r in enumerate(act.rows) if r.path in dropped]
+        if not gone:
             continue
-        problem = _rewrite(ctx, path, act)
-        if problem:
-            ctx.notes.append(f"{act.path}: not rewritten, its rewritten forward failed verification ({problem})")
-            dropped.update(r.path for r in act.rows)
-    if dropped:
-        rows = [r for r in rows if r.path not in dropped]
-    return rows, [a for a in actions.values() if not (a.how == "graph" and not a.source)]
+        act.rows = [r for i, r in enumerate(act.rows) if i not in gone]
+        if act.how == "graph":
+            act.names = [n for i, n in enumerate(act.names) if i not in gone]
+            act.source = ""
+            if act.rows:
+                _rewrite_or_drop(ctx, act)
+    return _kept(rows, actions)
 
 
-def _rewrite(ctx: SiteContext, path: str, act: Action) -> str:
+def _rewrite(ctx: SiteContext, act: Action) -> str:
     """Fill ``act.source``; returns why the rewrite was refused ('' when it was not)."""
-    unit = next(u for u in ctx.units if u.path == path and u.graphs is not None)
+    unit = next(u for u in ctx.units if u.path == act.unit and u.graphs is not None)
+    path = act.unit
     names = set(act.names)
     graphs = {}
     for mode, g in unit.graphs.items():  # type: ignore[union-attr]

@@ -7,11 +7,12 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
-from ..graph.splice import is_spliced, splice_after, splice_graph, unsplice
+from ..graph.splice import unsplice
 from ..modules import DropBlockNd, is_inserted
 from .actions import Action, new_dropblock
 from .exact import check_verify, exact_check
 from .plan import Plan, PlanRow, prepare
+from .realise import realise
 from .resolution import ResolutionWatch, with_seen_resolutions
 from .settings import RecipeLike, resolve_recipe
 from .target import SurgeryError, check_model, existing_dropblocks
@@ -98,49 +99,19 @@ def apply_dropblock(model: nn.Module, recipe: RecipeLike = None, *, replace: boo
 
 
 def _apply_actions(model: nn.Module, p: Plan, actions: list[Action]) -> None:
-    undo: list[Callable[[], None]] = []
     # one marker for the whole model: it warns once if it trains before attach_schedule
     from ..schedule.pending import PendingSchedule
 
     scheduled = PendingSchedule() if p.recipe.schedule is not None else False
     # one watch for the whole model too: it warns once if it trains on maps of another size
     watch = ResolutionWatch(tuple(p.recipe.input_size))
-    current = ""
+    undo = realise(actions, lambda row, act: _make(row, scheduled, act.module, None if act.varying else watch))
     try:
-        for act in actions:
-            current = act.path or type(model).__name__
-            if act.how == "graph":
-                m = act.module
-                for name, row in zip(act.names, act.rows):
-                    if name in m._modules or hasattr(m, name):
-                        raise SurgeryError(f"{current}: it already has an attribute {name!r}")
-                    m.add_module(name, _make(row, scheduled, m, None if act.varying else watch))
-                    undo.append(lambda m=m, name=name: m._modules.pop(name, None))
-                if is_spliced(m):
-                    raise SurgeryError(f"{current}: already rewritten")
-                splice_graph(m, act.source)
-                undo.append(lambda m=m: unsplice(m))
-            elif act.how == "after":
-                m = act.module
-                if "dropblock" in m._modules or is_spliced(m):
-                    raise SurgeryError(f"{current}: already rewritten")
-                splice_after(m, _make(act.rows[0], scheduled, m, None if act.varying else watch))
-                undo.append(lambda m=m: (unsplice(m), m._modules.pop("dropblock", None)))
-            else:
-                m, attr = act.module, act.names[0]
-                old = m._modules[attr]
-                db = _make(act.rows[0], scheduled, m, None if act.varying else watch)
-                db.__dict__["_dropblock_replaced"] = old  # not a child: state_dict and repr unchanged
-                m._modules[attr] = db
-                undo.append(lambda m=m, attr=attr, old=old: m._modules.__setitem__(attr, old))
         if p.rows:
             model.dropblock_plan = p
-    except Exception as e:
-        for fn in reversed(undo):
-            fn()
-        if isinstance(e, SurgeryError):
-            raise
-        raise SurgeryError(f"{current}: {type(e).__name__}: {e}") from e
+    except Exception:
+        undo()
+        raise
 
 
 def remove_dropblock(model: nn.Module) -> nn.Module:

@@ -52,6 +52,10 @@ class SiteContext:
     notes: list[str]
     graph_sites: dict[str, dict[str, list[Site]]] = field(default_factory=dict)
     meta_cache: dict = field(default_factory=dict)  # meta copies of leaf weights, shared by the phases
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # (position, why): no feature map there
+
+    def __post_init__(self) -> None:
+        self.maps = self.stages.feature_maps()
 
     @property
     def kinds(self) -> set[str]:
@@ -150,7 +154,10 @@ def _graph_sites(ctx: SiteContext) -> list[Candidate]:
             per_mode = {}
             for mode, g in u.graphs.items():
                 values = replay(g, u.module, bound, lambda m: ctx.record.outputs_within(m, start, end))
-                per_mode[mode] = find_sites(g, u.module, values, kinds, ctx.norm_free, u.kind == "block")
+                rejected: list[tuple[str, str]] = []
+                per_mode[mode] = find_sites(g, u.module, values, kinds, ctx.norm_free, u.kind == "block",
+                                            ctx.maps, rejected)
+                ctx.left_out += [(f"{base.rstrip('.') or ctx.target.label}: {where}", why) for where, why in rejected]
         except Exception as e:  # noqa: BLE001
             ctx.notes.append(f"{base.rstrip('.') or ctx.target.label}: could not match sites ({type(e).__name__}: {e})")
             continue

@@ -10,7 +10,10 @@ Planning is a pipeline of phases, each in its own module of this package:
 5. candidate sites from a registry of site finders (``candidates.py``);
 6. selection and ``block_fraction`` (``select.py``);
 7. actions (``actions.py``): rewritten graphs verified again, their code generated;
-8. the :class:`Plan`.
+8. the promise (``promise.py``): the rewritten target run once in train mode on meta
+   tensors; a row whose DropBlock module is not called, or not on a feature map of its
+   stage, is dropped with a note;
+9. the :class:`Plan`.
 
 The whole pipeline runs inside ``graph.preserve.preserved``: whatever the shape pass or
 tracing changes on the model's modules (caches, attributes, RNG state) is put back.
@@ -32,6 +35,7 @@ from ..graph.units import Unit, find_units
 from ..recipe.schema import Recipe
 from .actions import Action, build_actions
 from .candidates import SiteContext, find_candidates
+from .promise import keep_promises
 from .rows import Plan, PlanRow
 from .select import select
 from .settings import RecipeLike, resolve_recipe, stage_settings
@@ -145,6 +149,7 @@ def prepare(model: nn.Module, recipe: Recipe, keep_foreign: bool = False) -> Pre
         _unit_notes(units, target, notes)
         ctx = SiteContext(target, record, smap, units, settings, norm_free, notes, meta_cache=cache)
         chosen = select(find_candidates(ctx), settings, notes)
-        rows, actions = build_actions(ctx, chosen)
-    p = Plan(rows, recipe, stages, target.path, record.input_shape, notes)
+        rows, actions = keep_promises(ctx, *build_actions(ctx, chosen))
+    p = Plan(rows, recipe, stages, target.path, record.input_shape, notes,
+             left_out=list(dict.fromkeys(ctx.left_out)))
     return Prepared(p, actions, target, record.runner_module)

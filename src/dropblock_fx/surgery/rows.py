@@ -60,6 +60,14 @@ class Plan:
     target: str = ""
     input_shape: tuple[int, ...] = ()
     notes: list[str] = field(default_factory=list)
+    # (position, why): places a site finder looked at and left out, for holding no feature map
+    left_out: list[tuple[str, str]] = field(default_factory=list)
+
+    def explain(self) -> str:
+        """Why each position a site finder looked at was left out (a gate's branch, attention
+        logits, unfolded patches, a window partition), one line each; rows dropped by the
+        run check are in :attr:`notes`."""
+        return "\n".join(f"left out: {where}: {why}" for where, why in self.left_out)
 
     def __len__(self) -> int:
         return len(self.rows)
