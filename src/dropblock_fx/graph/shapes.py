@@ -17,13 +17,15 @@ a sum, is main.
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 import itertools
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
@@ -80,20 +82,65 @@ class _Reached(Exception):
     """Raised once the target's call is recorded: the rest of the runner is not needed."""
 
 
-class _Flow(TorchFunctionMode):
-    """Follows the data of a forward: for every torch op, the tensors it read (each flagged
-    when read only as a gate) and the tensors it returned. Keeps every tensor it saw alive,
-    so ids stay unique for the pass."""
+def _check_channels(name: str, x: torch.Tensor, *params: Optional[torch.Tensor]) -> None:
+    for p in params:
+        if p is not None and p.numel() != x.shape[1]:
+            raise RuntimeError(f"{name}: a {tuple(x.shape)} input, parameters of {p.numel()} channels")
 
-    def __init__(self) -> None:
+
+def _norm_on_meta(func: Any, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """A norm's output on a meta input, without torch's meta kernels (a batch norm costs about
+    a millisecond there, most of a ResNet's pass): the input's shape, after the checks the
+    real op makes on shapes. None: not one of these ops, or not on meta tensors."""
+    sig = _NORMS.get(func)
+    if sig is None or not args or not isinstance(args[0], torch.Tensor) or not args[0].is_meta:
+        return None
+    try:
+        a = sig.bind(*args, **kwargs).arguments
+    except TypeError:
+        return None
+    x = a["input"]
+    if func is F.layer_norm:
+        shape = tuple(a["normalized_shape"])
+        if tuple(x.shape[x.dim() - len(shape):]) != shape:
+            return None  # the op raises its own error
+        return torch.empty_like(x)
+    if x.dim() < 2:
+        return None
+    if func is F.group_norm:
+        if x.shape[1] % a["num_groups"]:
+            return None
+        _check_channels("group_norm", x, a.get("weight"), a.get("bias"))
+        return torch.empty_like(x)
+    _check_channels(func.__name__, x, *(a.get(k) for k in ("running_mean", "running_var", "weight", "bias")))
+    if func is F.batch_norm and a.get("training") and math.prod(x.shape) // x.shape[1] == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    return torch.empty_like(x)
+
+
+_NORMS = {f: inspect.signature(f) for f in (F.batch_norm, F.instance_norm, F.group_norm, F.layer_norm)}
+
+
+class _Flow(TorchFunctionMode):
+    """Runs the ops of a pass (norms on meta tensors by shape: ``_norm_on_meta``) and, with
+    ``follow``, follows its data: for every torch op, the tensors it read (each flagged when
+    read only as a gate) and the tensors it returned. Keeps every tensor it saw alive, so
+    ids stay unique for the pass."""
+
+    def __init__(self, follow: bool = True) -> None:
         super().__init__()
+        self.follow = follow
         self.ops: list[tuple[tuple[tuple[int, bool], ...], tuple[int, ...]]] = []
         self.produced: set[int] = set()
         self._keep: list[Any] = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = _norm_on_meta(func, args, kwargs)
+        if out is None:
+            out = func(*args, **kwargs)
+        if not self.follow:
+            return out
         outs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
         if outs:
             ins = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
@@ -165,7 +212,7 @@ def _run(root: nn.Module, shape: tuple[int, ...], mode: str, runner: nn.Module, 
          follow: bool = True) -> ShapeRecord:
     record = ShapeRecord(input_shape=shape, mode=mode, runner="" if runner is root else type(runner).__name__,
                          runner_module=runner)
-    flow = _Flow() if follow else None
+    flow = _Flow(follow)
     counter = itertools.count()
     stack: list[Call] = []
     handles = []
@@ -184,10 +231,10 @@ def _run(root: nn.Module, shape: tuple[int, ...], mode: str, runner: nn.Module, 
         call = stack.pop()
         call.end = next(counter)
         call.output = out
-        if flow is not None:
+        if follow:
             flow.add_module_call(call)
         if mod is root:
-            if flow is not None:
+            if follow:
                 record.main = flow.main_path(out)
             if runner is not root:
                 raise _Reached()
@@ -201,7 +248,7 @@ def _run(root: nn.Module, shape: tuple[int, ...], mode: str, runner: nn.Module, 
     flags = [(m, m.training) for m in runner.modules()]
     try:
         runner.train(training)
-        with torch.no_grad(), (flow if flow is not None else contextlib.nullcontext()):
+        with torch.no_grad(), flow:
             try:
                 if mode == "meta":
                     tensors = dict(itertools.chain(runner.named_parameters(remove_duplicate=False),
