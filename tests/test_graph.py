@@ -4,6 +4,7 @@ splicing (class kept, pickling, containers), train/eval traces, untraceable bloc
 from __future__ import annotations
 
 import copy
+import warnings
 import io
 import pickle
 
@@ -26,7 +27,7 @@ from dropblock_fx.graph import (
 from dropblock_fx.graph.leaves import is_norm, is_norm_act
 from dropblock_fx.graph.shapes import ShapeRecord
 from dropblock_fx.graph.sites import find_sites, insert_sites
-from dropblock_fx.graph.tracing import replay
+from dropblock_fx.graph.meta import replay
 from dropblock_fx.graph.stages import map_stages
 from dropblock_fx.graph.splice import graph_source, splice_graph
 from dropblock_fx.graph.units import bound_args
@@ -243,24 +244,29 @@ def test_blocks_called_with_a_list_of_tensors_are_traced_for_that_call():
     """b2 gets ``[x, skip]``: a plain trace would feed the list as one Proxy and take the
     bare-tensor branch; the specialised trace feeds a real list of proxies, and the rewritten
     forward guards on that structure (a bare tensor runs the original forward)."""
-    from dropblock_fx import apply_dropblock, plan, remove_dropblock
+    from dropblock_fx import apply_dropblock, describe, plan, remove_dropblock
 
     torch.manual_seed(0)
     model = _ListNet().eval()
     x = torch.randn(2, 3, 16, 16)
     ref = model(x)
     p = plan(model, stages=[-2, -1], input_size=(3, 16, 16))
-    assert any(n.startswith("b2: traced for calls like the planned one (x=[Nx8x8x8 tensor, Nx8x8x8 tensor])")
+    # the forward never reads the spatial size: the guard leaves it open
+    assert any(n.startswith("b2: traced for calls like the planned one (x=[Nx8x*x* tensor, Nx8x*x* tensor])")
                for n in p.notes), p.notes
     out = apply_dropblock(model, stages=[-2, -1], input_size=(3, 16, 16))
     assert torch.equal(out(x), ref)
     paths = [r.path for r in p.rows]
     assert "b1.dropblock_proj" in paths and "b2.dropblock_proj" in paths  # both whole, after proj -> bn
     feat = torch.randn(2, 8, 8, 8)
-    with pytest.warns(UserWarning, match="runs its original forward"):
-        bare = out.b2(feat)  # not the planned call: the original forward, exactly
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # eval: DropBlock is the identity, nothing is lost, no warning
+        bare = out.b2(feat)  # not the planned call, another path: the original forward, exactly
     assert all(torch.equal(a, b) for a, b in zip(bare, _ListBlock.forward(out.b2, feat)))
     trained = copy.deepcopy(out).train()  # a train step moves BN statistics: on a copy
+    with pytest.warns(UserWarning, match=r"1 DropBlock module\(s\) did not run .*b2\.dropblock_proj"):
+        trained.b2(feat)
+    assert describe(trained).rows[paths.index("b2.dropblock_proj")].skipped_at == ((8, 8),)
     trained(x).sum().backward()
     assert all(p.grad is not None for p in trained.parameters())
     assert torch.equal(remove_dropblock(out).eval()(x), ref)

@@ -59,18 +59,35 @@ def test_isinstance_decoder_blocks_are_traced_for_their_call_and_stay_exact(jit)
     x, ref, p = _applied(model)
     dec = [r for r in p.rows if r.path.startswith("dec.")]
     assert dec and all(r.mechanism == "graph" for r in dec)  # whole-block graph sites, not fallbacks
-    assert any(n.startswith("dec.0: traced for calls like the planned one (x=Nx64x8x8 tensor, "
-                            "skip=Nx32x16x16 tensor)") for n in p.notes), p.notes
-    # another input size is not what dec.* were traced for: the original forward runs, exactly
+    # the forward never reads the spatial size: the guard leaves it open
+    assert any(n.startswith("dec.0: traced for calls like the planned one (x=Nx64x*x* tensor, "
+                            "skip=Nx32x*x* tensor)") for n in p.notes), p.notes
+    # so at another input size the rewritten decoder runs, exactly in eval and with DropBlock in training
     other = _x(size=(3, 96, 96))
-    with pytest.warns(UserWarning, match="IsinstanceUp was rewritten for calls like the planned one"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         got = model(other)
     with torch.no_grad():
         assert torch.equal(got, original(other))
-    # the rewritten decoder really uses its skip input: its train forward runs and backprops
+    called = _calls(model)
     model.train()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(no schedule|feature maps differ)")
+        model(other).sum().backward()
+    assert {r.path for r in dec} <= called
+    # the rewritten decoder really uses its skip input: its train forward runs and backprops
+    model.zero_grad()
     model(x).sum().backward()
     assert model.dec[0].conv1.weight.grad is not None
+
+
+def _calls(model: nn.Module) -> set[str]:
+    """The paths of the DropBlock modules called from now on (filled as the model runs)."""
+    called: set[str] = set()
+    for name, m in model.named_modules():
+        if isinstance(m, dbx.DropBlockNd):
+            m.register_forward_pre_hook(lambda mod, args, name=name: called.add(name))
+    return called
 
 
 # 2. planning leaves no trace --------------------------------------------------------------
@@ -125,13 +142,14 @@ def test_call_time_floats_and_shape_arithmetic_get_the_paper_placement():
     for i in (4, 5, 6, 7):  # the blocks of the two deepest stages, each whole
         kinds = sorted(r.kind for r in p.rows if r.path.startswith(f"blocks.{i}."))
         assert kinds == ["conv", "conv", "conv_last", "shortcut"], (i, kinds)
-    assert any(n.startswith("blocks.4: traced for calls like the planned one (x=Nx32x8x8 tensor, "
+    # the padding is computed inside a conv (a leaf): the block's own code never reads a size
+    assert any(n.startswith("blocks.4: traced for calls like the planned one (x=Nx32x*x* tensor, "
                             "drop_connect_rate=0.05)") for n in p.notes), p.notes
-    # a call with another rate than traced runs the original forward (no specialised code)
+    # a call with another rate than traced is traced again for it (the same path, another constant)
     feat = torch.randn(2, 32, 8, 8)
-    with pytest.warns(UserWarning, match="DropConnectBlock was rewritten"):
-        got = model.blocks[4](feat, drop_connect_rate=0.3)
-    assert torch.equal(got, DropConnectBlock.forward(original.blocks[4], feat, drop_connect_rate=0.3))
+    for rate in (0.3, 0.0):  # 0.0 takes another path: the original forward
+        got = model.blocks[4](feat, drop_connect_rate=rate)
+        assert torch.equal(got, DropConnectBlock.forward(original.blocks[4], feat, drop_connect_rate=rate))
     # train mode: the specialised code runs, with its DropBlock modules and the drop-connect
     calls = []
     hooks = [m.register_forward_hook(lambda *a: calls.append(1)) for m in model.modules()
@@ -214,20 +232,33 @@ def test_cli_plan_verify(capsys):
     assert "verified: eval outputs bit-identical" in capsys.readouterr().out
 
 
-def test_specialised_units_pickle_and_warn_once(tmp_path):
+def test_specialised_units_pickle_and_are_traced_again_for_other_calls(tmp_path):
+    """DropConnectBlock branches on its float ``drop_connect_rate``: traced for the planned
+    value. Another truthy rate takes the same path (traced again, with DropBlock); a rate of 0
+    takes another one: the original forward runs, and the model warns once, naming it."""
     model = DropConnectNet()
-    _applied(model)
+    _, _, p = _applied(model)
     path = tmp_path / "m.pt"
     torch.save(model, path)
     loaded = torch.load(path, weights_only=False).eval()
     x = _x()
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+    block = loaded.blocks[4]
+    mine = [r.path for r in p.rows if r.path.startswith("blocks.4.")]
+    called = _calls(loaded)
+    loaded.train()
+    feat = torch.randn(2, 32, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        block(feat, drop_connect_rate=0.2)
+    assert mine and set(mine) <= called
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("default")
         for _ in range(3):
-            loaded.blocks[4](torch.randn(1, 32, 8, 8), drop_connect_rate=0.2)
-    assert sum("was rewritten for calls like" in str(m.message) for m in w) == 1
+            block(feat, drop_connect_rate=0.0)
+    assert sum("did not run" in str(m.message) and mine[0] in str(m.message) for m in w) == 1
+    assert dbx.describe(loaded).rows[[r.path for r in p.rows].index(mine[0])].skipped_at == ((8, 8),)
 
 
 def test_specialised_units_compile_without_graph_breaks():
@@ -254,11 +285,13 @@ def test_an_argument_traced_as_none_keeps_its_name_and_is_guarded():
     original = copy.deepcopy(model).eval()
     x, ref, p = _applied(model)  # the parent passes mask=None by keyword
     assert {r.kind for r in p.rows if r.path.startswith("blocks.")} == {"conv", "conv_last", "shortcut"}
+    assert any(n.startswith("blocks.0: traced for calls like the planned one (mask=None)") for n in p.notes)
     feat = torch.randn(2, 16, 8, 8)
     mask = torch.rand(2, 16, 8, 8)
-    with pytest.warns(UserWarning, match=r"MaskedBlock was rewritten for calls like the planned one \(mask=None\)"):
-        got = model.blocks[0](feat, mask=mask)
+    got = model.blocks[0](feat, mask=mask)  # another path: the original forward, exactly
     assert torch.equal(got, MaskedBlock.forward(original.blocks[0], feat, mask=mask))
+    with pytest.warns(UserWarning, match=r"did not run .*blocks\.0\.dropblock"):
+        model.train().blocks[0](feat, mask=mask)
 
 
 def test_a_descended_residual_block_keeps_its_shortcut_and_branch_sites():

@@ -5,7 +5,8 @@ from .shapes import ShapeRecord, record_calls
 from .sites import Site, find_sites, insert_sites
 from .splice import graph_source, is_spliced, original_class, splice_after, splice_graph, unsplice
 from .stages import Stage, StageMap, find_stages, map_stages, stage_of_shape
-from .tracing import LeafTracer, trace_modes, trace_specialised
+from .specialise import trace_specialised
+from .tracing import LeafTracer, trace_modes
 from .units import Unit, find_units
 
 __all__ = [

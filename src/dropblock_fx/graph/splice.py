@@ -22,6 +22,7 @@ import warnings
 from collections import OrderedDict
 from typing import Any, Optional
 
+import torch
 from torch import fx, nn
 
 __all__ = ["graph_source", "guarded_call", "splice_graph", "splice_after", "unsplice", "is_spliced", "original_class"]
@@ -31,11 +32,14 @@ _FUNCTIONS: dict[str, Any] = {}
 _counter = [0]
 
 
-def graph_source(graphs: dict[str, fx.Graph], guard: Optional[dict[str, Any]] = None) -> str:
+def graph_source(graphs: dict[str, fx.Graph], guard: Optional[dict[str, Any]] = None,
+                 respec: Optional[dict[str, Any]] = None) -> str:
     """Self-contained source of a ``forward`` for ``{"train": g, "eval": g}`` (or ``{"any": g}``).
 
-    With a ``guard`` (graphs traced for one recorded call, see ``tracing.trace_specialised``)
-    the forward checks each call against it and runs the original forward when it differs.
+    With a ``guard`` (graphs traced for one recorded call, see ``graph.specialise``) the
+    forward checks each call against it; a call that differs is traced again for itself with
+    ``respec`` (the planned leaves, sites and skeletons, see ``specialise.respecialise``), or
+    runs the original forward when that fails.
 
     Raises:
         ValueError: when a global the code needs cannot be imported by name.
@@ -59,9 +63,9 @@ def graph_source(graphs: dict[str, fx.Graph], guard: Optional[dict[str, Any]] = 
         line = "from dropblock_fx.graph.splice import guarded_call as _guarded_call"
         imports.setdefault(line, line)
         body = "\n".join(parts) + (
-            f"\n_GUARD = {guard!r}\n"
+            f"\n_GUARD = {guard!r}\n_RESPEC = {respec!r}\n"
             f"def forward(self, *args, **kwargs):\n"
-            f"    return _guarded_call(self, _GUARD, {train}, {eval_}, args, kwargs)\n"
+            f"    return _guarded_call(self, _GUARD, {train}, {eval_}, args, kwargs, _RESPEC)\n"
         )
     elif list(graphs) == ["any"]:
         body = parts[0].replace("def _forward_any(", "def forward(", 1)
@@ -94,34 +98,86 @@ def _params(cls: type) -> tuple[list[str], dict[str, Any]]:
 
 
 def guarded_call(self: nn.Module, guard: dict[str, Any], train_fn: Any, eval_fn: Any, args: tuple,
-                 kwargs: dict) -> Any:
-    """Run a specialised forward when the call matches what it was traced for, else the
-    original forward (no DropBlock in that call; warns once per class)."""
+                 kwargs: dict, respec: Optional[dict[str, Any]] = None) -> Any:
+    """Run a specialised forward when the call matches what it was traced for; else the
+    forward traced for this call (:func:`_variant`); else the original forward, without
+    DropBlock, reported by :func:`_skipped`."""
     orig = type(self)._dropblock_original_class  # self is spliced (plain lookup: torch.compile traces it)
     names, defaults = _params(orig)
     values = list(args) + [kwargs.get(n, defaults.get(n, _MISSING)) for n in names[len(args):]]
     if not any(isinstance(v, fx.Proxy) for v in values):  # an FX retrace keeps the specialised code
-        from .tracing import describe_call
+        from .specialise import call_matches
 
-        try:
-            ok = all(describe_call(values[names.index(k)]) == want for k, want in guard.items())
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:  # the same text for every instance of a class: Python shows it once
-            warnings.warn(
-                f"dropblock_fx: {orig.__name__} was rewritten for calls like the planned one "
-                f"({guard_text(guard)}); this call differs, so it runs its original forward, "
-                f"without DropBlock. Plan at the size you train at: apply_dropblock(..., "
-                f"input_size=(C, H, W)).", UserWarning, stacklevel=3)
-            return orig.forward(self, *args, **kwargs)
+        bound = {n: v for n, v in zip(names, values) if v is not _MISSING}
+        if not call_matches(guard, bound):
+            fns = _variant(self, orig, bound, respec)
+            if fns is None:
+                _skipped(self, orig, guard, bound)
+                return orig.forward(self, *args, **kwargs)
+            train_fn, eval_fn = fns
     return (train_fn if self.training else eval_fn)(self, *values)
+
+
+_MAX_VARIANTS = 32  # calls of other sizes traced per rewritten class (multi-scale training uses a few)
+
+
+def _variant(self: nn.Module, orig: type, bound: dict[str, Any], respec: Optional[dict[str, Any]]) -> Any:
+    """``(train_fn, eval_fn)`` of the forward traced for this call's sizes (once per class and
+    call signature), or None."""
+    if respec is None or torch.compiler.is_compiling():
+        return None
+    from .specialise import describe_call, respecialise
+
+    try:
+        key = tuple((k, describe_call(v)) for k, v in bound.items())
+    except TypeError:
+        return None
+    variants = type(self).__dict__["_dropblock_variants"]
+    if key not in variants:
+        if len(variants) >= _MAX_VARIANTS:
+            return None
+        graphs = respecialise(self, orig, bound, respec)
+        variants[key] = None if graphs is None else _functions(graphs)
+    return variants[key]
+
+
+def _functions(graphs: dict[str, fx.Graph]) -> tuple[Any, Any]:
+    namespace = compile_namespace(graph_source(graphs))
+    if "_forward_train" in namespace:
+        return namespace["_forward_train"], namespace["_forward_eval"]
+    return namespace["forward"], namespace["forward"]
+
+
+def _skipped(self: nn.Module, orig: type, guard: dict[str, Any], bound: dict[str, Any]) -> None:
+    """A call that runs the original forward: each of ``self``'s DropBlock modules notes the
+    input size it missed (``describe`` lists them), and the model's watch warns once, with
+    how many did not run; without a watch, a warning once per class."""
+    from ..modules import DropBlockNd
+
+    first = next((v for v in bound.values() if isinstance(v, torch.Tensor)), None)
+    seen = tuple(int(s) for s in first.shape[2:]) if first is not None else ()
+    mine = [c for c in self._modules.values() if isinstance(c, DropBlockNd)]
+    watch = None
+    for c in mine:
+        c.__dict__.setdefault("skipped_at", set()).add(seen)
+        watch = watch or getattr(c, "resolution_watch", None)
+    if not self.training or not mine:
+        return
+    if watch is not None and hasattr(watch, "skipped"):
+        watch.skipped(mine, seen)
+        return
+    warnings.warn(  # the same text for every instance of a class: Python shows it once
+        f"dropblock_fx: {orig.__name__} was rewritten for calls like the planned one ({guard_text(guard)}); "
+        f"this call differs and could not be traced for itself, so it runs its original forward, without its "
+        f"{len(mine)} DropBlock module(s). describe(model) lists the modules that did not run.",
+        UserWarning, stacklevel=4)
 
 
 def guard_text(guard: dict[str, Any]) -> str:
     def one(d: Any) -> str:
         kind, v = d
         if kind == "tensor":
-            return "x".join(map(str, ("N", *v))) + " tensor"
+            return "x".join("*" if d is None else str(d) for d in ("N", *v)) + " tensor"
         if kind == "value":
             return repr(v)
         if kind == "dict":
@@ -132,17 +188,22 @@ def guard_text(guard: dict[str, Any]) -> str:
     return ", ".join(f"{k}={one(d)}" for k, d in guard.items())
 
 
-def compile_source(source: str) -> Any:
-    fn = _FUNCTIONS.get(source)
-    if fn is None:
+def compile_namespace(source: str) -> dict[str, Any]:
+    """The globals of ``source`` run once (cached by source; shown in tracebacks)."""
+    namespace = _FUNCTIONS.get(source)
+    if namespace is None:
         _counter[0] += 1
         filename = f"<dropblock_fx spliced forward {_counter[0]}>"
         linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-        namespace: dict[str, Any] = {}
+        namespace = {}
         exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - our own generated code
-        fn = namespace["forward"]
-        _FUNCTIONS[source] = fn
-    return fn
+        _FUNCTIONS[source] = namespace
+    return namespace
+
+
+def compile_source(source: str) -> Any:
+    """The ``forward`` defined by ``source``."""
+    return compile_namespace(source)["forward"]
 
 
 def _after_forward(orig: type):
@@ -214,6 +275,7 @@ def _spliced_class(orig: type, kind: str, source: str) -> type:
             "_dropblock_original_class": orig,
             "_dropblock_kind": kind,
             "_dropblock_source": source,
+            "_dropblock_variants": {},  # call signature -> (train_fn, eval_fn) traced for it, or None
         }
         ns.update(_container_methods(orig))
         cls = type(orig.__name__, (orig,), ns)

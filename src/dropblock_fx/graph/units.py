@@ -23,7 +23,8 @@ from torch import fx, nn
 
 from .leaves import is_container, is_conv, is_norm, is_walkable
 from .preserve import preserved
-from .tracing import LeafTracer, trace_modes, trace_specialised
+from .specialise import trace_specialised
+from .tracing import LeafTracer, trace_modes
 from .verify import check_graphs
 from .shapes import Call, ShapeRecord
 
@@ -143,14 +144,17 @@ def _trace(m: nn.Module, leaves: tuple[nn.Module, ...], call: Call,
             reasons.append(problem)
         except Exception as e:  # noqa: BLE001
             reasons.append(f"{type(e).__name__}: {_first_line(e)}")
-    try:
-        graphs, guard = trace_specialised(m, leaves, bound, cache)
-        problem = check_graphs(graphs, m, bound, call.output, cache=cache)
-        if problem is None:
-            return graphs, guard
-        reasons.append(f"specialised: {problem}")
-    except Exception as e:  # noqa: BLE001
-        reasons.append(f"specialised: {type(e).__name__}: {_first_line(e)}")
+    for symbolic in (True, False):  # spatial sizes left open first (see graph.specialise)
+        try:
+            graphs, guard = trace_specialised(m, leaves, bound, cache, symbolic=symbolic)
+            problem = check_graphs(graphs, m, bound, call.output, cache=cache)
+            if problem is None:
+                return graphs, guard
+            why = f"specialised: {problem}"
+        except Exception as e:  # noqa: BLE001
+            why = f"specialised: {type(e).__name__}: {_first_line(e)}"
+        if not symbolic:  # a forward that reads its sizes fails the symbolic trace: no reason to give
+            reasons.append(why)
     raise TraceFailure("; ".join(dict.fromkeys(reasons)))
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
-from .tracing import attr_at, run_meta, to_meta, with_batch
+from .meta import interpret, run_meta, to_meta, with_batch
 
 __all__ = ["output_signature", "unused_tensor_args", "check_graphs"]
 
@@ -91,27 +91,12 @@ _NORM_FORWARDS = {cls.forward for cls in (nn.BatchNorm1d, nn.BatchNorm2d, nn.Bat
 
 
 def _run(graph: fx.Graph, unit: nn.Module, bound: dict[str, Any], extra: frozenset[str], cache: dict) -> Any:
-    env: dict[fx.Node, Any] = {}
-    for node in graph.nodes:
-        args = fx.node.map_arg(node.args, env.__getitem__)
-        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-        if node.op == "placeholder":
-            env[node] = _placeholder_value(node, bound)
-        elif node.op == "get_attr":
-            env[node] = to_meta(attr_at(unit, str(node.target)))
-        elif node.op == "call_module":
-            target = str(node.target)
-            if target in extra:  # a DropBlock module: the input's shape (the op's own tests hold it)
-                env[node] = torch.empty_like(args[0])
-            else:
-                env[node] = _leaf(unit.get_submodule(target), args, kwargs, cache)
-        elif node.op == "call_function":
-            env[node] = node.target(*args, **kwargs)  # type: ignore[operator]
-        elif node.op == "call_method":
-            env[node] = getattr(args[0], str(node.target))(*args[1:], **kwargs)
-        else:  # output
-            return args[0]
-    return None
+    def leaf(node: fx.Node, args: tuple, kwargs: dict) -> Any:
+        if str(node.target) in extra:  # a DropBlock module: the input's shape (the op's own tests hold it)
+            return torch.empty_like(args[0])
+        return _leaf(unit.get_submodule(str(node.target)), args, kwargs, cache)
+
+    return interpret(graph, unit, lambda node: _placeholder_value(node, bound), leaf)[0]
 
 
 def check_graphs(graphs: dict[str, fx.Graph], unit: nn.Module, bound: dict[str, Any], expected: Any,

@@ -17,6 +17,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 from ..graph.sites import insert_sites
+from ..graph.specialise import respec_info
 from ..graph.splice import compile_source, graph_source
 from ..graph.units import bound_args
 from ..graph.verify import check_graphs
@@ -139,10 +140,11 @@ def _rewrite(ctx: SiteContext, act: Action) -> str:
     unit = next(u for u in ctx.units if u.path == act.unit and u.graphs is not None)
     path = act.unit
     names = set(act.names)
-    graphs = {}
+    graphs, sites = {}, {}
     for mode, g in unit.graphs.items():  # type: ignore[union-attr]
         g = _copy_graph(g)
-        insert_sites(g, [s for s in ctx.graph_sites[path][mode] if s.name in names])
+        sites[mode] = [s for s in ctx.graph_sites[path][mode] if s.name in names]
+        insert_sites(g, sites[mode])
         graphs[mode] = g
     bound = bound_args(unit.module, unit.call) if unit.call is not None else {}
     expected: Any = unit.call.output if unit.call is not None else None
@@ -150,7 +152,8 @@ def _rewrite(ctx: SiteContext, act: Action) -> str:
     if problem:
         return problem
     try:
-        act.source = graph_source(graphs, unit.guard)
+        respec = None if unit.guard is None else respec_info(unit.module, unit.graphs, unit.extra_leaves, sites, unit.guard)
+        act.source = graph_source(graphs, unit.guard, respec)
         compile_source(act.source)
     except Exception as e:  # noqa: BLE001
         raise SurgeryError(f"{act.path}: could not generate its new forward ({type(e).__name__}: {e})") from e

@@ -16,7 +16,7 @@ from torch import fx, nn
 from ..graph.shapes import Call, ShapeRecord
 from ..graph.sites import Site, find_sites
 from ..graph.stages import StageMap
-from ..graph.tracing import replay
+from ..graph.meta import replay
 from ..graph.units import Unit, bound_args
 from .settings import StageSettings
 from .target import Target

@@ -125,7 +125,7 @@ def _unit_notes(units: list[Unit], target: Target, notes: list[str]) -> None:
             continue
         if u.guard is not None:
             notes.append(f"{where}: traced for calls like the planned one ({guard_text(u.guard)}); "
-                         "other calls run its original forward")
+                         "a call that differs is traced again for itself")
         if "train" in u.graphs:
             notes.append(f"{where}: traces differently in train and eval mode; both rewritten")
 

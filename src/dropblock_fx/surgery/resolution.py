@@ -75,11 +75,27 @@ class ResolutionWatch:
         (1, True)
     """
 
-    __slots__ = ("input_size", "warned")
+    __slots__ = ("input_size", "warned", "warned_skip")
 
     def __init__(self, input_size: tuple[int, ...]) -> None:
         self.input_size = tuple(input_size)
         self.warned = False
+        self.warned_skip = False
+
+    def skipped(self, modules: list[DropBlockNd], seen: tuple[int, ...]) -> None:
+        """``modules`` (one rewritten block's) did not run in a training call whose input was
+        ``seen``: their block was traced for its planned call and could not be traced again
+        for this one. Warns once for the whole model."""
+        if self.warned_skip:
+            return
+        self.warned_skip = True
+        paths = [m.placement.path for m in modules if m.placement is not None]
+        where = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        warnings.warn(
+            f"dropblock_fx: {len(modules)} DropBlock module(s) did not run in this training call ({where}): "
+            f"their block was traced for its planned input and could not be traced again for an input of "
+            f"{_size(seen)}, so it ran its original forward; describe(model) lists every module that did not run "
+            "and the sizes it missed", UserWarning, stacklevel=_caller_level())
 
     def __call__(self, module: DropBlockNd, seen: tuple[int, ...]) -> None:
         if self.warned:
@@ -91,11 +107,11 @@ class ResolutionWatch:
         warnings.warn(resolution_message(path, planned, seen, self.input_size), UserWarning,
                       stacklevel=_caller_level())
 
-    def __getstate__(self) -> tuple[tuple[int, ...], bool]:
-        return (self.input_size, self.warned)
+    def __getstate__(self) -> tuple[tuple[int, ...], bool, bool]:
+        return (self.input_size, self.warned, self.warned_skip)
 
-    def __setstate__(self, state: tuple[tuple[int, ...], bool]) -> None:
-        self.input_size, self.warned = state
+    def __setstate__(self, state: tuple) -> None:
+        self.input_size, self.warned, self.warned_skip = (*state, False)[:3]
 
 
 def row_at(row: PlanRow, seen: tuple[int, ...]) -> PlanRow:
@@ -134,13 +150,25 @@ def with_seen_resolutions(p: Plan, model: nn.Module) -> Plan:
         ((7, 7), (1, 1), ())
     """
     seen: dict[str, tuple[int, ...]] = {}
+    skipped: dict[str, tuple[tuple[int, ...], ...]] = {}
     for name, m in model.named_modules():
-        if isinstance(m, DropBlockNd) and m.seen_resolution and is_inserted(m):
-            seen[m.placement.path or name] = m.seen_resolution  # type: ignore[union-attr]
-    if not seen:
+        if isinstance(m, DropBlockNd) and is_inserted(m):
+            path = m.placement.path or name  # type: ignore[union-attr]
+            if m.seen_resolution:
+                seen[path] = m.seen_resolution
+            if m.__dict__.get("skipped_at"):  # set by graph.splice when its block ran its original forward
+                skipped[path] = tuple(sorted(m.__dict__["skipped_at"]))
+    if not seen and not skipped:
         return p
     rows = [row_at(r, seen[r.path]) if r.path in seen else r for r in p.rows]
-    sizes = sorted({_size(s) for s in seen.values()})
-    note = (f"trained on other feature maps than planned at input_size={tuple(p.recipe.input_size)} "
-            f"(seen {', '.join(sizes)}): the seen columns give the block size and expected rate there")
-    return dataclasses.replace(p, rows=rows, notes=[*p.notes, note])
+    rows = [dataclasses.replace(r, skipped_at=skipped[r.path]) if r.path in skipped else r for r in rows]
+    notes = list(p.notes)
+    if seen:
+        sizes = sorted({_size(s) for s in seen.values()})
+        notes.append(f"trained on other feature maps than planned at input_size={tuple(p.recipe.input_size)} "
+                     f"(seen {', '.join(sizes)}): the seen columns give the block size and expected rate there")
+    if skipped:
+        listed = "; ".join(f"{path} (block input {', '.join(map(_size, at))})" for path, at in skipped.items())
+        notes.append(f"{len(skipped)} of {len(p.rows)} DropBlock modules did not run for some calls (their block "
+                     f"ran its original forward: it could not be traced for that input): {listed}")
+    return dataclasses.replace(p, rows=rows, notes=notes)

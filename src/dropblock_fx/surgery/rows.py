@@ -16,7 +16,7 @@ from ..recipe.schema import Recipe
 __all__ = ["PlanRow", "Plan"]
 
 
-_SEEN = ("seen_resolution", "seen_block_size", "seen_expected_drop_prob")
+_SEEN = ("seen_resolution", "seen_block_size", "seen_expected_drop_prob", "skipped_at")
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,8 @@ class PlanRow:
 
     The ``seen_*`` fields are filled only in :func:`describe`'s answer, for a module that
     trained on feature maps of another size than planned: that size, the block size clipped
-    to it and the expected real rate there.
+    to it and the expected real rate there; ``skipped_at``, for a module that did not run at
+    some sizes, its block's input sizes there.
     """
 
     stage: int
@@ -42,9 +43,12 @@ class PlanRow:
     seen_resolution: tuple[int, ...] = ()
     seen_block_size: tuple[int, ...] = ()
     seen_expected_drop_prob: Optional[float] = None
+    # describe() only: the input sizes of this module's block at which the block ran its original
+    # forward (it could not be traced for them), so this module did not run
+    skipped_at: tuple[tuple[int, ...], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
-        skip = {"options"} if self.seen_resolution else {"options", *_SEEN}
+        skip = {"options"} if self.seen_resolution or self.skipped_at else {"options", *_SEEN}
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skip}
         d["options"] = dict(self.options)
         return d

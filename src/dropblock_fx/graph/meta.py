@@ -1,0 +1,143 @@
+"""Meta values: tensors with a shape and a dtype but no data, and the one interpreter that runs
+an FX graph of a unit on them.
+
+Planning never computes on real data: the shape pass, verification, site matching and the
+specialised tracer all work on meta tensors (``torch.empty(..., device="meta")``), and the
+unit's parameters are swapped for meta copies only for the duration of a call
+(``torch.func.functional_call``), so the model's own tensors are never touched.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Optional
+
+import torch
+from torch import fx, nn
+
+__all__ = ["to_meta", "meta_state", "run_meta", "attr_at", "with_batch", "interpret", "replay"]
+
+
+def to_meta(v: Any) -> Any:
+    """``v`` with every tensor replaced by an empty meta tensor of its shape and dtype.
+
+    Example:
+        >>> to_meta([torch.zeros(2, 3), 1.5])
+        [tensor(..., device='meta', size=(2, 3)), 1.5]
+    """
+    if isinstance(v, torch.Tensor):
+        return torch.empty(v.shape, dtype=v.dtype, device="meta")
+    if isinstance(v, (list, tuple)):
+        return type(v)(to_meta(x) for x in v) if not hasattr(v, "_fields") else type(v)(*map(to_meta, v))
+    if isinstance(v, dict):
+        return {k: to_meta(x) for k, x in v.items()}
+    return v
+
+
+def with_batch(value: Any, batch: int) -> Any:
+    """``value`` (tensors in lists, tuples, dicts) as meta tensors with a first dim of ``batch``."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty((batch, *value.shape[1:]), dtype=value.dtype, device="meta") if value.dim() else to_meta(value)
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return type(value)(with_batch(v, batch) for v in value)
+    if isinstance(value, dict):
+        return {k: with_batch(v, batch) for k, v in value.items()}
+    return value
+
+
+def meta_state(m: nn.Module, cache: Optional[dict[int, dict[str, torch.Tensor]]] = None) -> dict[str, torch.Tensor]:
+    """Meta copies of ``m``'s parameters and buffers, for ``torch.func.functional_call``."""
+    if cache is not None and id(m) in cache:
+        return cache[id(m)]
+    state = {k: to_meta(v) for k, v in itertools.chain(m.named_parameters(remove_duplicate=False),
+                                                        m.named_buffers(remove_duplicate=False))}
+    if cache is not None:
+        cache[id(m)] = state
+    return state
+
+
+def run_meta(m: nn.Module, args: tuple, kwargs: dict, cache: Optional[dict] = None) -> Any:
+    """``m(*args, **kwargs)`` on meta inputs with meta parameters; ``m``'s own tensors untouched."""
+    with torch.no_grad():
+        return torch.func.functional_call(m, meta_state(m, cache), tuple(args), dict(kwargs), strict=False,
+                                          tie_weights=True)
+
+
+def attr_at(root: nn.Module, target: str) -> Any:
+    """The object at a dotted ``get_attr`` target under ``root``."""
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+_MISSING = object()
+
+
+def _has_missing(v: Any) -> bool:
+    found: list[bool] = []
+    fx.node.map_aggregate(v, lambda x: found.append(x is _MISSING))
+    return any(found)
+
+
+def interpret(graph: fx.Graph, unit: nn.Module, placeholder: Callable[[fx.Node], Any],
+              call_module: Callable[[fx.Node, tuple, dict], Any], strict: bool = True) -> Any:
+    """Run ``graph`` of ``unit`` on meta values: ``placeholder(node)`` gives each argument,
+    ``call_module(node, args, kwargs)`` each leaf call; functions, methods and
+    attributes run as written (no grad). Returns ``(output, values)``: the graph's output and
+    every node's value.
+
+    ``strict=False`` keeps going past a failing node: its value and everything computed from
+    it is left out of ``values`` (the output is then None).
+    """
+    env: dict[fx.Node, Any] = {}
+    out: Any = None
+    for node in graph.nodes:
+        try:
+            args = fx.node.map_arg(node.args, lambda n: env.get(n, _MISSING))
+            kwargs = fx.node.map_arg(node.kwargs, lambda n: env.get(n, _MISSING))
+            value: Any = _MISSING
+            if node.op == "placeholder":
+                value = placeholder(node)
+            elif node.op == "get_attr":
+                value = to_meta(attr_at(unit, str(node.target)))
+            elif node.op == "call_module":  # called even on unknown inputs: it may count its calls
+                value = call_module(node, args, kwargs)
+            elif _has_missing(args) or _has_missing(kwargs):
+                continue
+            elif node.op == "call_function":
+                with torch.no_grad():
+                    value = node.target(*args, **kwargs)  # type: ignore[operator]
+            elif node.op == "call_method":
+                with torch.no_grad():
+                    value = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+            else:  # output
+                out = args[0]
+            if value is not _MISSING:
+                env[node] = value
+        except Exception:  # noqa: BLE001 - strict callers want the error; others skip the value
+            if strict:
+                raise
+    return out, env
+
+
+def replay(graph: fx.Graph, unit: nn.Module, bound: dict[str, Any],
+           outputs_of: Callable[[nn.Module], list[Any]]) -> dict[fx.Node, Any]:
+    """Meta value of every node: leaf calls take the outputs recorded in the shape pass (in
+    order), everything else is run on meta tensors. Unknown values are left out."""
+    queues: dict[int, list[Any]] = {}
+
+    def placeholder(node: fx.Node) -> Any:
+        name = str(node.target).lstrip("*")
+        if name in bound:
+            return to_meta(bound[name])
+        return node.args[0] if node.args else _MISSING
+
+    def leaf(node: fx.Node, args: tuple, kwargs: dict) -> Any:
+        mod = unit.get_submodule(str(node.target))
+        q = queues.get(id(mod))
+        if q is None:
+            q = queues[id(mod)] = list(outputs_of(mod))
+        return to_meta(q.pop(0)) if q else _MISSING
+
+    return interpret(graph, unit, placeholder, leaf, strict=False)[1]
