@@ -272,3 +272,295 @@ class DownUpNet(nn.Module):
 
     def forward(self, x):
         return self.blocks(self.stem(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan is what runs: constructs whose tensors are not feature maps, side branches, parents
+# that inline their children, calls the planned trace does not cover. Each backbone is a plain
+# ResNet-like net (stem at stride 2, then stages at strides 4..32) with the construct in the
+# last two stages, so the default recipe (the last two stages) looks at it.
+
+
+class Bottleneck(nn.Module):
+    """A residual block: three conv -> BN (-> ReLU) chains, an identity shortcut."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(x + self.bn2(self.conv2(y)))
+
+
+class Backbone(nn.Module):
+    """stem (stride 2), down + block per stage (strides 4, 8, 16, 32); ``deep(c)`` builds the
+    blocks of the last two stages."""
+
+    def __init__(self, deep, c: int = 16):
+        super().__init__()
+        self.stem = cbr(3, c, 2)
+        self.downs = nn.ModuleList([cbr(c, c, 2) for _ in range(4)])
+        self.blocks = nn.ModuleList([Bottleneck(c), Bottleneck(c), deep(c), deep(c)])
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for down, block in zip(self.downs, self.blocks):
+            x = block(down(x))
+        return self.head(x.mean((2, 3)))
+
+
+class PatchUnfoldBlock(nn.Module):
+    """MobileViT-style: the map is unfolded into ``(B, C, patch_area, n_patches)`` and 1x1 conv
+    -> BN layers with residual adds run on that (a conv output at a size that is no map)."""
+
+    def __init__(self, c: int, p: int = 2):
+        super().__init__()
+        self.p = p
+        self.local = cbr(c, c)
+        self.mix1, self.nrm1 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.mix2, self.nrm2 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        x = self.local(x)
+        b, c, h, w = x.shape
+        p = self.p
+        u = x.reshape(b, c, h // p, p, w // p, p).permute(0, 1, 3, 5, 2, 4).reshape(b, c, p * p, -1)
+        u = u + self.nrm1(self.mix1(u))
+        u = u + self.nrm2(self.mix2(u))
+        u = u.reshape(b, c, p, p, h // p, w // p).permute(0, 1, 4, 2, 5, 3).reshape(b, c, h, w)
+        return x + u
+
+
+class RelPosAttention(nn.Module):
+    """HaloNet-style attention on the map: the logits get a conv-free relative-position term
+    (``logits + pos(q)``, two same-shape tensors), then a softmax."""
+
+    def __init__(self, c: int, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Conv2d(c, 3 * c, 1, bias=False)
+        self.rel = nn.Parameter(torch.zeros(c // heads, 1))
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).reshape(b * self.heads, 3 * c // self.heads, h * w).chunk(3, dim=1)
+        logits = q.transpose(1, 2) @ k  # (B * heads, HW, HW)
+        logits = logits.reshape(b * self.heads, h * w, h, w)
+        pos = (q.transpose(1, 2) @ self.rel.expand(-1, h * w)).reshape(b * self.heads, h * w, h, w)
+        attn = (logits + pos).flatten(2).softmax(-1)
+        out = (v @ attn.transpose(1, 2)).reshape(b, c, h, w)
+        return x + self.bn(out)
+
+
+class WindowBlock(nn.Module):
+    """EfficientViT-style: the map is split into windows ``(B * windows, C, w, w)`` and a
+    residual conv -> BN runs on each window."""
+
+    def __init__(self, c: int, win: int = 2):
+        super().__init__()
+        self.win = win
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        s = self.win
+        y = x.reshape(b, c, s, h // s, s, w // s).permute(0, 2, 4, 1, 3, 5).reshape(b * s * s, c, h // s, w // s)
+        y = y + self.bn(self.conv(y))
+        y = y.reshape(b, s, s, c, h // s, w // s).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+        return x + y
+
+
+class PooledGateBlock(nn.Module):
+    """GhostNetV2's DFC attention: a gate computed at half the resolution (avg-pool, conv ->
+    BN chains), through a sigmoid, upsampled and multiplied in."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.main = cbr(c, c)
+        self.gate = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c),
+                                  nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        g = self.gate(F.avg_pool2d(x, 2, 2))
+        return x + self.main(x) * F.interpolate(torch.sigmoid(g), size=x.shape[-2:], mode="nearest")
+
+
+class SharedPosEnc(nn.Module):
+    """CoaT's ``ConvPosEnc``: a residual depthwise conv, one instance shared by several blocks."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.proj = nn.Conv2d(c, c, 3, padding=1, groups=c)
+
+    def forward(self, x):
+        return x + self.proj(x)
+
+
+class SerialBlock(nn.Module):
+    """Calls the shared position encoding, then its own residual branch; traced whole, so its
+    graph inlines the shared module's code."""
+
+    def __init__(self, c: int, shared: nn.Module):
+        super().__init__()
+        self.cpe = shared
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        x = self.cpe(x)
+        return x + self.bn(self.conv(x))
+
+
+class SharedModuleNet(nn.Module):
+    """The shared module is registered on the model (``cpe3``, ``cpe4``, as in CoaT) and
+    called only by the blocks that hold it."""
+
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.stem = cbr(3, c, 2)
+        self.downs = nn.ModuleList([cbr(c, c, 2) for _ in range(4)])
+        self.early = nn.ModuleList([Bottleneck(c), Bottleneck(c)])
+        self.cpe3, self.cpe4 = SharedPosEnc(c), SharedPosEnc(c)
+        self.serial3 = nn.ModuleList([SerialBlock(c, self.cpe3) for _ in range(2)])
+        self.serial4 = nn.ModuleList([SerialBlock(c, self.cpe4) for _ in range(2)])
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.early[0](self.downs[0](x))
+        x = self.early[1](self.downs[1](x))
+        x = self.downs[2](x)
+        for blk in self.serial3:
+            x = blk(x)
+        x = self.downs[3](x)
+        for blk in self.serial4:
+            x = blk(x)
+        return x.mean((2, 3))
+
+
+class UpBlock(nn.Module):
+    """smp's ``UnetDecoderBlock``: called with the target size as extra arguments."""
+
+    def __init__(self, cin: int, cskip: int, cout: int):
+        super().__init__()
+        self.conv1, self.conv2 = cbr(cin + cskip, cout), cbr(cout, cout)
+
+    def forward(self, x, height: int, width: int, skip=None):
+        x = F.interpolate(x, size=(height, width), mode="nearest")
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
+        return self.conv2(self.conv1(x))
+
+
+class IteratingDecoder(nn.Module):
+    """smp's ``UnetDecoder``: iterates a ``ModuleList`` of blocks, reading the sizes from the
+    features it gets (a list)."""
+
+    def __init__(self, chs: tuple[int, ...] = (64, 32, 16, 8)):
+        super().__init__()
+        self.blocks = nn.ModuleList([UpBlock(chs[i], chs[i + 1], chs[i + 1]) for i in range(len(chs) - 1)])
+
+    def forward(self, features):
+        shapes = [f.shape[2:] for f in features][::-1]
+        feats = features[::-1]
+        x = feats[0]
+        for i, block in enumerate(self.blocks):
+            h, w = shapes[i + 1]
+            x = block(x, h, w, skip=feats[i + 1])
+        return x
+
+
+class IteratingUNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.ModuleList([cbr(3, 8, 2), cbr(8, 16, 2), cbr(16, 32, 2), cbr(32, 64, 2)])
+        self.decoder = IteratingDecoder()
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        feats = []
+        for e in self.enc:
+            x = e(x)
+            feats.append(x)
+        return self.head(self.decoder(feats))
+
+
+def tf_pad(x: torch.Tensor, k: int, s: int) -> torch.Tensor:
+    """TensorFlow's "SAME" padding, computed in Python from the input's size (as Hugging Face's
+    MobileNet ports do)."""
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    ph = max(k - s, 0) if h % s == 0 else max(k - h % s, 0)
+    pw = max(k - s, 0) if w % s == 0 else max(k - w % s, 0)
+    return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+
+
+class TFPadBlock(nn.Module):
+    """A residual block whose own code reads its input's size (``int(x.shape[-1])``)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, 2 * c, 1, bias=False), nn.BatchNorm2d(2 * c)
+        self.conv2, self.bn2 = nn.Conv2d(2 * c, 2 * c, 3, groups=2 * c, bias=False), nn.BatchNorm2d(2 * c)
+        self.conv3, self.bn3 = nn.Conv2d(2 * c, c, 1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = F.relu6(self.bn1(self.conv1(x)))
+        y = F.relu6(self.bn2(self.conv2(tf_pad(y, 3, 1))))
+        return x + self.bn3(self.conv3(y))
+
+
+class SizeBranchBlock(nn.Module):
+    """A block whose path depends on its input's size: a call at another size cannot reuse
+    the planned trace, and runs its original forward."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if int(x.shape[-1]) >= 4:  # a different path on small maps
+            y = F.relu(y)
+        return x + y
+
+
+class CheckpointStage(nn.Module):
+    """timm's ``MetaFormerStage``: a downsample, then its blocks, checkpointed when its
+    ``grad_checkpointing`` switch is on, with reshapes around them (not a plain chain)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.grad_checkpointing = False
+        self.down = cbr(c, c, 2)
+        self.blocks = nn.Sequential(Bottleneck(c), Bottleneck(c))
+
+    def forward(self, x):
+        x = self.down(x)
+        b, c, h, w = x.shape
+        x = x.reshape(b, c, h * w).reshape(b, c, h, w)
+        if self.grad_checkpointing:
+            import torch.utils.checkpoint as cp
+
+            x = cp.checkpoint(self.blocks, x, use_reentrant=False)
+        else:
+            x = self.blocks(x)
+        return x
+
+
+class CheckpointNet(nn.Module):
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.stem = nn.Sequential(cbr(3, c, 2), cbr(c, c, 2), cbr(c, c, 2))
+        self.stages = nn.ModuleList([CheckpointStage(c), CheckpointStage(c)])
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    def forward(self, x):
+        x = self.stem(x)
+        for s in self.stages:
+            x = s(x)
+        return x.mean((2, 3))

@@ -10,6 +10,8 @@ library's tests. On one model and one input it applies DropBlock and checks that
 * eval outputs are bit-identical to the unmodified model's;
 * ``state_dict`` keys (in order) and values are unchanged, and the old weights load strictly;
 * a train forward + backward runs, with finite outputs and gradients;
+* every row's DropBlock module runs in that forward; when ``x`` has the planned size, on a
+  feature map of its row (``x``'s batch, the row's resolution);
 * ``remove_dropblock`` restores the module tree, the classes and the eval outputs.
 """
 
@@ -158,9 +160,16 @@ def check_surgery(model: nn.Module, x: torch.Tensor, recipe: Any = None, *, runn
         model.train()
         for m in mods.values():
             m.drop_prob = max(float(m.target_drop_prob), 0.1)
-        with warnings.catch_warnings():  # a check, not a training run: no schedule needed
-            warnings.filterwarnings("ignore", message=".*no schedule is attached")
-            out = output_tensors(runner(x))
+        seen: dict[str, list[tuple[int, ...]]] = {}
+        hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.setdefault(n, []).append(tuple(args[0].shape)))
+                 for n, m in mods.items()]
+        try:
+            with warnings.catch_warnings():  # a check, not a training run: no schedule needed
+                warnings.filterwarnings("ignore", message=".*no schedule is attached")
+                out = output_tensors(runner(x))
+        finally:
+            for h in hooks:
+                h.remove()
         loss = sum(t.float().sum() for t in out if t.is_floating_point())
         if not torch.isfinite(loss):
             raise AssertionError("train output not finite")
@@ -173,6 +182,9 @@ def check_surgery(model: nn.Module, x: torch.Tensor, recipe: Any = None, *, runn
         model.zero_grad(set_to_none=True)
         model.load_state_dict(weights, strict=True)
         model.eval()
+
+        step = "rows run"
+        _check_rows_ran(plan, seen, tuple(x.shape), plan_size=tuple(plan.input_shape[1:]))
 
         step = "remove_dropblock"
         remove_dropblock(model)
@@ -188,6 +200,27 @@ def check_surgery(model: nn.Module, x: torch.Tensor, recipe: Any = None, *, runn
     except Exception as e:  # noqa: BLE001 - every failure names its check
         raise CheckFailed(step, f"{type(e).__name__}: {' '.join(str(e).split())}") from e
     return plan
+
+
+def _check_rows_ran(plan: Plan, seen: dict[str, list[tuple[int, ...]]], x_shape: tuple[int, ...],
+                    plan_size: tuple[int, ...]) -> None:
+    """Every row ran; at the planned input size, on its own feature map (a module called at
+    several sizes, a head shared by an FPN's levels, on stage maps)."""
+    missing = [r.path for r in plan.rows if r.path not in seen]
+    if missing:
+        raise AssertionError(f"{len(missing)} of {len(plan.rows)} DropBlock modules never ran in a training "
+                             f"forward: {', '.join(missing[:3])}")
+    if tuple(x_shape[1:]) != plan_size:
+        return
+    maps = {tuple(s.resolution) for s in plan.stages}
+    for r in plan.rows:
+        shapes = set(seen[r.path])
+        for s in shapes:
+            ok = s[0] == x_shape[0] and (tuple(s[2:]) == tuple(r.resolution)
+                                         or (len(shapes) > 1 and tuple(s[2:]) in maps))
+            if not ok:
+                raise AssertionError(f"{r.path} ran on a {'x'.join(map(str, s))} tensor; its row says a "
+                                     f"{'x'.join(map(str, r.resolution))} map of stage {r.stage} at batch {x_shape[0]}")
 
 
 def zoo_model(source: str, name: str) -> tuple[nn.Module, str, nn.Module, list[tuple[int, ...]]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 import sys
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ __all__ = [
     "is_walkable",
     "foreign_dropblock",
     "autowrap_functions",
+    "CHECKPOINT_FLAGS",
+    "checkpoint_flag",
+    "checkpoint_functions",
 ]
 
 _NORMS: dict[type, bool] = {}  # class -> output already activated
@@ -122,6 +125,32 @@ def autowrap_functions() -> tuple[Any, ...]:
     """Functions tracing keeps as single calls (timm's ``get_notrace_functions()``)."""
     _extras()
     return tuple(_AUTOWRAP)
+
+
+# A module with one of these boolean attributes switches gradient checkpointing in its forward
+# (timm's set_grad_checkpointing, Hugging Face's gradient_checkpointing_enable).
+CHECKPOINT_FLAGS = ("grad_checkpointing", "gradient_checkpointing")
+
+
+def checkpoint_flag(m: nn.Module) -> Optional[str]:
+    """The name of ``m``'s own gradient-checkpointing switch, if it has one."""
+    return next((f for f in CHECKPOINT_FLAGS if isinstance(m.__dict__.get(f), bool)), None)
+
+
+def checkpoint_functions() -> tuple[Any, ...]:
+    """The functions that run a module under gradient checkpointing: kept as single calls when
+    a forward is traced with checkpointing on, so the rewritten forward still checkpoints."""
+    import torch.utils.checkpoint as cp
+
+    found: list[Any] = [cp.checkpoint, cp.checkpoint_sequential]
+    if "timm" in sys.modules:
+        try:
+            from timm.models import _manipulate
+
+            found += [getattr(_manipulate, n) for n in ("checkpoint", "checkpoint_seq") if hasattr(_manipulate, n)]
+        except Exception:  # pragma: no cover - a broken timm must not break planning
+            pass
+    return tuple(found)
 
 
 def foreign_dropblock(m: nn.Module) -> bool:

@@ -15,7 +15,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import fx, nn
 
-__all__ = ["to_meta", "meta_state", "run_meta", "attr_at", "with_batch", "interpret", "replay"]
+from .leaves import checkpoint_functions
+
+__all__ = ["to_meta", "meta_state", "run_meta", "run_checkpointed", "attr_at", "with_batch", "interpret", "replay"]
 
 
 def to_meta(v: Any) -> Any:
@@ -49,8 +51,8 @@ def meta_state(m: nn.Module, cache: Optional[dict[int, dict[str, torch.Tensor]]]
     """Meta copies of ``m``'s parameters and buffers, for ``torch.func.functional_call``."""
     if cache is not None and id(m) in cache:
         return cache[id(m)]
-    state = {k: to_meta(v) for k, v in itertools.chain(m.named_parameters(remove_duplicate=False),
-                                                        m.named_buffers(remove_duplicate=False))}
+    # one name per tensor: functional_call ties the other names of a shared one
+    state = {k: to_meta(v) for k, v in itertools.chain(m.named_parameters(), m.named_buffers())}
     if cache is not None:
         cache[id(m)] = state
     return state
@@ -71,6 +73,31 @@ def attr_at(root: nn.Module, target: str) -> Any:
     return obj
 
 
+def run_checkpointed(fn: Any, args: tuple, kwargs: dict, cache: Optional[dict] = None) -> Any:
+    """What a checkpoint function (``torch.utils.checkpoint.checkpoint``, timm's
+    ``checkpoint_seq``, ...) returns for meta inputs: the modules it runs, run on meta values.
+    Raises TypeError for anything but modules (a closure over real parameters cannot run on
+    meta inputs)."""
+    import torch.utils.checkpoint as cp
+
+    if fn is cp.checkpoint_sequential:
+        functions, x = args[0], args[2] if len(args) > 2 else kwargs["input"]
+    elif getattr(fn, "__name__", "") == "checkpoint_seq":
+        functions, x = args[0], args[1]
+    else:  # checkpoint(function, *args, **kwargs)
+        kw = {k: v for k, v in kwargs.items() if k not in ("use_reentrant", "preserve_rng_state", "determinism_check",
+                                                           "debug", "context_fn")}
+        if not isinstance(args[0], nn.Module):
+            raise TypeError("checkpointed a function, not a module")
+        return run_meta(args[0], tuple(args[1:]), kw, cache)
+    modules = list(functions.children()) if isinstance(functions, nn.Sequential) else list(functions)
+    for m in modules:
+        if not isinstance(m, nn.Module):
+            raise TypeError("checkpointed a function, not a module")
+        x = run_meta(m, (x,), {}, cache)
+    return x
+
+
 _MISSING = object()
 
 
@@ -81,7 +108,8 @@ def _has_missing(v: Any) -> bool:
 
 
 def interpret(graph: fx.Graph, unit: nn.Module, placeholder: Callable[[fx.Node], Any],
-              call_module: Callable[[fx.Node, tuple, dict], Any], strict: bool = True) -> Any:
+              call_module: Callable[[fx.Node, tuple, dict], Any], strict: bool = True,
+              cache: Optional[dict] = None) -> Any:
     """Run ``graph`` of ``unit`` on meta values: ``placeholder(node)`` gives each argument,
     ``call_module(node, args, kwargs)`` each leaf call; functions, methods and
     attributes run as written (no grad). Returns ``(output, values)``: the graph's output and
@@ -105,6 +133,8 @@ def interpret(graph: fx.Graph, unit: nn.Module, placeholder: Callable[[fx.Node],
                 value = call_module(node, args, kwargs)
             elif _has_missing(args) or _has_missing(kwargs):
                 continue
+            elif node.op == "call_function" and node.target in checkpoint_functions():
+                value = run_checkpointed(node.target, args, kwargs, cache)
             elif node.op == "call_function":
                 with torch.no_grad():
                     value = node.target(*args, **kwargs)  # type: ignore[operator]

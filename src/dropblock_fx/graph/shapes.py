@@ -246,13 +246,15 @@ def _run(root: nn.Module, shape: tuple[int, ...], mode: str, runner: nn.Module, 
         handles.append(m.register_forward_pre_hook(pre(path), with_kwargs=True))
         handles.append(m.register_forward_hook(post, with_kwargs=True))
     flags = [(m, m.training) for m in runner.modules()]
+    # a fake-tensor pass in train mode updates the real running statistics in place
+    saved = [(b, b.clone()) for b in runner.buffers()] if training and mode != "meta" else []
     try:
         runner.train(training)
         with torch.no_grad(), flow:
             try:
                 if mode == "meta":
-                    tensors = dict(itertools.chain(runner.named_parameters(remove_duplicate=False),
-                                                   runner.named_buffers(remove_duplicate=False)))
+                    # one name per tensor: functional_call ties the other names of a shared one
+                    tensors = dict(itertools.chain(runner.named_parameters(), runner.named_buffers()))
                     meta = {k: _meta_like(v) for k, v in tensors.items()}
                     x = torch.empty(shape, device="meta")
                     torch.func.functional_call(runner, meta, (x,), strict=False, tie_weights=True)
@@ -279,4 +281,7 @@ def _run(root: nn.Module, shape: tuple[int, ...], mode: str, runner: nn.Module, 
             h.remove()
         for m, flag in flags:
             m.training = flag
+        with torch.no_grad():
+            for b, value in saved:
+                b.copy_(value)
     return record

@@ -40,7 +40,8 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
-from .meta import attr_at, run_meta, to_meta, with_batch
+from .leaves import checkpoint_functions
+from .meta import attr_at, run_checkpointed, run_meta, to_meta, with_batch
 from .tracing import LeafTracer, trace_modes
 
 __all__ = ["describe_call", "loosen", "call_matches", "trace_specialised", "respecialise", "skeleton"]
@@ -191,8 +192,8 @@ def _meta_of(a: Any) -> Any:
 
 class _SpecialisingTracer(LeafTracer):
     def __init__(self, extra_leaves: tuple[nn.Module, ...], values: dict[str, Any], cache: dict,
-                 symbolic: bool = False) -> None:
-        super().__init__(extra_leaves)
+                 symbolic: bool = False, autowrap: tuple[Any, ...] = ()) -> None:
+        super().__init__(extra_leaves, autowrap)
         self._values = values
         self._cache = cache
         self.symbolic = symbolic
@@ -245,7 +246,9 @@ class _SpecialisingTracer(LeafTracer):
             a = fx.node.map_aggregate(args, _meta_of)
             k = fx.node.map_aggregate(kwargs, _meta_of)
             with torch.no_grad():
-                if kind == "call_function":
+                if kind == "call_function" and target in checkpoint_functions():
+                    p._meta = run_checkpointed(target, a, k, self._cache)
+                elif kind == "call_function":
                     p._meta = target(*a, **k)
                 elif kind == "call_method":
                     p._meta = getattr(a[0], target)(*a[1:], **k)
@@ -349,7 +352,7 @@ def _patched(tracer: _SpecialisingTracer) -> Iterator[None]:
 
 
 def trace_specialised(module: nn.Module, extra_leaves: tuple[nn.Module, ...], bound: dict[str, Any],
-                      cache: Optional[dict] = None, symbolic: bool = False,
+                      cache: Optional[dict] = None, symbolic: bool = False, autowrap: tuple[Any, ...] = (),
                       ) -> tuple[dict[str, fx.Graph], dict[str, Any]]:
     """Train/eval graphs of ``module`` specialised to the recorded arguments ``bound``, and the
     guard (``{name: describe_call(value)}``, spatial dims left open when ``symbolic``) its
@@ -367,7 +370,7 @@ def trace_specialised(module: nn.Module, extra_leaves: tuple[nn.Module, ...], bo
     by_batch = []
     for batch in (1, 2):
         values = {k: with_batch(v, batch) for k, v in bound.items()}
-        tracer = lambda: _SpecialisingTracer(extra_leaves, values, cache, symbolic).trace(module)  # noqa: E731
+        tracer = lambda: _SpecialisingTracer(extra_leaves, values, cache, symbolic, autowrap).trace(module)  # noqa: E731
         by_batch.append(trace_modes(module, extra_leaves, trace=tracer))
     codes = [{m: g.python_code("self").src for m, g in gs.items()} for gs in by_batch]
     if codes[0] != codes[1]:

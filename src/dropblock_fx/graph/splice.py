@@ -32,14 +32,34 @@ _FUNCTIONS: dict[str, Any] = {}
 _counter = [0]
 
 
+def _fn_name(mode: str) -> str:
+    return "_forward_" + mode.replace("ckpt:", "ckpt_")
+
+
+def _picker(modes: list[str], checkpoint: Optional[str]) -> str:
+    """Source of ``_pick(self)``: the function for the module's mode (and checkpoint switch)."""
+    def pick(prefix: str, indent: str) -> str:
+        if f"{prefix}any" in modes:
+            return f"{indent}return {_fn_name(prefix + 'any')}\n"
+        return (f"{indent}return {_fn_name(prefix + 'train')} if self.training else "
+                f"{_fn_name(prefix + 'eval')}\n")
+
+    body = "def _pick(self):\n"
+    if checkpoint and any(m.startswith("ckpt:") for m in modes):
+        body += f"    if self.{checkpoint}:\n" + pick("ckpt:", "        ")
+    return body + pick("", "    ")
+
+
 def graph_source(graphs: dict[str, fx.Graph], guard: Optional[dict[str, Any]] = None,
-                 respec: Optional[dict[str, Any]] = None) -> str:
+                 respec: Optional[dict[str, Any]] = None, checkpoint: Optional[str] = None) -> str:
     """Self-contained source of a ``forward`` for ``{"train": g, "eval": g}`` (or ``{"any": g}``).
 
     With a ``guard`` (graphs traced for one recorded call, see ``graph.specialise``) the
     forward checks each call against it; a call that differs is traced again for itself with
     ``respec`` (the planned leaves, sites and skeletons, see ``specialise.respecialise``), or
-    runs the original forward when that fails.
+    runs the original forward when that fails. With ``checkpoint`` (the module's gradient
+    checkpointing switch) and graphs ``ckpt:train`` / ``ckpt:eval`` (or ``ckpt:any``), the
+    forward runs those while the switch is on.
 
     Raises:
         ValueError: when a global the code needs cannot be imported by name.
@@ -50,37 +70,38 @@ def graph_source(graphs: dict[str, fx.Graph], guard: Optional[dict[str, Any]] = 
     parts: list[str] = []
     imports: dict[str, str] = {}
     heads: list[str] = []
+    modes = list(graphs)
     for mode, graph in graphs.items():
         code = graph.python_code(root_module="self")
         block = _format_import_block(code.globals, sys_importer)
         for line in block.splitlines():
             imports.setdefault(line, line)
-        src = code.src.replace("def forward(", f"def _forward_{mode}(", 1)
+        src = code.src.replace("def forward(", f"def {_fn_name(mode)}(", 1)
         parts.append(src)
         heads.append(next(ln for ln in code.src.splitlines() if ln.startswith("def forward(")))
+    checkpoint = checkpoint if any(m.startswith("ckpt:") for m in modes) else None
     if guard is not None:
-        train, eval_ = ("_forward_any", "_forward_any") if list(graphs) == ["any"] else ("_forward_train", "_forward_eval")
         line = "from dropblock_fx.graph.splice import guarded_call as _guarded_call"
         imports.setdefault(line, line)
-        body = "\n".join(parts) + (
-            f"\n_GUARD = {guard!r}\n_RESPEC = {respec!r}\n"
+        body = "\n".join(parts) + "\n" + _picker(modes, checkpoint) + (
+            f"_GUARD = {guard!r}\n_RESPEC = {respec!r}\n"
             f"def forward(self, *args, **kwargs):\n"
-            f"    return _guarded_call(self, _GUARD, {train}, {eval_}, args, kwargs, _RESPEC)\n"
+            f"    return _guarded_call(self, _GUARD, _pick, args, kwargs, _RESPEC, {checkpoint!r})\n"
         )
-    elif list(graphs) == ["any"]:
+    elif modes == ["any"]:
         body = parts[0].replace("def _forward_any(", "def forward(", 1)
     else:
-        placeholders = [n for n in graphs["train"].nodes if n.op == "placeholder"]
-        names = []
-        for p in placeholders:
-            t = str(p.target)
-            names.append(t if t.startswith("*") else t)
+        first = graphs.get("train") or graphs.get("any") or next(iter(graphs.values()))
+        names = [str(p.target) for p in first.nodes if p.op == "placeholder"]
         call = ", ".join(["self", *names])
-        head = heads[0]
-        body = "\n".join(parts) + (
-            f"\n{head}\n    if self.training:\n        return _forward_train({call})\n"
-            f"    return _forward_eval({call})\n"
-        )
+        head = heads[modes.index("train") if "train" in modes else 0]
+        if checkpoint is None:
+            body = "\n".join(parts) + (
+                f"\n{head}\n    if self.training:\n        return _forward_train({call})\n"
+                f"    return _forward_eval({call})\n"
+            )
+        else:
+            body = "\n".join(parts) + "\n" + _picker(modes, checkpoint) + f"{head}\n    return _pick(self)({call})\n"
     return "\n".join(imports) + "\n" + body
 
 
@@ -97,25 +118,27 @@ def _params(cls: type) -> tuple[list[str], dict[str, Any]]:
     return got
 
 
-def guarded_call(self: nn.Module, guard: dict[str, Any], train_fn: Any, eval_fn: Any, args: tuple,
-                 kwargs: dict, respec: Optional[dict[str, Any]] = None) -> Any:
-    """Run a specialised forward when the call matches what it was traced for; else the
-    forward traced for this call (:func:`_variant`); else the original forward, without
-    DropBlock, reported by :func:`_skipped`."""
+def guarded_call(self: nn.Module, guard: dict[str, Any], pick: Any, args: tuple, kwargs: dict,
+                 respec: Optional[dict[str, Any]] = None, checkpoint: Optional[str] = None) -> Any:
+    """Run a specialised forward (``pick(self)``) when the call matches what it was traced
+    for; else the forward traced for this call (:func:`_variant`; not while the module's
+    ``checkpoint`` switch is on); else the original forward, without DropBlock, reported by
+    :func:`_skipped`."""
     orig = type(self)._dropblock_original_class  # self is spliced (plain lookup: torch.compile traces it)
     names, defaults = _params(orig)
     values = list(args) + [kwargs.get(n, defaults.get(n, _MISSING)) for n in names[len(args):]]
+    fn = pick(self)
     if not any(isinstance(v, fx.Proxy) for v in values):  # an FX retrace keeps the specialised code
         from .specialise import call_matches
 
         bound = {n: v for n, v in zip(names, values) if v is not _MISSING}
         if not call_matches(guard, bound):
-            fns = _variant(self, orig, bound, respec)
+            fns = None if checkpoint and getattr(self, checkpoint) else _variant(self, orig, bound, respec)
             if fns is None:
                 _skipped(self, orig, guard, bound)
                 return orig.forward(self, *args, **kwargs)
-            train_fn, eval_fn = fns
-    return (train_fn if self.training else eval_fn)(self, *values)
+            fn = fns[0] if self.training else fns[1]
+    return fn(self, *values)
 
 
 _MAX_VARIANTS = 32  # calls of other sizes traced per rewritten class (multi-scale training uses a few)

@@ -148,12 +148,13 @@ def _out_shape(call: Call) -> Optional[tuple[int, ...]]:
 def _feature_log(record: ShapeRecord, call: Call, collapsed: frozenset[int] = frozenset()) -> Optional[int]:
     """log2 of the call's output stride; None for no feature map. A 1x1 output is a feature map
     only where a stride collapsed a real map (``collapsed``): SE vectors and pooled maps are not;
-    nor is anything on a side branch (a pooled gate, attention logits: ``graph.feature_maps``)."""
+    nor is a tensor of another batch (windows) or on a side branch (a pooled gate, attention
+    logits): see ``graph.feature_maps``."""
     s = _out_shape(call)
     if s is None or (all(d == 1 for d in s[2:]) and id(call.output) not in collapsed):
         return None
-    if not record.on_main_path(call.output):
-        return None
+    if s[0] != record.input_shape[0] or not record.on_main_path(call.output):
+        return None  # a window partition or per-head tensor; a side branch
     return _log(record.input_shape, s)
 
 

@@ -22,8 +22,8 @@ class LeafTracer(fx.Tracer):
     """An FX tracer with this library's leaf policy; ``extra_leaves`` are treated as leaves too
     (child units of a container are traced as single calls)."""
 
-    def __init__(self, extra_leaves: tuple[nn.Module, ...] = ()) -> None:
-        super().__init__(autowrap_functions=autowrap_functions())
+    def __init__(self, extra_leaves: tuple[nn.Module, ...] = (), autowrap: tuple[Any, ...] = ()) -> None:
+        super().__init__(autowrap_functions=autowrap_functions() + tuple(autowrap))
         self._extra = {id(m) for m in extra_leaves}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -59,7 +59,8 @@ def _modes(module: nn.Module, trace: Callable[[], fx.Graph]) -> dict[str, fx.Gra
 
 def trace_modes(module: nn.Module, extra_leaves: tuple[nn.Module, ...] = (),
                 concrete_args: Optional[dict[str, Any]] = None,
-                trace: Optional[Callable[[], fx.Graph]] = None) -> dict[str, fx.Graph]:
+                trace: Optional[Callable[[], fx.Graph]] = None, autowrap: tuple[Any, ...] = ()) -> dict[str, fx.Graph]:
     """Trace ``module`` in train and in eval mode (with ``trace()`` when given, else a
-    :class:`LeafTracer`); ``{"any": g}`` when both give the same code."""
-    return _modes(module, trace or (lambda: LeafTracer(extra_leaves).trace(module, concrete_args=concrete_args)))
+    :class:`LeafTracer`, keeping the ``autowrap`` functions as single calls too);
+    ``{"any": g}`` when both give the same code."""
+    return _modes(module, trace or (lambda: LeafTracer(extra_leaves, autowrap).trace(module, concrete_args=concrete_args)))

@@ -1,7 +1,9 @@
 """Units: the modules that get rewritten, found top-down from the target.
 
 * ``block``: a module whose forward is more than a chain of its children (a residual
-  block, a dense block); traced whole (everything but leaf layers inlined).
+  block, a dense block); traced whole (everything but leaf layers inlined). A module with a
+  gradient-checkpointing switch (a timm stage) is descended instead, so that its
+  checkpointed forward calls its blocks' rewritten forwards.
 * ``container``: a module whose forward calls its children in a chain (``nn.Sequential``,
   timm's ``RegStage`` / ``ConvNeXtStage``, ``ConvNormAct``); its child blocks are units of
   their own, and its loose layers (``conv -> norm -> act`` directly inside it) are traced
@@ -14,14 +16,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from torch import fx, nn
 
-from .leaves import is_container, is_conv, is_norm, is_walkable
+from .leaves import checkpoint_flag, checkpoint_functions, is_container, is_conv, is_norm, is_walkable
 from .preserve import preserved
 from .specialise import trace_specialised
 from .tracing import LeafTracer, trace_modes
@@ -47,8 +50,10 @@ class Unit:
 
 
 def _is_chain(m: nn.Module, children: tuple[nn.Module, ...]) -> bool:
-    """Does ``m.forward`` only call its children one after the other?"""
-    with preserved(m):
+    """Does ``m.forward`` only call its children one after the other? (Asked with gradient
+    checkpointing off, as the unit is traced: see ``_trace``.)"""
+    flag = checkpoint_flag(m)
+    with preserved(m), (_switched(m, flag, False) if flag else contextlib.nullcontext()):
         graph = LeafTracer(children).trace(m)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     if len(placeholders) != 1:
@@ -124,7 +129,41 @@ def _trace(m: nn.Module, leaves: tuple[nn.Module, ...], call: Call,
     """``m``'s verified train/eval graphs for its recorded ``call``, and the guard of a
     specialised trace (None for a plain one).
 
-    A plain trace is tried first; when it fails or is not faithful (see ``verify``), a trace
+    A module with a gradient-checkpointing switch (timm's ``grad_checkpointing``) is traced
+    with it off, and again with it on, keeping the checkpoint functions as single calls: the
+    second graphs (modes ``ckpt:train``, ``ckpt:eval`` or ``ckpt:any``) are what its rewritten
+    forward runs while the switch is on. Without them (the trace fails, or needs another
+    guard) the unit's ``note`` says it loses checkpointing.
+    """
+    flag = checkpoint_flag(m)
+    if flag is None:
+        return _trace_one(m, leaves, call, cache)
+    with _switched(m, flag, False):
+        graphs, guard = _trace_one(m, leaves, call, cache)
+    try:
+        with _switched(m, flag, True):
+            ckpt, ckpt_guard = _trace_one(m, leaves, call, cache, checkpoint_functions())
+        if ckpt_guard not in (None, guard):
+            raise TraceFailure("it needs another guard")
+        graphs.update({f"ckpt:{k}": g for k, g in ckpt.items()})
+    except TraceFailure:
+        pass
+    return graphs, guard
+
+
+@contextlib.contextmanager
+def _switched(m: nn.Module, flag: str, value: bool) -> Iterator[None]:
+    old = m.__dict__[flag]
+    m.__dict__[flag] = value
+    try:
+        yield
+    finally:
+        m.__dict__[flag] = old
+
+
+def _trace_one(m: nn.Module, leaves: tuple[nn.Module, ...], call: Call, cache: dict,
+               autowrap: tuple[Any, ...] = ()) -> tuple[dict[str, fx.Graph], Optional[dict[str, Any]]]:
+    """A plain trace is tried first; when it fails or is not faithful (see ``verify``), a trace
     specialised to the recorded arguments and shapes. Raises :class:`TraceFailure` with
     every reason when neither is faithful.
     """
@@ -136,7 +175,7 @@ def _trace(m: nn.Module, leaves: tuple[nn.Module, ...], call: Call,
     else:
         try:
             nones = concrete_none_args(m, call)
-            graphs = trace_modes(m, leaves, nones)
+            graphs = trace_modes(m, leaves, nones, autowrap=autowrap)
             guard = _none_guard(graphs, nones, _has_var_args(m)) if nones else None
             problem = check_graphs(graphs, m, bound, call.output, cache=cache)
             if problem is None:
@@ -146,7 +185,7 @@ def _trace(m: nn.Module, leaves: tuple[nn.Module, ...], call: Call,
             reasons.append(f"{type(e).__name__}: {_first_line(e)}")
     for symbolic in (True, False):  # spatial sizes left open first (see graph.specialise)
         try:
-            graphs, guard = trace_specialised(m, leaves, bound, cache, symbolic=symbolic)
+            graphs, guard = trace_specialised(m, leaves, bound, cache, symbolic=symbolic, autowrap=autowrap)
             problem = check_graphs(graphs, m, bound, call.output, cache=cache)
             if problem is None:
                 return graphs, guard
@@ -283,7 +322,12 @@ def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by
             unit.loose_norms = loose_norms(m, path)
         units.insert(unit_index, unit)
 
+    walked: set[int] = set()
+
     def walk(m: nn.Module, path: str) -> None:
+        if id(m) in walked:  # a module reachable under several names is planned once, at its first
+            return
+        walked.add(id(m))
         call = record.first(m)
         if call is None:
             if is_container(m):  # ModuleList / ModuleDict: children called by the parent
@@ -302,7 +346,9 @@ def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by
         if chain:
             container(m, path, call, rewritable=True)
             return
-        if spans_stages(m, call):
+        if spans_stages(m, call) or (checkpoint_flag(m) and children):
+            # a stage that can checkpoint its blocks (timm's MetaFormerStage): its blocks are
+            # units of their own, so its checkpointed forward still calls their rewrites
             container(m, path, call, rewritable=True, own_ops=True)
             return
         unit = Unit(path, m, "block", call)

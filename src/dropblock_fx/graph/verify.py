@@ -96,7 +96,7 @@ def _run(graph: fx.Graph, unit: nn.Module, bound: dict[str, Any], extra: frozens
             return torch.empty_like(args[0])
         return _leaf(unit.get_submodule(str(node.target)), args, kwargs, cache)
 
-    return interpret(graph, unit, lambda node: _placeholder_value(node, bound), leaf)[0]
+    return interpret(graph, unit, lambda node: _placeholder_value(node, bound), leaf, cache=cache)[0]
 
 
 def check_graphs(graphs: dict[str, fx.Graph], unit: nn.Module, bound: dict[str, Any], expected: Any,

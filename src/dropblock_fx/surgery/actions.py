@@ -17,6 +17,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
 from ..graph.sites import insert_sites
+from ..graph.leaves import checkpoint_flag
 from ..graph.specialise import respec_info
 from ..graph.splice import compile_source, graph_source
 from ..graph.units import bound_args
@@ -142,18 +143,25 @@ def _rewrite(ctx: SiteContext, act: Action) -> str:
     names = set(act.names)
     graphs, sites = {}, {}
     for mode, g in unit.graphs.items():  # type: ignore[union-attr]
-        g = _copy_graph(g)
         sites[mode] = [s for s in ctx.graph_sites[path][mode] if s.name in names]
+        if mode.startswith("ckpt:") and {s.name for s in sites[mode]} != names:
+            continue  # a site the checkpointed trace does not have: no checkpointed forward
+        g = _copy_graph(g)
         insert_sites(g, sites[mode])
         graphs[mode] = g
+    flag = checkpoint_flag(unit.module)
+    if flag and not any(m.startswith("ckpt:") for m in graphs):
+        ctx.notes.append(f"{act.path}: its rewritten forward does not checkpoint: "
+                         f"{flag}=True (set_grad_checkpointing) has no effect there")
     bound = bound_args(unit.module, unit.call) if unit.call is not None else {}
     expected: Any = unit.call.output if unit.call is not None else None
     problem = check_graphs(graphs, unit.module, bound, expected, extra=names, cache=ctx.meta_cache)
     if problem:
         return problem
     try:
-        respec = None if unit.guard is None else respec_info(unit.module, unit.graphs, unit.extra_leaves, sites, unit.guard)
-        act.source = graph_source(graphs, unit.guard, respec)
+        plain = {m: g for m, g in unit.graphs.items() if not m.startswith("ckpt:")}  # type: ignore[union-attr]
+        respec = None if unit.guard is None else respec_info(unit.module, plain, unit.extra_leaves, sites, unit.guard)
+        act.source = graph_source(graphs, unit.guard, respec, checkpoint=flag)
         compile_source(act.source)
     except Exception as e:  # noqa: BLE001
         raise SurgeryError(f"{act.path}: could not generate its new forward ({type(e).__name__}: {e})") from e
