@@ -148,7 +148,7 @@ def find_sites(graph: fx.Graph, unit: nn.Module, values: dict[fx.Node, Any], kin
         why = "it is on a side branch (only a gate depends on it)" if node in side else maps.why_not(s)
         if why is not None:
             if rejected is not None and what:
-                rejected.append((f"{what} ({'x'.join(map(str, s))})", why))
+                rejected.append((f"{what}, {'x'.join(map(str, s))}", why))
             return None
         return s
 
@@ -183,7 +183,7 @@ def find_sites(graph: fx.Graph, unit: nn.Module, values: dict[fx.Node, Any], kin
         if not _is_add(r):
             continue
         ins = [a for a in r.args[:2] if isinstance(a, fx.Node)]
-        if len(ins) != 2 or _shape(values.get(ins[0])) != _shape(values.get(ins[1])) or (s_r := ok(r, f"residual add {r.name}")) is None:
+        if len(ins) != 2 or _shape(values.get(ins[0])) != _shape(values.get(ins[1])) or (s_r := ok(r, f"{r.name} (residual add)")) is None:
             continue
         a0, a1 = _ancestors(ins[0], memo), _ancestors(ins[1], memo)
         own0, own1 = a0 - a1, a1 - a0

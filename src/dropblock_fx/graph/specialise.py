@@ -401,8 +401,8 @@ def skeleton(graph: fx.Graph) -> tuple:
 
     Example:
         >>> g = fx.symbolic_trace(nn.Sequential(nn.ReLU())).graph
-        >>> skeleton(g)[1]
-        ('_0', 'call_module', '0', (('node', 'input'),), ())
+        >>> [s[1:3] for s in skeleton(g)]
+        [('placeholder', 'input'), ('call_module', '0'), ('output', 'output')]
     """
     return tuple((n.name, n.op, _target_key(n), _node_key(n.args), _node_key(n.kwargs)) for n in graph.nodes)
 
