@@ -13,7 +13,29 @@ from typing import Any, Optional
 from ..graph.stages import Stage
 from ..recipe.schema import Recipe
 
-__all__ = ["PlanRow", "Plan"]
+__all__ = ["PlanRow", "Plan", "legend"]
+
+# What each site kind means, for the legend under plan tables (the recipe's `sites:` words).
+SITE_WORDS = {
+    "conv": "after a conv + norm (+ act) inside a block",
+    "conv_last": "after a residual branch's last conv + norm, before the add",
+    "shortcut": "on the shortcut into the residual add",
+    "block": "on a block's output",
+    "timm": "in timm's own drop_block slots",
+}
+
+
+def legend(kinds: list[str]) -> list[str]:
+    """The two legend lines under a plan table: the site kinds shown, and what the rates are.
+
+    Example:
+        >>> print(legend(["conv", "shortcut"])[0])
+        sites: conv = after a conv + norm (+ act) inside a block; shortcut = on the shortcut into the residual add
+    """
+    words = "; ".join(f"{k} = {SITE_WORDS[k]}" for k in kinds if k in SITE_WORDS)
+    return ([f"sites: {words}"] if words else []) + [
+        "drop rate: the recipe's target (reached at the end of its schedule); real rate: the fraction "
+        "expected to be dropped (lower where blocks overlap or are clipped to the map)"]
 
 
 _SEEN = ("seen_resolution", "seen_block_size", "seen_expected_drop_prob", "skipped_at")
@@ -86,12 +108,12 @@ class Plan:
         return sum(1 for r in self.rows if (kind is None or r.kind == kind) and (stage is None or r.stage == stage))
 
     def __str__(self) -> str:
-        head = ["stage", "resolution", "module", "site", "block", "target p", "expected p"]
+        head = ["stage", "feature map", "module", "site", "block", "drop rate", "real rate"]
         body = [[f"{r.stage} {r.stage_name}", "x".join(map(str, r.resolution)), r.path, r.kind,
                  "x".join(map(str, r.block_size)), f"{r.target_drop_prob:.4g}", f"{r.expected_drop_prob:.4g}"]
                 for r in self.rows]
         if any(r.seen_resolution for r in self.rows):  # describe() after training at another size
-            head += ["seen", "seen block", "seen p"]
+            head += ["trained on", "block there", "real rate there"]
             for r, cells in zip(self.rows, body):
                 cells += (["x".join(map(str, r.seen_resolution)), "x".join(map(str, r.seen_block_size)),
                            f"{r.seen_expected_drop_prob:.4g}"] if r.seen_resolution else ["-"] * 3)
@@ -105,6 +127,8 @@ class Plan:
             + (f": {s.span_within(72)}" if s.span != s.name else "") + ")" for s in self.stages))
         lines += [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
         lines += [fmt.format(*row) for row in body]
+        if self.rows:
+            lines += legend(sorted({r.kind for r in self.rows}))
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
