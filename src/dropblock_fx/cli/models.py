@@ -7,11 +7,12 @@ import importlib
 import importlib.util
 import os
 import sys
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ..keypath import closest
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["load_model", "MODEL_HELP"]
 
@@ -30,6 +31,8 @@ def load_model(spec: str, **kwargs: Any) -> nn.Module:
         >>> type(load_model("torchvision:resnet18")).__name__
         'ResNet'
     """
+    from torch import nn
+
     spec = spec.strip()
     if not spec:
         raise ValueError("empty model name")
