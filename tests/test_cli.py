@@ -36,6 +36,32 @@ def test_help_lists_commands_and_every_command_has_examples(capsys):
     assert main([]) == 2
 
 
+HEAVY = ("torch", "timm", "torchvision", "numpy", "matplotlib")
+
+
+@pytest.mark.parametrize("argv", [["recipes"], ["recipes", "paper-resnet50"], ["--help"], ["-V"],
+                                  ["plan", "--help"]])
+def test_quick_commands_import_no_torch(argv):
+    """`recipes`, `--help` and `-V` start fast: the console entry point imports no torch (nor
+    timm, numpy, matplotlib); read from -X importtime, which lists every module imported."""
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "dropblock_fx", *argv],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout, r.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    assert "dropblock_fx.cli.main" in imported  # the listing is complete
+    heavy = sorted(m for m in imported if m.split(".")[0] in HEAVY)
+    assert not heavy, heavy[:10]
+
+
+def test_version(capsys):
+    from dropblock_fx import __version__
+
+    for flag in ("-V", "--version"):
+        with pytest.raises(SystemExit) as e:
+            main([flag])
+        assert e.value.code == 0 and capsys.readouterr().out.strip() == f"dropblock-fx {__version__}"
+
+
 @pytest.mark.parametrize("module", ["dropblock_fx", "dropblock_fx.cli"])
 def test_console_script_module_entry(module):
     r = subprocess.run([sys.executable, "-m", module, "recipes"], capture_output=True, text=True,
@@ -82,8 +108,12 @@ def test_validate_ok_and_errors_with_line_and_key_path(capsys, tmp_path):
 def test_plan_table_json_and_model_specs(capsys, tmp_path, monkeypatch):
     code, out, _ = run(capsys, "plan", "resnet10t", "--recipe", "paper-resnet50", "--input-size", "64")
     assert code == 0
-    for word in ("stage", "resolution", "sites", "block", "target p", "expected p", "layer3", "layer4"):
+    for word in ("stage", "output stride", "feature map", "DropBlock modules", "block", "drop rate",
+                 "real rate", "layer3", "layer4"):
         assert word in out
+    # every site kind shown is explained in the legend under the table
+    legend = next(line for line in out.splitlines() if line.startswith("sites: "))
+    assert all(f"{k} = " in legend for k in ("conv", "conv_last", "shortcut"))
     code, out, _ = run(capsys, "plan", "resnet10t", "--input-size", "3x64x64", "--json", "--set", "block_size=3")
     data = json.loads(out)
     assert code == 0 and data["input_shape"] == [1, 3, 64, 64] and data["recipe"]["block_size"] == 3
@@ -248,3 +278,33 @@ def test_plan_shows_each_stage_modules_and_the_dilation_that_stands_for_its_stri
     data = json.loads(out)
     assert [(s["index"], s["stride"], s["dilation"]) for s in data["stages"]][3:] == [(3, 16, 2), (4, 32, 4)]
     assert data["stages"][4]["modules"] == ["layer4"] and len(data["rows"]) == 36
+
+
+def test_plan_png_draws_the_stages_and_their_sites(capsys, tmp_path):
+    from PIL import Image
+
+    from dropblock_fx import plan
+    from dropblock_fx.cli.models import load_model
+    from dropblock_fx.cli.plan_picture import stage_channels
+
+    png = tmp_path / "plan.png"
+    code, out, _ = run(capsys, "plan", "resnet10t", "--input-size", "64", "--set", "block_size=3", "--png", str(png))
+    assert code == 0 and f"wrote {png}" in out
+    with Image.open(png) as img:
+        assert img.format == "PNG" and img.width > 600 and img.height > 300
+        colors = img.convert("RGB").getcolors(1 << 20)
+    # one square per module, coloured by site kind: conv (tab:blue), conv_last (tab:orange), shortcut (tab:green)
+    present = {c for _, c in colors}
+    assert {(31, 119, 180), (255, 127, 14), (44, 160, 44)} <= present
+    model = load_model("resnet10t")
+    p = plan(model, input_size=(3, 64, 64))
+    assert stage_channels(p, model) == {0: 64, 1: 64, 2: 128, 3: 256, 4: 512}
+    code, out, _ = run(capsys, "plan", "resnet10t", "--input-size", "64", "--json", "--png", str(png))
+    assert code == 0 and json.loads(out)["model"] == "resnet10t"  # stdout stays JSON
+
+
+def test_plan_png_without_matplotlib_names_the_extra(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ModuleNotFoundError
+    code, out, err = run(capsys, "plan", "resnet10t", "--input-size", "64", "--png", str(tmp_path / "p.png"))
+    assert code == 1 and "stage" in out and not (tmp_path / "p.png").exists()
+    assert 'pip install -e ".[demo]"' in err and err.count("pip install") == 1, err

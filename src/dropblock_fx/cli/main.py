@@ -41,6 +41,7 @@ examples:
   dropblock-fx plan torchvision:resnet50 --recipe timm-resnet
   dropblock-fx plan torchvision:retinanet_resnet50_fpn --recipe retinanet-coco
   dropblock-fx plan efficientnet_b0 --input-size 3 320 320 --set block_size=5
+  dropblock-fx plan resnet50 --recipe paper-resnet50 --png plan.png  # the plan as a picture
   dropblock-fx plan mypkg.models:SmallNet --recipe my-recipe.yaml --json
 """,
     ),
@@ -139,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=_formatter,
     )
-    parser.add_argument("--version", action="version", version=f"dropblock-fx {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"dropblock-fx {__version__}",
+                        help="print the version and exit")
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -161,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true",
                    help="also apply it and check the eval outputs are bit-identical on a random input")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--png", metavar="FILE", default=None,
+                   help="also draw the plan: the stages (feature map, channels) and their DropBlock "
+                        "modules with their rates (needs matplotlib: the demo extra)")
 
     p = command("recipes")
     p.add_argument("name", metavar="NAME", nargs="?", help="print this recipe as YAML")
@@ -232,10 +237,9 @@ def _one_line(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)) and getattr(e, "filename", None):
         text = f"{e.strerror}: {e.filename}"
-    if isinstance(e, ModuleNotFoundError):
-        text += (" (the demo and plots need the demo extra; from a clone of dropblock-fx: "
-                 "pip install -e '.[demo]')") if e.name in (
-            "matplotlib", "sklearn", "tqdm", "PIL") else ""
+    if isinstance(e, ModuleNotFoundError) and e.name in ("matplotlib", "sklearn", "tqdm", "PIL") \
+            and "pip install" not in text:
+        text += ' (the demo and plots need the demo extra; in a clone of dropblock-fx: pip install -e ".[demo]")'
     return text if len(text) <= 400 else text[:397] + "..."
 
 
