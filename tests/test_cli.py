@@ -215,21 +215,67 @@ def test_parsers():
         {"stages": [3, 4], "drop_prob": 0.2, "target": "backbone.body"}
 
 
-def test_demo_quick_trains_the_three_arms(capsys, tmp_path):
+def test_demo_quick_trains_the_three_arms_and_probes_the_mechanism(capsys, tmp_path):
     png, js = tmp_path / "demo.png", tmp_path / "demo.json"
     code, out, err = run(capsys, "demo", "--quick", "--out", str(png), "--json", str(js))
     assert code == 0 and png.stat().st_size > 10_000
-    for text in ("no DropBlock", "last-two-stages", "dropout", "val loss", "gap (val-train)"):
-        assert text in out
-    assert "drop=" in err  # the progress bar shows the scheduled rate
+    for text in ("no regularizer", "DropBlock (block 3)", "dropout (same sites)", "val loss", "val - train loss",
+                 "the mechanism", "layer2 map", "layer3 output", "logits change, DropBlock 5x5 / dropout"):
+        assert text in out, text
+    assert "[3/3] dropout (same sites), seed 0" in err  # one line per finished run
     data = json.loads(js.read_text())
     base, db, dropout = data["runs"]
     assert base["modules"] == 0 and db["modules"] == dropout["modules"] > 0
     assert all(v == 0 for _, v in base["drop"]) and db["drop"][-1][1] > 0
     assert [s for s, _ in db["drop"]] == [s for s, _ in base["drop"]]
     assert db["drop"] == dropout["drop"]  # same rates and schedule: only the block size differs
+    assert set(db["stage_drop"]) == {"stage 2 (layer2)", "stage 3 (layer3)"} and not base["stage_drop"]
     assert [len(r["val_loss"]) for r in data["runs"]] == [1, 1, 1]
     assert base["gap"] == [base["val_loss"][0] - base["train_loss"][0]]
+    mech = data["mechanism"]
+    assert mech["stage"] == "layer2" and mech["next_stage"] == "layer3" and mech["resolution"] == [8, 8]
+    assert mech["methods"] == ["dropout", "DropBlock 3x3", "DropBlock 5x5"]
+    for m in mech["methods"]:  # one value per batch (64 validation images: batches of 60 and 4)
+        assert all(len(v) == 2 for v in mech["values"][m]["logits"])
+
+
+def test_mechanism_drops_the_asked_fraction_and_changes_nothing_at_zero():
+    import torch
+
+    from dropblock_fx import plan
+    from dropblock_fx.cli.demo.mechanism import probe
+    from dropblock_fx.cli.demo.train import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet10t", 10, 1, 8)
+    p = plan(model, input_size=(1, 64, 64))
+    x = torch.randn(8, 1, 64, 64)
+    res = probe(model, p, x, stage=2, rates=[0.0, 0.2], blocks=(3,), batch=4)
+    assert res.resolution == (8, 8) and res.methods == ["dropout", "DropBlock 3x3"]
+    for m in res.methods:
+        v = res.values[m]
+        assert v["next"][0] == [0.0, 0.0] and v["logits"][0] == [0.0, 0.0]  # p = 0: nothing dropped
+        assert all(0.3 < c < 0.7 for c in v["map"][1])  # about sqrt(p / (1 - p)) = 0.5 at p = 0.2
+        assert all(c > 0 for c in v["logits"][1])
+    assert not model._forward_hooks and not model.layer2._forward_hooks and not model.layer3._forward_hooks
+
+
+def test_demo_runs_are_the_same_in_worker_processes(capsys, tmp_path):
+    """--jobs 2 runs the arms in spawned workers; every run seeds itself, so the numbers (and the
+    mechanism, measured on the weights a worker trained) are those of the runs in this process."""
+    small = ["demo", "--epochs", "1", "--width", "8", "--batch-size", "32", "--seeds", "1", "--train-per-class", "3",
+             "--no-dropout-arm", "--no-plot", "--no-progress"]
+    docs = []
+    for jobs in ("1", "2"):
+        js = tmp_path / f"jobs{jobs}.json"
+        code, out, _ = run(capsys, *small, "--jobs", jobs, "--json", str(js))
+        assert code == 0 and f"2 runs in {jobs} process" in out
+        docs.append(json.loads(js.read_text()))
+    for doc in docs:
+        for r in doc["runs"]:
+            r.pop("seconds")
+    assert docs[0]["runs"] == docs[1]["runs"] and docs[0]["mechanism"] == docs[1]["mechanism"]
+    assert [r["label"] for r in docs[1]["runs"]] == ["no regularizer", "DropBlock (block 3)"]
 
 
 def test_demo_seeds_and_arms(capsys, tmp_path):
@@ -237,14 +283,14 @@ def test_demo_seeds_and_arms(capsys, tmp_path):
     code, out, _ = run(capsys, "demo", "--quick", "--no-plot", "--no-progress", "--no-dropout-arm",
                        "--json", str(js))
     runs = json.loads(js.read_text())["runs"]
-    assert code == 0 and [r["label"] for r in runs] == ["no DropBlock", "last-two-stages"]
+    assert code == 0 and [r["label"] for r in runs] == ["no regularizer", "DropBlock (block 3)"]
     assert "over 1 seed(s)" in out and "lower in" in out
 
 
 def test_demo_constant_recipe_keeps_a_constant_rate(capsys, tmp_path):
     js = tmp_path / "demo.json"
-    code, _, _ = run(capsys, "demo", "--quick", "--recipe", "timm-resnet", "--no-plot", "--no-progress",
-                     "--json", str(js))
+    code, _, _ = run(capsys, "demo", "--quick", "--recipe", "timm-resnet", "--set", "input_size=[1, 64, 64]",
+                     "--no-plot", "--no-progress", "--json", str(js))
     rates = {v for _, v in json.loads(js.read_text())["runs"][1]["drop"]}
     assert code == 0 and rates == {0.1}
 
