@@ -67,7 +67,8 @@ if TYPE_CHECKING:  # what type checkers and the API reference see: the eager imp
         register_hook,
         register_schedule,
     )
-    from .surgery import Plan, PlanRow, SurgeryError, apply_dropblock, describe, plan, remove_dropblock
+    from .surgery import Plan, PlanRow, SurgeryError, apply_dropblock, describe, remove_dropblock
+    from .surgery.plan import plan  # the function (static analysis would take the module of its name)
 
 
 def __getattr__(name: str) -> Any:
