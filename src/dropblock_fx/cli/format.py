@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any, Callable, Sequence
 
 __all__ = ["table", "stage_summary", "format_plan", "plan_json", "size"]
@@ -82,8 +83,9 @@ def format_plan(plan: Any, model_spec: str, modules: bool) -> str:
     lines.append(table(["stage", "name", "output stride", "feature map", "modules (in call order)"],
                        [[str(s.index), s.name, s.rule.replace("stride ", ""), size(s.resolution),
                          s.span_within(72)] for s in plan.stages], 6))
-    lines.append("output stride: input side / map side (a dilation that replaced a stride counts as that "
-                 "stride); a block's DropBlock modules are in the stage of its output")
+    lines.append(textwrap.fill("output stride: input side / map side (a dilation that replaced a stride counts "
+                               "as that stride); a block's DropBlock modules are in the stage of its output",
+                               100, subsequent_indent="  "))
     head = ["stage", "name", "feature map(s)", "DropBlock modules", "block", "drop rate", "real rate"]
     body = [[str(s["stage"]), s["name"], _join(s["resolutions"], size),
              _join([f"{k} x{n}" for k, n in s["sites"].items()]),

@@ -7,6 +7,7 @@ size after clipping, the target rate and the expected real rate.
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -25,17 +26,20 @@ SITE_WORDS = {
 }
 
 
-def legend(kinds: list[str]) -> list[str]:
-    """The two legend lines under a plan table: the site kinds shown, and what the rates are.
+def legend(kinds: list[str], width: int = 100) -> list[str]:
+    """The legend under a plan table: the site kinds shown, and what the two rates are (each
+    wrapped at ``width`` characters).
 
     Example:
         >>> print(legend(["conv", "shortcut"])[0])
-        sites: conv = after a conv + norm (+ act) inside a block; shortcut = on the shortcut into the residual add
+        sites: conv = after a conv + norm (+ act) inside a block; shortcut = on the shortcut into the
+          residual add
     """
     words = "; ".join(f"{k} = {SITE_WORDS[k]}" for k in kinds if k in SITE_WORDS)
-    return ([f"sites: {words}"] if words else []) + [
+    lines = ([f"sites: {words}"] if words else []) + [
         "drop rate: the recipe's target (reached at the end of its schedule); real rate: the fraction "
         "expected to be dropped (lower where blocks overlap or are clipped to the map)"]
+    return [textwrap.fill(line, width, subsequent_indent="  ") for line in lines]
 
 
 _SEEN = ("seen_resolution", "seen_block_size", "seen_expected_drop_prob", "skipped_at")
