@@ -117,7 +117,7 @@ class Plan:
                  "x".join(map(str, r.block_size)), f"{r.target_drop_prob:.4g}", f"{r.expected_drop_prob:.4g}"]
                 for r in self.rows]
         if any(r.seen_resolution for r in self.rows):  # describe() after training at another size
-            head += ["trained on", "block there", "real rate there"]
+            head += ["seen map", "seen block", "seen real rate"]
             for r, cells in zip(self.rows, body):
                 cells += (["x".join(map(str, r.seen_resolution)), "x".join(map(str, r.seen_block_size)),
                            f"{r.seen_expected_drop_prob:.4g}"] if r.seen_resolution else ["-"] * 3)
