@@ -3,7 +3,7 @@
 The public names load on first use (PEP 562), so ``import dropblock_fx`` and the
 command line's ``recipes`` and ``--help`` do not import torch.
 
-Example:
+Examples:
     >>> import dropblock_fx as dbx
     >>> dbx.DropBlock2d(0.1, 7)
     DropBlock2d(drop_prob=0.1, block_size=7)

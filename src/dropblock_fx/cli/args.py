@@ -13,7 +13,7 @@ __all__ = ["parse_overrides", "parse_input_size", "with_overrides", "recipe_with
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``--set`` values as a dict; each value is read as YAML.
 
-    Example:
+    Examples:
         >>> parse_overrides(["block_size=5", "stages=[3, 4]"])
         {'block_size': 5, 'stages': [3, 4]}
     """
@@ -35,7 +35,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def parse_input_size(values: Optional[list[str]], channels: int) -> Optional[list[int]]:
     """``--input-size`` as ``[C, H, W]``: one side, two sides, or all three (``3x224x224``).
 
-    Example:
+    Examples:
         >>> parse_input_size(["224"], 3), parse_input_size(["1x32x48"], 3)
         ([3, 224, 224], [1, 32, 48])
     """

@@ -11,7 +11,7 @@ __all__ = ["table", "stage_summary", "format_plan", "plan_json", "size"]
 def size(shape: Sequence[int]) -> str:
     """``(14, 14)`` -> ``"14x14"``.
 
-    Example:
+    Examples:
         >>> size((3, 224, 224))
         '3x224x224'
     """
@@ -21,7 +21,7 @@ def size(shape: Sequence[int]) -> str:
 def table(head: list[str], body: list[list[str]], right_from: int) -> str:
     """Columns aligned under ``head``, left-aligned before column ``right_from``, right from it.
 
-    Example:
+    Examples:
         >>> print(table(["name", "n"], [["a", "1"], ["bcd", "22"]], 1))
         name   n
         ----  --

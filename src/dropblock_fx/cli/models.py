@@ -27,7 +27,7 @@ _TIMM_SOURCES = ("hf-hub:", "hf_hub:", "local-dir:", "timm:")
 def load_model(spec: str, **kwargs: Any) -> nn.Module:
     """Build the model a command-line spec names (``kwargs`` go to timm / torchvision builders).
 
-    Example:
+    Examples:
         >>> type(load_model("torchvision:resnet18")).__name__
         'ResNet'
     """

@@ -22,7 +22,7 @@ def stage_channels(plan: Any, model: Any) -> dict[int, Optional[int]]:
     """Channels of each stage's output, read from one eval forward of the planned module at the
     plan's input size (a zero image); ``None`` where that forward or a module is not available.
 
-    Example:
+    Examples:
         >>> import torch.nn as nn
         >>> from dropblock_fx import plan
         >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(),

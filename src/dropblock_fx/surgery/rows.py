@@ -1,4 +1,4 @@
-"""The result of planning: :class:`PlanRow` (one DropBlock module) and :class:`Plan`.
+"""The result of planning: [`PlanRow`][dropblock_fx.PlanRow] (one DropBlock module) and [`Plan`][dropblock_fx.Plan].
 
 A plan is plain data (picklable): its rows say, for every DropBlock module, the stage, the
 feature resolution at the recipe's input size, the module path, the site kind, the block
@@ -30,7 +30,7 @@ def legend(kinds: list[str], width: int = 100) -> list[str]:
     """The legend under a plan table: the site kinds shown, and what the two rates are (each
     wrapped at ``width`` characters).
 
-    Example:
+    Examples:
         >>> print(legend(["conv", "shortcut"])[0])
         sites: conv = after a conv + norm (+ act) inside a block; shortcut = on the shortcut into the
           residual add
@@ -49,7 +49,7 @@ _SEEN = ("seen_resolution", "seen_block_size", "seen_expected_drop_prob", "skipp
 class PlanRow:
     """One DropBlock module of a plan.
 
-    The ``seen_*`` fields are filled only in :func:`describe`'s answer, for a module that
+    The ``seen_*`` fields are filled only in [`describe`][dropblock_fx.describe]'s answer, for a module that
     trained on feature maps of another size than planned: that size, the block size clipped
     to it and the expected real rate there; ``skipped_at``, for a module that did not run at
     some sizes, its block's input sizes there.
@@ -96,7 +96,7 @@ class Plan:
     def explain(self) -> str:
         """Why each position a site finder looked at was left out (a gate's branch, attention
         logits, unfolded patches, a window partition), one line each; rows dropped by the
-        run check are in :attr:`notes`."""
+        run check are in `notes`."""
         return "\n".join(f"left out: {where}: {why}" for where, why in self.left_out)
 
     def __len__(self) -> int:

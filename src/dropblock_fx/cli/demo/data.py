@@ -31,7 +31,7 @@ class DemoData:
 def split(x: torch.Tensor, y: torch.Tensor, val_fraction: float, seed: int) -> tuple[torch.Tensor, ...]:
     """Stratified split: ``val_fraction`` of every class held out, chosen by ``seed``.
 
-    Example:
+    Examples:
         >>> x, y = torch.arange(10.0), torch.tensor([0] * 5 + [1] * 5)
         >>> tx, ty, vx, vy = split(x, y, 0.2, seed=0)
         >>> len(tx), len(vx), sorted(vy.tolist())

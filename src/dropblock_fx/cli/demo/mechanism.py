@@ -55,7 +55,7 @@ def stage_module(model: nn.Module, plan: Any, index: int) -> tuple[str, nn.Modul
 def relative_change(after: torch.Tensor, before: torch.Tensor) -> float:
     """``||after - before|| / ||before||`` over the whole batch.
 
-    Example:
+    Examples:
         >>> round(relative_change(torch.tensor([3.0, 4.0]), torch.tensor([3.0, 0.0])), 4)
         1.3333
     """

@@ -26,7 +26,7 @@ def _color(label: str, index: int) -> str:
 def mean_spread(rows: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
     """Per position: mean, min and max over the lists (one list per seed or batch).
 
-    Example:
+    Examples:
         >>> mean_spread([[1.0, 0.5], [3.0, 0.25]])
         ([2.0, 0.375], [1.0, 0.25], [3.0, 0.5])
     """
@@ -37,7 +37,7 @@ def mean_spread(rows: list[list[float]]) -> tuple[list[float], list[float], list
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value).
 
-    Example:
+    Examples:
         >>> mean_std([1.0, 2.0, 3.0])
         (2.0, 1.0)
     """

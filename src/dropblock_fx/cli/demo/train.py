@@ -93,7 +93,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 51
 def dropout_recipe(recipe: Any) -> Any:
     """``recipe`` with every block size set to 1: dropout at the same sites, rates and schedule.
 
-    Example:
+    Examples:
         >>> from dropblock_fx import load_recipe
         >>> r = dropout_recipe(load_recipe("timm-resnet"))
         >>> r.name, r.block_size, [s.block_size for s in r.stages], r.sites
