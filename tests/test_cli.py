@@ -53,6 +53,33 @@ def test_quick_commands_import_no_torch(argv):
     assert not heavy, heavy[:10]
 
 
+def test_public_names_load_on_first_use():
+    """The package root imports no torch, and every public name still resolves, by attribute,
+    by from-import and by star-import, to the object its module defines; dir() lists them."""
+    code = textwrap.dedent("""\
+        import importlib, sys
+        import dropblock_fx as dbx
+        assert "torch" not in sys.modules
+        assert set(dbx.__all__) <= set(dir(dbx)) and len(dbx.__all__) == len(set(dbx.__all__)) == 30
+        ns = {}
+        exec("from dropblock_fx import *", ns)
+        for name in dbx.__all__:
+            owner = importlib.import_module(dbx._SOURCES[name], "dropblock_fx")
+            assert getattr(dbx, name) is getattr(owner, name) is ns[name], name
+        from dropblock_fx import apply_dropblock, plan
+        assert callable(plan) and plan.__module__ == "dropblock_fx.surgery.plan"
+        try:
+            dbx.no_such_name
+        except AttributeError as e:
+            assert "no_such_name" in str(e)
+        else:
+            raise AssertionError("no AttributeError")
+        print("ok")
+        """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
 def test_version(capsys):
     from dropblock_fx import __version__
 
