@@ -21,7 +21,7 @@ classification, segmentation, video (3-D) and detection models (their ``backbone
 
 Usage::
 
-    python benchmarks/zoo.py --jobs 2 --timeout 180 --max-params 300 --log zoo.jsonl   # ~16 min, 2 cores
+    python benchmarks/zoo.py --jobs 2 --timeout 180 --max-params 300 --log zoo.jsonl   # ~10 min, 2 cores
     python benchmarks/zoo.py --jobs 1 --timeout 900 --min-params 300 --log big.jsonl   # the 26 big ones
     python benchmarks/zoo.py --from-log zoo.jsonl big.jsonl     # the whole table from both logs
     python benchmarks/zoo.py --sample 3 --jobs 2                # up to 3 models per family (seeded)

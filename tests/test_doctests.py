@@ -50,6 +50,6 @@ def test_every_layer_has_running_examples():
     """The public layers document themselves with examples that run (not skipped)."""
     for name in ("dropblock_fx.op.functional", "dropblock_fx.op.gamma", "dropblock_fx.modules",
                  "dropblock_fx.recipe.schema", "dropblock_fx.recipe.loader", "dropblock_fx.schedule.core",
-                 "dropblock_fx.schedule.registry", "dropblock_fx.cli.demo", "dropblock_fx.cli.masks"):
+                 "dropblock_fx.schedule.registry", "dropblock_fx.cli.demo.train", "dropblock_fx.cli.masks"):
         result = doctest.testmod(importlib.import_module(name), optionflags=FLAGS)
         assert result.attempted > 0 and result.failed == 0, name

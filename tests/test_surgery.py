@@ -121,7 +121,7 @@ def test_plan_rows_table_and_pickling():
     assert (row.stage, row.stage_name, row.resolution, row.kind) == (3, "layer3", (14, 14), "conv")
     assert row.block_size == (7, 7) and 0 < row.expected_drop_prob <= row.target_drop_prob
     text = str(p)
-    for word in ("stage", "resolution", "module", "site", "block", "target p", "expected p", "layer3.0.dropblock_conv1"):
+    for word in ("stage", "feature map", "module", "site", "block", "drop rate", "real rate", "layer3.0.dropblock_conv1"):
         assert word in text
     assert pickle.loads(pickle.dumps(p)).rows == p.rows
     assert p.as_dicts()[0]["path"] == "layer3.0.dropblock_conv1"

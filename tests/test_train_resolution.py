@@ -181,7 +181,7 @@ def test_describe_gives_the_rates_at_the_seen_maps(size):
         assert old.seen_resolution == () and old.seen_expected_drop_prob is None  # the stored plan is unchanged
         assert "seen_resolution" not in old.as_dict() and row.as_dict()["seen_resolution"] == expect
     text = str(p)
-    assert "seen p" in text and "seen block" in text and "seen p" not in str(stored)
+    assert "seen real rate" in text and "seen block" in text and "seen real rate" not in str(stored)
     assert any("trained on other feature maps" in n for n in p.notes)
     assert not any("trained on other feature maps" in n for n in stored.notes)
 

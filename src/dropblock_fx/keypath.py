@@ -1,7 +1,7 @@
 """Errors that point at a key path (``stages[1].block_size``), shared by the recipe and the
 schedule layers.
 
-Validators raise :class:`KeyedError` to say where below their own field a value is wrong; the
+Validators raise `KeyedError` to say where below their own field a value is wrong; the
 recipe loader turns it into a ``RecipeError`` line. This module depends on nothing else in the
 package, so neither layer imports the other to use it.
 """

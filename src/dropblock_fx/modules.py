@@ -1,4 +1,4 @@
-"""``DropBlock2d`` / ``DropBlock3d``: parameter-free modules around :func:`drop_block`.
+"""``DropBlock2d`` / ``DropBlock3d``: parameter-free modules around [`drop_block`][dropblock_fx.drop_block].
 
 Two properties the rest of the library relies on:
 
@@ -41,11 +41,11 @@ class Placement:
     its path in the model and the feature map it was planned for.
 
     The contract between surgery (which sets ``module.placement``), schedules (which scale
-    ``target_drop_prob``) and ``remove_dropblock`` (which removes what :func:`is_inserted`).
+    ``target_drop_prob``) and ``remove_dropblock`` (which removes what [`is_inserted`][dropblock_fx.modules.is_inserted]).
     ``resolution`` is the spatial size of the module's input at the recipe's ``input_size``
     (``()``: unknown, nothing is compared).
 
-    Example:
+    Examples:
         >>> Placement(4, "conv", 0.1, path="layer4.0.dropblock_conv1", resolution=(7, 7)).resolution
         (7, 7)
     """
@@ -60,7 +60,7 @@ class Placement:
 def is_inserted(m: object) -> bool:
     """Was ``m`` inserted by ``apply_dropblock`` (and so removed by ``remove_dropblock``)?
 
-    Example:
+    Examples:
         >>> is_inserted(DropBlock2d(0.1, 3))
         False
     """
@@ -95,7 +95,7 @@ def __getattr__(name: str) -> Any:
 
 
 class DropBlockNd(nn.Module):
-    """Base class of :class:`DropBlock2d` and :class:`DropBlock3d`; see :func:`drop_block`."""
+    """Base class of [`DropBlock2d`][dropblock_fx.DropBlock2d] and [`DropBlock3d`][dropblock_fx.DropBlock3d]; see [`drop_block`][dropblock_fx.drop_block]."""
 
     n_spatial: int = 2
     # Class defaults too: modules pickled before these attributes existed still run.
@@ -216,9 +216,9 @@ class DropBlockNd(nn.Module):
 
 
 class DropBlock2d(DropBlockNd):
-    """DropBlock for ``(N, C, H, W)`` feature maps (paper defaults; options as :func:`drop_block`).
+    """DropBlock for ``(N, C, H, W)`` feature maps (paper defaults; options as [`drop_block`][dropblock_fx.drop_block]).
 
-    Example:
+    Examples:
         >>> m = DropBlock2d(drop_prob=0.1, block_size=7)
         >>> m
         DropBlock2d(drop_prob=0.1, block_size=7)
@@ -233,7 +233,7 @@ class DropBlock2d(DropBlockNd):
 class DropBlock3d(DropBlockNd):
     """DropBlock for ``(N, C, D, H, W)`` feature maps (video / volumetric CNNs).
 
-    Example:
+    Examples:
         >>> m = DropBlock3d(drop_prob=0.1, block_size=3)
         >>> m(torch.randn(2, 4, 8, 14, 14)).shape
         torch.Size([2, 4, 8, 14, 14])

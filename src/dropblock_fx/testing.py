@@ -1,4 +1,4 @@
-"""Check the guarantees of surgery on your own model: :func:`check_surgery`.
+"""Check the guarantees of surgery on your own model: [`check_surgery`][dropblock_fx.testing.check_surgery].
 
 The same check runs on every CNN of timm and torchvision (the coverage run) and in this
 library's tests. On one model and one input it applies DropBlock and checks that
@@ -60,7 +60,7 @@ def module_state(model: nn.Module) -> dict:
     identity of each value, one level into lists and dicts, and each tensor's device (a meta
     tensor or a proxy left in a cache shows here).
 
-    Example:
+    Examples:
         >>> m = nn.Sequential(nn.Conv2d(3, 4, 3))
         >>> before = module_state(m)
         >>> m[0].cache = 1
@@ -88,18 +88,18 @@ def _without_surgery(state: dict, inserted: set[str]) -> dict:
 def check_surgery(model: nn.Module, x: torch.Tensor, recipe: Any = None, *, runner: Optional[nn.Module] = None,
                   require_sites: bool = True, **overrides: Any) -> Plan:
     """Apply DropBlock to ``model`` (in place), check every guarantee on input ``x``, then
-    remove it again; returns the plan. Raises :class:`CheckFailed` naming the check.
+    remove it again; returns the plan. Raises [`CheckFailed`][dropblock_fx.testing.CheckFailed] naming the check.
 
     Args:
         model: the model, in eval mode.
         x: an input batch (batch size 2 or more, for batch norm in train mode).
-        recipe: as for :func:`apply_dropblock`; ``overrides`` too (``target=``,
+        recipe: as for [`apply_dropblock`][dropblock_fx.apply_dropblock]; ``overrides`` too (``target=``,
             ``input_size=`` default to ``x``'s size).
         runner: the module to call with ``x`` (default: ``model``), e.g. a detector's
             backbone when ``target="backbone.body"``.
         require_sites: fail when nothing was inserted.
 
-    Example:
+    Examples:
         >>> import torchvision
         >>> m = torchvision.models.resnet18().eval()
         >>> p = check_surgery(m, torch.randn(2, 3, 64, 64))

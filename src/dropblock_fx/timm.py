@@ -1,4 +1,4 @@
-"""Public name of :mod:`dropblock_fx.integrations.timm` (the same module object)."""
+"""Public name of `dropblock_fx.integrations.timm` (the same module object)."""
 
 import sys
 

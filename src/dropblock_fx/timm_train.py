@@ -1,7 +1,7 @@
 """``python -m dropblock_fx.timm_train path/to/train.py ...``: run timm's ``train.py`` with the
 DropBlock models registered and the recipe's schedule following the run.
 
-Imported, this is :mod:`dropblock_fx.integrations.timm_train` (the same module object).
+Imported, this is `dropblock_fx.integrations.timm_train` (the same module object).
 """
 
 import sys

@@ -4,155 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from typing import Any, Optional
 
-import yaml
+from .args import parse_input_size, parse_overrides, recipe_with, with_overrides
+from .format import format_plan, plan_json, stage_summary
+from .format import table as format_table
 
 __all__ = [
     "cmd_plan", "cmd_recipes", "cmd_validate", "cmd_schedule", "cmd_masks", "cmd_demo",
-    "parse_overrides", "parse_input_size", "stage_summary", "schedule_table",
+    "parse_overrides", "parse_input_size", "with_overrides", "stage_summary", "schedule_table",
+    "format_plan", "plan_json",
 ]
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["block_size=5", "stages=[3, 4]"]`` -> ``{"block_size": 5, "stages": [3, 4]}`` (YAML values)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. --set block_size=5")
-        try:
-            out[key] = yaml.safe_load(value) if value.strip() else None
-        except yaml.YAMLError as e:
-            raise ValueError(f"--set {item!r}: the value is not valid YAML ({e})") from None
-    return out
-
-
-def parse_input_size(values: Optional[list[str]], channels: int) -> Optional[list[int]]:
-    """``["224"]`` -> ``[C, 224, 224]``; ``["3", "224", "224"]``, ``["3x224x224"]``, ``["224x224"]``."""
-    if not values:
-        return None
-    parts: list[str] = []
-    for v in values:
-        parts += [p for p in re.split(r"[x,\s]+", v.strip()) if p]
-    try:
-        nums = [int(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"--input-size {' '.join(values)}: expected integers, e.g. 224, 3 224 224 or 3x224x224") from None
-    if not nums or any(n < 1 for n in nums) or len(nums) > 4:
-        raise ValueError(f"--input-size {' '.join(values)}: expected 1 to 4 positive integers")
-    if len(nums) == 1:
-        return [channels, nums[0], nums[0]]
-    if len(nums) == 2:
-        return [channels, *nums]
-    return nums
-
-
-def with_overrides(recipe: Any, overrides: dict[str, Any]) -> Any:
-    """``recipe`` with ``--set`` fields replaced (errors are ``RecipeError`` naming the key)."""
-    from ..surgery.settings import with_overrides as resolve
-
-    return resolve(recipe, overrides, "--set")
-
-
-def _recipe_with(args: argparse.Namespace, recipe_ref: Any, extra: Optional[dict[str, Any]] = None):
-    """The recipe with ``--set`` overrides: the same rules as ``apply_dropblock(**overrides)``."""
-    overrides = parse_overrides(getattr(args, "overrides", []) or [])
-    overrides.update(extra or {})
-    return with_overrides(recipe_ref, overrides)
-
-
 # ------------------------------------------------------------------------------------ plan
-
-
-def stage_summary(plan: Any) -> list[dict[str, Any]]:
-    """One dict per selected stage: resolution, sites by kind, block sizes, target and expected rates."""
-    by_stage: dict[int, list[Any]] = {}
-    for r in plan.rows:
-        by_stage.setdefault(r.stage, []).append(r)
-    stages = {s.index: s for s in plan.stages}
-    out = []
-    for index in sorted(by_stage):
-        rows = by_stage[index]
-        kinds: dict[str, int] = {}
-        for r in rows:
-            kinds[r.kind] = kinds.get(r.kind, 0) + 1
-        s = stages.get(index)
-        resolutions: list[list[int]] = []
-        for r in rows:  # a block's first conv can run before its stride (ResNet conv1)
-            if list(r.resolution) not in resolutions:
-                resolutions.append(list(r.resolution))
-        out.append(dict(
-            stage=index,
-            name=rows[0].stage_name,
-            stride=getattr(s, "stride", 2 ** (index + 1)),
-            resolution=list(getattr(s, "resolution", rows[-1].resolution)),
-            resolutions=resolutions,
-            modules=len(rows),
-            sites=kinds,
-            block_sizes=sorted({tuple(r.block_size) for r in rows}),
-            target_drop_prob=sorted({r.target_drop_prob for r in rows}),
-            expected_drop_prob=sorted({round(r.expected_drop_prob, 6) for r in rows}),
-        ))
-    return out
-
-
-def _fmt_list(values: list[Any], fmt=str) -> str:
-    return ", ".join(fmt(v) for v in values)
-
-
-def _table(head: list[str], body: list[list[str]], right_from: int) -> str:
-    widths = [max(len(x) for x in col) for col in zip(head, *body)] if body else [len(h) for h in head]
-    fmt = "  ".join(f"{{:{'<' if i < right_from else '>'}{w}}}" for i, w in enumerate(widths))
-    lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-    return "\n".join(line.rstrip() for line in lines + [fmt.format(*row) for row in body])
-
-
-def format_plan(plan: Any, model_spec: str, modules: bool) -> str:
-    summary = stage_summary(plan)
-    name = plan.recipe.name or "custom recipe"
-    lines = [f"{model_spec}: recipe {name}, {len(plan.rows)} DropBlock modules, input "
-             f"{'x'.join(map(str, plan.input_shape[1:]))}" + (f", target {plan.target}" if plan.target else "")]
-    lines.append(_table(["stage", "name", "stride (nominal)", "resolution", "modules (call order)"],
-                        [[str(s.index), s.name, s.rule.replace("stride ", ""), "x".join(map(str, s.resolution)),
-                          s.span_within(72)] for s in plan.stages], 6))
-    lines.append("(a block and its sites are in the stage of the block's output; a dilation that replaced "
-                 "a stride counts as that stride)")
-    head = ["stage", "name", "resolution(s)", "sites", "block", "target p", "expected p"]
-    body = [[str(s["stage"]), s["name"], _fmt_list(s["resolutions"], lambda v: "x".join(map(str, v))),
-             _fmt_list([f"{k} x{n}" for k, n in s["sites"].items()]),
-             _fmt_list(s["block_sizes"], lambda b: "x".join(map(str, b))),
-             _fmt_list(s["target_drop_prob"], lambda v: f"{v:.4g}"),
-             _fmt_list(s["expected_drop_prob"], lambda v: f"{v:.4g}")] for s in summary]
-    lines.append(_table(head, body, 5))
-    if modules and plan.rows:
-        lines.append("")
-        head = ["module", "site", "block", "target p", "expected p", "anchor"]
-        body = [[r.path, r.kind, "x".join(map(str, r.block_size)), f"{r.target_drop_prob:.4g}",
-                 f"{r.expected_drop_prob:.4g}", r.anchor] for r in plan.rows]
-        lines.append(_table(head, body, 3))
-    if not plan.rows:
-        lines.append("no DropBlock sites found for this recipe (see the notes)")
-    lines += [f"note: {n}" for n in plan.notes]
-    return "\n".join(lines)
-
-
-def plan_json(plan: Any, model_spec: str) -> dict[str, Any]:
-    return dict(
-        model=model_spec,
-        recipe=plan.recipe.model_dump(mode="json", exclude_none=True),
-        input_shape=list(plan.input_shape),
-        target=plan.target,
-        stages=[dict(index=s.index, name=s.name, stride=s.stride, resolution=list(s.resolution),
-                     dilation=s.dilation, rule=s.rule, modules=[m for m in s.modules if m != "|"], span=s.span)
-                for s in plan.stages],
-        summary=stage_summary(plan),
-        rows=plan.as_dicts(),
-        notes=list(plan.notes),
-    )
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -167,7 +33,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         extra["input_size"] = size
     if args.target is not None:
         extra["target"] = args.target
-    recipe = _recipe_with(args, base, extra)
+    recipe = recipe_with(args, base, extra)
     model = load_model(args.model)
     if getattr(args, "verify", False):
         from ..surgery import apply_dropblock, describe
@@ -182,6 +48,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         print(format_plan(p, args.model, args.modules))
+    if args.png:
+        from .plan_picture import draw_plan
+
+        draw_plan(p, model, args.model, args.png)
+        print(f"wrote {args.png}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -333,7 +204,7 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     head = ["step", "factor"] + table["stages"]
     body = [[str(r["step"]), f"{r['factor']:.3f}"] + [f"{r['rates'][k]:.4f}" for k in table["stages"]]
             for r in table["rows"]]
-    print(_table(head, body, 0))
+    print(format_table(head, body, 0))
     if args.out:
         print(f"wrote {args.out}")
     return 0

@@ -45,7 +45,7 @@ def method_masks(
     Dropout is DropBlock with block 1 and SpatialDropout with block = the map (one valid seed
     per channel), so all three come from the same op with the paper's gamma.
 
-    Example:
+    Examples:
         >>> masks = method_masks(size=14, channels=2, drop_prob=0.1, block_sizes=[7])
         >>> [(title, keep.shape, round(expected, 4)) for title, keep, expected in masks]
         [('dropout', (2, 14, 14), 0.1), ('SpatialDropout', (2, 14, 14), 0.1), ('DropBlock 7x7', (2, 14, 14), 0.0929)]

@@ -7,11 +7,12 @@ import importlib
 import importlib.util
 import os
 import sys
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ..keypath import closest
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["load_model", "MODEL_HELP"]
 
@@ -26,10 +27,12 @@ _TIMM_SOURCES = ("hf-hub:", "hf_hub:", "local-dir:", "timm:")
 def load_model(spec: str, **kwargs: Any) -> nn.Module:
     """Build the model a command-line spec names (``kwargs`` go to timm / torchvision builders).
 
-    Example:
+    Examples:
         >>> type(load_model("torchvision:resnet18")).__name__
         'ResNet'
     """
+    from torch import nn
+
     spec = spec.strip()
     if not spec:
         raise ValueError("empty model name")

@@ -13,8 +13,8 @@ def pyplot() -> Any:
         import matplotlib
     except ModuleNotFoundError as e:
         raise ModuleNotFoundError(
-            "plots need matplotlib: install the demo extra (from a clone of dropblock-fx: "
-            "pip install -e '.[demo]')", name=e.name
+            "plots need matplotlib: install the demo extra (in a clone of dropblock-fx: "
+            'pip install -e ".[demo]")', name=e.name
         ) from None
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt

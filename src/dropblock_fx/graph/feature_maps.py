@@ -16,7 +16,7 @@ when all of these hold:
    makes no stage and holds no site.
 
 Rules 1-3 are checked on shapes; rule 4 on the data flow, both in the shape pass (whole
-model, op by op: ``graph.shapes``) and in a unit's FX graph (:func:`side_nodes`). The plan is
+model, op by op: ``graph.shapes``) and in a unit's FX graph (`side_nodes`). The plan is
 then checked by running it (``surgery.promise``): every DropBlock module must be called, on
 a feature map of its stage.
 """
@@ -90,7 +90,7 @@ def side_nodes(graph: fx.Graph, root: nn.Module, values: dict[fx.Node, Any]) -> 
     """The nodes of a unit's ``graph`` on a side branch (rule 4): the unit's output depends on
     them only as a gate. ``values``: each node's meta value, for the broadcast rule.
 
-    Example:
+    Examples:
         >>> class SE(nn.Module):
         ...     def __init__(self):
         ...         super().__init__()
@@ -117,7 +117,7 @@ def side_nodes(graph: fx.Graph, root: nn.Module, values: dict[fx.Node, Any]) -> 
 class FeatureMaps:
     """The network's stage maps and its batch: what rules 1-3 compare a tensor with.
 
-    Example:
+    Examples:
         >>> fm = FeatureMaps(2, {3: frozenset({(14, 14), (28, 28)}), 4: frozenset({(7, 7), (14, 14)})})
         >>> fm.why_not((2, 256, 14, 14)), fm.why_not((8, 256, 7, 7))
         (None, 'its batch dim is 8, not the batch of 2 (a window partition or a per-head tensor)')

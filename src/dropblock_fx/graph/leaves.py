@@ -1,6 +1,6 @@
 """What a layer is: conv, norm, activation, identity; which modules tracing treats as leaves.
 
-Norms are an extension point: :func:`register_norm` adds a class (``with_act=True`` for
+Norms are an extension point: [`register_norm`][dropblock_fx.register_norm] adds a class (``with_act=True`` for
 norm+activation modules such as timm's ``BatchNormAct2d``, whose output is already
 activated). Leaves follow the tracers users already have: every ``torch.nn`` layer, timm's
 ``get_notrace_modules()``, every non-container ``torchvision.ops`` module, the registered
@@ -61,7 +61,7 @@ def register_norm(cls: type, *, with_act: bool = False) -> type:
         with_act: the module applies its activation itself, so a site after it is after
             the activation (timm's ``BatchNormAct2d``).
 
-    Example:
+    Examples:
         >>> class MyNorm(nn.GroupNorm): ...
         >>> register_norm(MyNorm) is MyNorm
         True

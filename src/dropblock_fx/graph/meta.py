@@ -23,7 +23,7 @@ __all__ = ["to_meta", "meta_state", "run_meta", "run_checkpointed", "attr_at", "
 def to_meta(v: Any) -> Any:
     """``v`` with every tensor replaced by an empty meta tensor of its shape and dtype.
 
-    Example:
+    Examples:
         >>> to_meta([torch.zeros(2, 3), 1.5])
         [tensor(..., device='meta', size=(2, 3)), 1.5]
     """

@@ -3,7 +3,7 @@
 The shape pass runs the model's own ``forward`` (on meta tensors), and tracing runs it on
 proxies. A forward may cache things on its modules (a detection head keeps its anchor grid
 keyed by input size, ``self._cache = f(x)``); those would be meta tensors or proxies
-afterwards. :func:`preserved` snapshots every module's own Python state (its ``__dict__``,
+afterwards. `preserved` snapshots every module's own Python state (its ``__dict__``,
 one level into lists, dicts and sets held there, so parameters, buffers and children too)
 and the RNG state, and restores them on exit.
 """
@@ -57,7 +57,7 @@ def preserved(root: nn.Module, values: bool = False) -> Iterator[list[str]]:
         values: also restore the values of buffers (for a real forward pass that may
             update them in place).
 
-    Example:
+    Examples:
         >>> m = nn.Sequential(nn.Conv2d(3, 4, 3))
         >>> with preserved(m):
         ...     m[0].cache = "set during a forward"

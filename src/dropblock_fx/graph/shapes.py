@@ -187,7 +187,7 @@ def record_calls(root: nn.Module, input_size: tuple[int, ...], runners: tuple[nn
     Raises:
         RuntimeError: when no pass can run the model.
 
-    Example:
+    Examples:
         >>> m = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU())
         >>> r = record_calls(m, (3, 32, 32))
         >>> [(c.path, tuple(c.output.shape)) for c in r.calls][1:], r.on_main_path(r.calls[1].output)

@@ -3,7 +3,7 @@
 A plain trace (``tracing.trace_modes``) feeds every argument as a ``Proxy``. Some forwards ask
 Python questions FX cannot answer faithfully: ``isinstance(skip, torch.Tensor)`` is False
 for a Proxy, ``int(x.shape[-1])`` or ``len(x.shape)`` raise, a float argument in an ``if``
-raises. :func:`trace_specialised` traces such a unit for its recorded call instead: tensors
+raises. `trace_specialised` traces such a unit for its recorded call instead: tensors
 are proxies that carry a meta value (so ``isinstance``, ``.shape``, ``.size()``, ``.dim()``
 answer as in real execution), and non-tensor arguments are the recorded values.
 
@@ -14,8 +14,8 @@ forward reads: channels, ranks and the non-tensor arguments. When it does read t
 (``int(x.shape[-1])``, TF-style padding), they are concrete and the guard keys on the whole
 shape.
 
-**Guards.** The rewritten forward checks each call against the guard (:func:`call_matches`).
-A call that differs is traced again for itself (:func:`respecialise`, on meta tensors, once
+**Guards.** The rewritten forward checks each call against the guard (`call_matches`).
+A call that differs is traced again for itself (`respecialise`, on meta tensors, once
 per call signature): when the new trace is the planned one up to constants (same nodes, same
 data flow) it gets the same DropBlock sites, is verified, and runs; otherwise the call runs
 the original forward, without DropBlock, and is reported (``splice.guarded_call``).
@@ -55,7 +55,7 @@ def describe_call(value: Any) -> Any:
     Raises:
         TypeError: a value that cannot be described (a module, an arbitrary object).
 
-    Example:
+    Examples:
         >>> describe_call([torch.zeros(2, 3, 8, 8), 0.5, None])
         ('list', (('tensor', (3, 8, 8)), ('value', 0.5), ('value', None)))
     """
@@ -71,10 +71,10 @@ def describe_call(value: Any) -> Any:
 
 
 def loosen(desc: Any) -> Any:
-    """``desc`` (see :func:`describe_call`) with the spatial dims of feature maps left open
+    """``desc`` (see `describe_call`) with the spatial dims of feature maps left open
     (``None``): the guard of a trace whose code does not depend on them.
 
-    Example:
+    Examples:
         >>> loosen(('list', (('tensor', (3, 8, 8)), ('tensor', (5,)))))
         ('list', (('tensor', (3, None, None)), ('tensor', (5,))))
     """
@@ -112,7 +112,7 @@ def _matches(want: Any, got: Any) -> bool:
 def call_matches(guard: dict[str, Any], values: dict[str, Any]) -> bool:
     """Does a call with arguments ``values`` match ``guard`` (``None``: any size there)?
 
-    Example:
+    Examples:
         >>> g = {"x": ("tensor", (3, None, None))}
         >>> call_matches(g, {"x": torch.zeros(2, 3, 7, 9)}), call_matches(g, {"x": torch.zeros(2, 4, 7, 9)})
         (True, False)
@@ -128,7 +128,7 @@ def call_matches(guard: dict[str, Any], values: dict[str, Any]) -> bool:
 
 class _MetaProxy(fx.Proxy):
     """A Proxy that answers shape questions like the meta value it carries (and, while a
-    specialised trace runs, ``isinstance(p, torch.Tensor)``: see :func:`_patched`).
+    specialised trace runs, ``isinstance(p, torch.Tensor)``: see `_patched`).
 
     The first dim is symbolic (a ``size(0)`` node); with a symbolic tracer, so are the spatial
     dims of feature maps (4-D and 5-D tensors); the others are concrete.
@@ -399,7 +399,7 @@ def skeleton(graph: fx.Graph) -> tuple:
     """``graph`` up to its constants: each node's name, kind, target and data flow. Two traces
     of one forward for calls of different sizes with equal skeletons took the same path.
 
-    Example:
+    Examples:
         >>> g = fx.symbolic_trace(nn.Sequential(nn.ReLU())).graph
         >>> [s[1:3] for s in skeleton(g)]
         [('placeholder', 'input'), ('call_module', '0'), ('output', 'output')]
@@ -451,7 +451,7 @@ def respecialise(module: nn.Module, original: type, values: dict[str, Any], info
 
 def respec_info(module: nn.Module, graphs: dict[str, fx.Graph], leaves: tuple[nn.Module, ...],
                 sites: dict[str, list[Any]], guard: dict[str, Any]) -> dict[str, Any]:
-    """What :func:`respecialise` needs, as a literal for the generated source: the paths of the
+    """What `respecialise` needs, as a literal for the generated source: the paths of the
     leaves the unit was traced with, whether its sizes were symbolic (its ``guard`` leaves
     some open), each mode's planned skeleton and its sites (name, position, layout) in
     ``sites`` (``graph.sites.Site`` lists by mode)."""

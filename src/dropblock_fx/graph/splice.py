@@ -10,7 +10,7 @@ methods and the tracers' leaf rules are unchanged). Two kinds:
   no graph: after a norm module, after a whole block).
 
 The generated source is self-contained (imports included), so instances pickle, deep-copy
-and ``torch.save`` through :func:`_rebuild`, which recreates the class from the source.
+and ``torch.save`` through `_rebuild`, which recreates the class from the source.
 ``unsplice`` restores the original class.
 """
 
@@ -121,9 +121,9 @@ def _params(cls: type) -> tuple[list[str], dict[str, Any]]:
 def guarded_call(self: nn.Module, guard: dict[str, Any], pick: Any, args: tuple, kwargs: dict,
                  respec: Optional[dict[str, Any]] = None, checkpoint: Optional[str] = None) -> Any:
     """Run a specialised forward (``pick(self)``) when the call matches what it was traced
-    for; else the forward traced for this call (:func:`_variant`; not while the module's
+    for; else the forward traced for this call (`_variant`; not while the module's
     ``checkpoint`` switch is on); else the original forward, without DropBlock, reported by
-    :func:`_skipped`."""
+    `_skipped`."""
     orig = type(self)._dropblock_original_class  # self is spliced (plain lookup: torch.compile traces it)
     names, defaults = _params(orig)
     values = list(args) + [kwargs.get(n, defaults.get(n, _MISSING)) for n in names[len(args):]]
@@ -326,7 +326,7 @@ def original_class(m: nn.Module) -> type:
 
 
 def splice_graph(m: nn.Module, source: str) -> None:
-    """Give ``m`` the ``forward`` in ``source`` (see :func:`graph_source`)."""
+    """Give ``m`` the ``forward`` in ``source`` (see `graph_source`)."""
     m.__class__ = _spliced_class(original_class(m), "graph", source)
 
 

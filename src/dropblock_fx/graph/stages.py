@@ -80,10 +80,10 @@ class Stage:
 
 
     def span_within(self, width: int = 72) -> str:
-        """:attr:`span` cut after the last whole run that fits in about ``width`` characters,
+        """[`span`][dropblock_fx.graph.stages.Stage.span] cut after the last whole run that fits in about ``width`` characters,
         saying how many runs are left (HRNet's stages interleave in every module).
 
-        Example:
+        Examples:
             >>> Stage(3, "stage3", 16, (14, 14), modules=("a", "|", "b", "|", "c")).span_within(6)
             'a + b + 1 more'
         """
@@ -128,9 +128,9 @@ def _stage(log: int) -> Optional[int]:
 
 def stage_of_shape(input_shape: tuple[int, ...], shape: tuple[int, ...]) -> Optional[int]:
     """Stage of a feature map of ``shape`` for an input of ``input_shape`` by its real stride
-    (None: not spatial). :func:`map_stages` adds dilation and the block rule.
+    (None: not spatial). `map_stages` adds dilation and the block rule.
 
-    Example:
+    Examples:
         >>> stage_of_shape((1, 3, 224, 224), (1, 1024, 14, 14))
         3
     """
@@ -369,7 +369,7 @@ def _block_rule(root: nn.Module, record: ShapeRecord, nominal: dict[int, int], e
 def map_stages(root: nn.Module, record: ShapeRecord) -> StageMap:
     """Stages of ``root`` from its shape pass (the module docstring's rule).
 
-    Example:
+    Examples:
         >>> import torchvision
         >>> from dropblock_fx.graph.shapes import record_calls
         >>> m = torchvision.models.resnet50(replace_stride_with_dilation=[False, True, True])

@@ -1,8 +1,8 @@
 """Tracing one unit with this library's leaf policy, in train and in eval mode.
 
-A unit is traced with :class:`LeafTracer`: every layer FX users already treat as a leaf
+A unit is traced with `LeafTracer`: every layer FX users already treat as a leaf
 (``torch.nn`` layers, timm's no-trace modules, ``torchvision.ops``, norms, DropBlocks) stays
-one call, and a container's child units are leaves too. :func:`trace_modes` traces it once
+one call, and a container's child units are leaves too. `trace_modes` traces it once
 per mode and refuses a forward that changes its modules while traced. When a plain trace is
 not faithful, ``graph.specialise`` traces the unit for its recorded call instead.
 """
@@ -61,6 +61,6 @@ def trace_modes(module: nn.Module, extra_leaves: tuple[nn.Module, ...] = (),
                 concrete_args: Optional[dict[str, Any]] = None,
                 trace: Optional[Callable[[], fx.Graph]] = None, autowrap: tuple[Any, ...] = ()) -> dict[str, fx.Graph]:
     """Trace ``module`` in train and in eval mode (with ``trace()`` when given, else a
-    :class:`LeafTracer`, keeping the ``autowrap`` functions as single calls too);
+    `LeafTracer`, keeping the ``autowrap`` functions as single calls too);
     ``{"any": g}`` when both give the same code."""
     return _modes(module, trace or (lambda: LeafTracer(extra_leaves, autowrap).trace(module, concrete_args=concrete_args)))

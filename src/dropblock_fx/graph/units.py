@@ -164,7 +164,7 @@ def _switched(m: nn.Module, flag: str, value: bool) -> Iterator[None]:
 def _trace_one(m: nn.Module, leaves: tuple[nn.Module, ...], call: Call, cache: dict,
                autowrap: tuple[Any, ...] = ()) -> tuple[dict[str, fx.Graph], Optional[dict[str, Any]]]:
     """A plain trace is tried first; when it fails or is not faithful (see ``verify``), a trace
-    specialised to the recorded arguments and shapes. Raises :class:`TraceFailure` with
+    specialised to the recorded arguments and shapes. Raises `TraceFailure` with
     every reason when neither is faithful.
     """
     bound = bound_args(m, call)

@@ -41,11 +41,11 @@ class DropBlockScheduleCallback(TrainerCallback):
     Args:
         schedule: overrides the recipe's schedule (a name, dict or ``ScheduleSpec``); default:
             the schedule of the recipe applied to the model.
-        **attach_kwargs: more arguments for :func:`dropblock_fx.attach_schedule`
+        **attach_kwargs: more arguments for [`dropblock_fx.attach_schedule`][dropblock_fx.attach_schedule]
             (``total_steps`` overrides the run length).
 
     Attributes:
-        schedule: the attached :class:`~dropblock_fx.DropBlockSchedule` (``None`` before
+        schedule: the attached [`DropBlockSchedule`][dropblock_fx.DropBlockSchedule] (``None`` before
             ``train()`` starts).
     """
 

@@ -1,4 +1,4 @@
-"""A Lightning ``Callback`` that drives a :class:`DropBlockSchedule` (optional extra:
+"""A Lightning ``Callback`` that drives a [`DropBlockSchedule`][dropblock_fx.DropBlockSchedule] (optional extra:
 ``pip install -e '.[lightning]'`` in a clone of dropblock-fx).
 
 The schedule follows ``trainer.global_step`` (optimizer steps done), so gradient
@@ -32,7 +32,7 @@ class DropBlockScheduleCallback(Callback):
     Either pass the schedule of ``attach_schedule(model, hook="lightning")`` (it is also at
     ``schedule.callback``), or nothing (or a schedule spec): then the callback attaches one
     to the ``LightningModule`` at ``fit`` start, with ``trainer.estimated_stepping_batches``
-    as the run length (``attach_kwargs`` go to :func:`attach_schedule`).
+    as the run length (``attach_kwargs`` go to [`attach_schedule`][dropblock_fx.attach_schedule]).
 
     Example::
 

@@ -7,11 +7,11 @@ the default recipe applied, ``timm.list_models("*_dropblock")`` lists them, and 
 tags resolve to the base architecture's weights (``resnet50_dropblock.a1_in1k``). So timm's
 own ``train.py`` trains a DropBlock model by name (``--model resnet50_dropblock``).
 
-A model built with timm's own ``drop_block_rate`` is recognised: :func:`create_model`
+A model built with timm's own ``drop_block_rate`` is recognised: [`create_model`][dropblock_fx.integrations.timm.create_model]
 replaces timm's modules by this library's, at the same positions with the same settings
 (the ``timm-resnet`` recipe on ResNets), so the model traces, compiles and takes schedules.
 
-Example:
+Examples:
     >>> import timm, dropblock_fx.timm
     >>> m = dropblock_fx.timm.create_model("resnet18", recipe="paper-resnet50", num_classes=10)  # doctest: +SKIP
     >>> m2 = timm.create_model("resnet18_dropblock", num_classes=10)                             # doctest: +SKIP
@@ -98,13 +98,13 @@ def create_model(
         recipe_overrides: recipe fields set on top (``{"drop_prob": 0.2}``).
         **kwargs: everything ``timm.create_model`` takes. With ``drop_block_rate`` (timm's
             own DropBlock) and no recipe, timm's modules are replaced by this library's at
-            the same positions and settings (see :func:`convert_timm_dropblock`).
+            the same positions and settings (see [`convert_timm_dropblock`][dropblock_fx.integrations.timm.convert_timm_dropblock]).
 
     Raises:
         ValueError: both ``drop_block_rate`` and a recipe were given.
         SurgeryError / RecipeError: from ``apply_dropblock`` (the model is not returned).
 
-    Example:
+    Examples:
         >>> m = create_model("resnet18", "paper-resnet50", num_classes=10)     # doctest: +SKIP
         >>> print(dropblock_fx.describe(m))                                     # doctest: +SKIP
     """
@@ -177,7 +177,7 @@ def register(
 
     Args:
         archs: architecture names or ``fnmatch`` patterns (``"resnet*"``); default: every
-            architecture of :data:`CNN_MODULES`.
+            architecture of `CNN_MODULES`.
         recipe: the recipe the new names apply (default ``"last-two-stages"``); a custom one
             with another ``suffix`` gives several variants side by side
             (``register("resnet50", "paper-resnet50", suffix="_paperdb")``).
@@ -187,7 +187,7 @@ def register(
     Returns:
         The names registered by this call.
 
-    Example:
+    Examples:
         >>> register("resnet18", "timm-resnet", suffix="_timmdb", overwrite=True)
         ['resnet18_timmdb']
     """
@@ -271,7 +271,7 @@ def timm_dropblock_recipe(model: nn.Module) -> Optional[Recipe]:
     recipe with ``drop_prob=p``: one module in the ``drop_block`` slot of every block of
     ``layer3`` (block 5, gamma_scale 0.25) and ``layer4`` (block 3), mask shared by
     channels, seeds anywhere. ``None`` when the model has no timm DropBlock, or when its
-    placement is not that one (other architectures: use :func:`convert_timm_dropblock`).
+    placement is not that one (other architectures: use [`convert_timm_dropblock`][dropblock_fx.integrations.timm.convert_timm_dropblock]).
     """
     found = find_timm_dropblocks(model)
     if not found:
@@ -307,7 +307,7 @@ def convert_timm_dropblock(model: nn.Module, *, in_chans: Optional[int] = None) 
 
     Same positions and settings, so training behaves as timm's; but the model now traces
     with FX, compiles without recompiling when the rate changes, and takes
-    :func:`dropblock_fx.attach_schedule`. On timm ResNets this is ``apply_dropblock`` with
+    [`dropblock_fx.attach_schedule`][dropblock_fx.attach_schedule]. On timm ResNets this is ``apply_dropblock`` with
     the ``timm-resnet`` recipe (``describe`` / ``remove_dropblock`` work); elsewhere each
     module is swapped one for one. A model without timm DropBlock is returned unchanged.
     """

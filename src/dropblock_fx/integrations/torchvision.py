@@ -7,7 +7,7 @@ applied to a submodule: ``backbone.body`` (the ResNet / MobileNet inside an FPN 
 (segmentation). A recipe's own ``target`` (``ppyolo-neck``:
 ``backbone.fpn``) or an explicit ``target=`` wins.
 
-Example:
+Examples:
     >>> import dropblock_fx.torchvision as dbtv
     >>> m = dbtv.get_model("resnet50", recipe="paper-resnet50")                       # doctest: +SKIP
     >>> det = dbtv.get_model("retinanet_resnet50_fpn", recipe="retinanet-coco",
@@ -77,7 +77,7 @@ def get_model(
         recipe_overrides: recipe fields set on top (``{"drop_prob": 0.2}``).
         **kwargs: everything the model builder takes (``num_classes``, ``weights_backbone``, ...).
 
-    Example:
+    Examples:
         >>> m = get_model("resnet18", "paper-resnet50", num_classes=10)   # doctest: +SKIP
     """
     task = model_task(name)

@@ -1,4 +1,4 @@
-"""The op layer: :func:`drop_block` and the gamma / calibration helpers."""
+"""The op layer: [`drop_block`][dropblock_fx.drop_block] and the gamma / calibration helpers."""
 
 from .functional import BACKENDS, MASK_MODES, SCALE_MODES, SEED_REGIONS, drop_block, set_backend
 from .gamma import calibrated_gamma, expected_drop_rate, paper_gamma

@@ -11,7 +11,7 @@
 
 Both have fake implementations (shapes, dtypes and strides identical to the real ones) and
 the forward has an autograd formula that saves only the 1-bit mask and the fp32 scale.
-:func:`drop_block_triton` is what ``drop_block`` calls when the backend is ``"triton"``.
+`drop_block_triton` is what ``drop_block`` calls when the backend is ``"triton"``.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def drop_block_fused(
     scale_mode: str,
     noise: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Fused DropBlock forward; see :func:`dropblock_fx.op.triton_kernels.drop_block_forward`."""
+    """Fused DropBlock forward; see `dropblock_fx.op.triton_kernels.drop_block_forward`."""
     return tk.drop_block_forward(x, gamma, seed, scale_in, list(block), mask, seed_region, scale_mode, noise)
 
 
@@ -51,7 +51,7 @@ def _drop_block_fused_fake(x, gamma, seed, scale_in, block, mask, seed_region, s
 
 @torch.library.custom_op("dropblock_fx::drop_block_fused_backward", mutates_args=())
 def drop_block_fused_backward(grad: Tensor, bits: Tensor, scale: Tensor) -> Tensor:
-    """``grad * keep * scale`` from the drop bits of :func:`drop_block_fused`."""
+    """``grad * keep * scale`` from the drop bits of `drop_block_fused`."""
     return tk.drop_block_backward(grad, bits, scale)
 
 
@@ -65,7 +65,7 @@ def drop_block_mask(
     gamma: Tensor, seed: Tensor, shape: Sequence[int], channels_last: bool, block: Sequence[int], mask: str,
     seed_region: str,
 ) -> tuple[Tensor, Tensor]:
-    """Drop bits and dropped count; see :func:`dropblock_fx.op.triton_kernels.drop_block_mask`."""
+    """Drop bits and dropped count; see `dropblock_fx.op.triton_kernels.drop_block_mask`."""
     return tk.drop_block_mask(gamma, seed, list(shape), channels_last, list(block), mask, seed_region)
 
 
@@ -112,7 +112,7 @@ def drop_block_triton(
 ) -> Tensor:
     """Training-mode DropBlock through the fused op (called by ``drop_block``'s dispatch).
 
-    ``gamma`` is the seed rate computed by :mod:`.gamma` (a float in eager code, a 0-d
+    ``gamma`` is the seed rate computed by `gamma` (a float in eager code, a 0-d
     tensor under ``torch.compile``); ``block`` is already clipped to the map.
     """
     spatial = tuple(int(s) for s in x.shape[2:])

@@ -4,8 +4,8 @@ Defaults follow the official TensorFlow code: seeds only where a whole block fit
 an independent mask per sample and per channel, the paper's gamma, and the output
 normalised by the kept fraction actually drawn over the whole tensor.
 
-Three ways to build the mask, picked by :func:`_pick_backend` (or forced with
-:func:`set_backend` / ``DROPBLOCK_FX_BACKEND``):
+Three ways to build the mask, picked by `_pick_backend` (or forced with
+[`set_backend`][dropblock_fx.set_backend] / ``DROPBLOCK_FX_BACKEND``):
 
 * ``"reference"``: dense, plain torch ops (a separable sliding max over the seed grid),
   the official algorithm as written; traceable by ``torch.compile``.
@@ -67,7 +67,7 @@ def set_backend(name: str) -> None:
 
     The environment variable ``DROPBLOCK_FX_BACKEND`` sets the same at import time.
 
-    Example:
+    Examples:
         >>> set_backend("reference"); set_backend("auto")
     """
     global _backend
@@ -90,7 +90,7 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 def normalize_block_size(block_size: BlockSize, n_spatial: int) -> tuple[int, ...]:
     """Validate ``block_size`` (an int, or one int per spatial dim) and return a tuple.
 
-    Example:
+    Examples:
         >>> normalize_block_size(7, 2)
         (7, 7)
     """
@@ -115,7 +115,7 @@ def normalize_block_size(block_size: BlockSize, n_spatial: int) -> tuple[int, ..
 def check_drop_prob(drop_prob: float) -> float:
     """Validate a drop probability and return it as a float.
 
-    Example:
+    Examples:
         >>> check_drop_prob(0.1)
         0.1
     """
@@ -130,7 +130,7 @@ def check_drop_prob(drop_prob: float) -> float:
 def check_options(
     mask: str, seed_region: str, scale: str, gamma_scale: float, noise: bool, calibrate: bool, inplace: bool
 ) -> None:
-    """Validate the option values shared by :func:`drop_block` and the modules."""
+    """Validate the option values shared by [`drop_block`][dropblock_fx.drop_block] and the modules."""
     _check_choice("mask", mask, MASK_MODES)
     _check_choice("seed_region", seed_region, SEED_REGIONS)
     _check_choice("scale", scale, SCALE_MODES)
@@ -391,7 +391,7 @@ def drop_block(
     Returns:
         A tensor of the shape, dtype and memory format of ``x``.
 
-    Example:
+    Examples:
         >>> x = torch.randn(2, 8, 14, 14)
         >>> y = drop_block(x, 0.1, 7)
         >>> y.shape

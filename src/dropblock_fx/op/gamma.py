@@ -37,7 +37,7 @@ __all__ = [
 def clip_block(spatial: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, ...]:
     """Clip the block to the feature map, per side.
 
-    Example:
+    Examples:
         >>> clip_block((7, 5), (7, 7))
         (7, 5)
     """
@@ -47,7 +47,7 @@ def clip_block(spatial: tuple[int, ...], block: tuple[int, ...]) -> tuple[int, .
 def seed_grid(spatial: tuple[int, ...], block: tuple[int, ...], seed_region: str) -> tuple[int, ...]:
     """Shape of the grid of possible seed positions.
 
-    Example:
+    Examples:
         >>> seed_grid((14, 14), (7, 7), "valid")
         (8, 8)
     """
@@ -62,10 +62,10 @@ def paper_gamma(
     """The paper's seed rate ``drop_prob / k^2 * S^2 / (S - k + 1)^2``, generalised per side.
 
     It ignores block overlaps, so the real drop rate is below ``drop_prob``
-    (see :func:`expected_drop_rate`). The same formula is used for both seed regions,
+    (see [`expected_drop_rate`][dropblock_fx.expected_drop_rate]). The same formula is used for both seed regions,
     as timm does.
 
-    Example:
+    Examples:
         >>> round(paper_gamma(0.1, (14, 14), (7, 7)), 6)
         0.00625
     """
@@ -75,7 +75,7 @@ def paper_gamma(
 def gamma_factor(spatial: tuple[int, ...], block: tuple[int, ...]) -> float:
     """``S^2 / (k^2 (S - k + 1)^2)`` generalised per side: the paper's gamma per unit of drop_prob.
 
-    Example:
+    Examples:
         >>> gamma_factor((7, 7), (7, 7))
         1.0
     """
@@ -104,7 +104,7 @@ def coverage_histogram(
     Pure Python on per-dim histograms (at most ``k`` distinct values per dim), so it is
     cheap and ``torch.compile`` folds it into constants.
 
-    Example:
+    Examples:
         >>> coverage_histogram((3,), (3,), "valid")
         ((1,), (1.0,))
     """
@@ -127,7 +127,7 @@ def expected_drop_rate(
 ) -> float:
     """Exact expected fraction of dropped units for seed rate ``gamma``, overlaps and edges included.
 
-    Example:
+    Examples:
         >>> g = paper_gamma(0.1, (7, 7), (3, 3))
         >>> round(expected_drop_rate(g, (7, 7), (3, 3)), 4)
         0.0947
@@ -146,7 +146,7 @@ def calibrated_gamma(
     The expected drop rate is increasing in ``gamma`` and reaches 1 at ``gamma = 1``
     (every unit is covered by at least one seed position), so bisection always converges.
 
-    Example:
+    Examples:
         >>> g = calibrated_gamma(0.1, (14, 14), (5, 5))
         >>> round(expected_drop_rate(g, (14, 14), (5, 5)), 9)
         0.1
@@ -174,12 +174,12 @@ def calibrated_gamma(
 def calibrated_gamma_tensor(
     target: torch.Tensor, spatial: tuple[int, ...], block: tuple[int, ...], seed_region: str
 ) -> torch.Tensor:
-    """Tensor version of :func:`calibrated_gamma` for traced / compiled code (no host sync).
+    """Tensor version of [`calibrated_gamma`][dropblock_fx.calibrated_gamma] for traced / compiled code (no host sync).
 
     A fixed number of bisection steps on tensors, so ``torch.compile`` sees a static graph
     and a new ``target`` value needs no recompilation.
 
-    Example:
+    Examples:
         >>> g = calibrated_gamma_tensor(torch.tensor(0.1), (14, 14), (5, 5), "valid")
         >>> abs(float(g) - calibrated_gamma(0.1, (14, 14), (5, 5))) < 1e-6
         True
@@ -206,7 +206,7 @@ def expected_keep_tensor(
 ) -> torch.Tensor:
     """Tensor version of ``1 - expected_drop_rate`` (for traced / compiled code).
 
-    Example:
+    Examples:
         >>> k = expected_keep_tensor(torch.tensor(0.01), (7, 7), (3, 3), "valid")
         >>> abs(float(k) - (1 - expected_drop_rate(0.01, (7, 7), (3, 3)))) < 1e-6
         True

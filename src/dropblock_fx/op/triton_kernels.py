@@ -1,7 +1,7 @@
 """Fused DropBlock kernels in Triton (CUDA; also run by ``TRITON_INTERPRET=1`` on CPU tensors).
 
 The keep mask is never materialised at full precision, nor as one byte per unit. Five
-kernels, all indexing with the geometry of :mod:`dropblock_fx.op.gamma`:
+kernels, all indexing with the geometry of `dropblock_fx.op.gamma`:
 
 1. ``_seeds_kernel``: one Philox draw per seed position only (``tl.rand4x``: four uniforms
    per counter, seed position ``4 c + j`` takes output ``j``), so the same key gives the same
@@ -355,7 +355,7 @@ def alloc_outputs(
 def alloc_mask_outputs(
     shape: Sequence[int], channels_last: bool, mask: str, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop-bits and dropped-count tensors of :func:`drop_block_mask` (shared with the fake impl)."""
+    """Drop-bits and dropped-count tensors of `drop_block_mask` (shared with the fake impl)."""
     return _alloc_bits(shape, channels_last, mask, device), torch.empty((1,), dtype=torch.int64, device=device)
 
 
@@ -485,7 +485,7 @@ def keep_from_bits(bits: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor
 
 @_on_input_device
 def drop_block_backward(grad: torch.Tensor, bits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``grad * keep * scale`` from the drop bits saved by :func:`drop_block_forward`."""
+    """``grad * keep * scale`` from the drop bits saved by `drop_block_forward`."""
     gd, cl = dense_input(grad)
     gi = torch.empty_like(gd)
     spatial = tuple(int(s) for s in gd.shape[2:])

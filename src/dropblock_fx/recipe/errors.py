@@ -56,10 +56,10 @@ class RecipeError(ValueError):
 
     Attributes:
         file: the recipe file, or ``None`` for dicts and built-in objects.
-        issues: every problem found (:class:`RecipeIssue`); the first one is also exposed as
+        issues: every problem found (`RecipeIssue`); the first one is also exposed as
             ``path`` (key path string), ``value``, ``allowed``, ``line`` and ``reason``.
 
-    Example:
+    Examples:
         >>> from dropblock_fx import load_recipe
         >>> load_recipe({"stages": [3, {"stage": 4, "block_size": 0}]})
         Traceback (most recent call last):

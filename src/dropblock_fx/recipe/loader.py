@@ -1,6 +1,6 @@
 """Loading recipes: built-in names, YAML files (``yaml.safe_load`` only), dicts, ``Recipe``s.
 
-Every failure is a :class:`RecipeError` naming file, line, key path, value and what is
+Every failure is a [`RecipeError`][dropblock_fx.RecipeError] naming file, line, key path, value and what is
 allowed; nothing else escapes (the loader is fuzzed for it).
 """
 
@@ -61,7 +61,7 @@ def _builtin_files() -> dict[str, Path]:
 def list_recipes() -> list[str]:
     """Names of the built-in recipes (``load_recipe(name)`` loads one).
 
-    Example:
+    Examples:
         >>> "paper-resnet50" in list_recipes()
         True
     """
@@ -88,7 +88,7 @@ def load_recipe(source: RecipeLike = None) -> Recipe:
     Raises:
         RecipeError: with file, line, key path, bad value and allowed values.
 
-    Example:
+    Examples:
         >>> r = load_recipe("paper-resnet50")
         >>> r.stages, r.block_size, r.keep_prob
         ([3, 4], 7, 0.9)
@@ -187,7 +187,7 @@ def line_of(recipe: Recipe, path: tuple[Any, ...]) -> Optional[int]:
 
 
 def validate_recipe(data: Any, *, file: Optional[str] = None, text: Optional[str] = None) -> Recipe:
-    """Validate a mapping as a :class:`Recipe`; ``text`` (the YAML) adds line numbers."""
+    """Validate a mapping as a [`Recipe`][dropblock_fx.Recipe]; ``text`` (the YAML) adds line numbers."""
     if not isinstance(data, Mapping):
         raise RecipeError(
             [RecipeIssue(reason=f"a recipe is a mapping of settings, not a {type(data).__name__}", value=data)],

@@ -1,7 +1,7 @@
 """The recipe schema: where DropBlock goes, how strongly, and on what schedule.
 
 This is the contract between the recipe layer (loading, validation, built-ins) and the
-surgery layer (which reads a validated :class:`Recipe`). Field names are public API.
+surgery layer (which reads a validated [`Recipe`][dropblock_fx.Recipe]). Field names are public API.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class Recipe(_Strict):
     at output stride ``2 ** (k + 1)`` (ResNet-50: ``3`` = layer3, ``4`` = layer4);
     negative indices count from the deepest stage; strings are stage names.
 
-    Example:
+    Examples:
         >>> r = Recipe(stages=[3, 4], block_size=7, keep_prob=0.9, stage_multiplier="paper")
         >>> r.rate
         0.1
@@ -178,7 +178,7 @@ class Recipe(_Strict):
         ``"paper"``: ``1 / 4 ** (deepest - stage)`` with ``deepest`` the deepest selected stage
         (the official TF code), else the table entry for the stage's index or name, else 1.
 
-        Example:
+        Examples:
             >>> Recipe(stages=[3, 4], keep_prob=0.9, stage_multiplier="paper").stage_rate(3, 4)
             0.025
         """
@@ -198,14 +198,14 @@ class Recipe(_Strict):
         return min(1.0, round(self.rate * mult, 12))
 
     def to_yaml(self, *, header: Optional[str] = None) -> str:
-        """The recipe as YAML that :func:`load_recipe` reads back to an equal recipe."""
+        """The recipe as YAML that [`load_recipe`][dropblock_fx.load_recipe] reads back to an equal recipe."""
         from .loader import recipe_to_yaml
 
         return recipe_to_yaml(self, header=header)
 
     @classmethod
     def from_yaml(cls, text: str, *, file: Optional[str] = None) -> "Recipe":
-        """Parse and validate YAML text (``yaml.safe_load``); errors are :class:`RecipeError`."""
+        """Parse and validate YAML text (``yaml.safe_load``); errors are [`RecipeError`][dropblock_fx.RecipeError]."""
         from .loader import recipe_from_yaml
 
         return recipe_from_yaml(text, file=file)

@@ -73,7 +73,7 @@ def resolve_stage(
     Integers are stage indices (stage ``k`` at output stride ``2 ** (k + 1)``), negative ones
     count from the deepest stage (``-1`` = deepest); strings are stage names.
 
-    Example:
+    Examples:
         >>> resolve_stage(-1, {1: "layer1", 2: "layer2", 3: "layer3", 4: "layer4"})
         4
         >>> resolve_stage("layer3", [(3, "layer3"), (4, "layer4")])
@@ -119,7 +119,7 @@ def resolve_stages(
     With ``recipe.missing_stages == "skip"`` a stage the model lacks is left out (and its
     reference appended to ``skipped``) unless that leaves no stage at all.
 
-    Example:
+    Examples:
         >>> r = Recipe(stages=[-2, -1], missing_stages="skip")
         >>> left_out = []
         >>> resolve_stages(r, {0: "blocks"}, skipped=left_out), left_out

@@ -1,12 +1,32 @@
 """The schedule layer: schedules (rate over progress), hooks (what advances them), and
-``attach_schedule`` that drives a model's DropBlock modules, with ``state_dict`` for resume."""
+``attach_schedule`` that drives a model's DropBlock modules, with ``state_dict`` for resume.
+
+The schedule functions, their registry and ``ScheduleSpec`` are torch-free and load with the
+package (recipes use them); what drives modules (``core``, ``hooks``) loads on first use.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 from . import functions as _builtin_schedules  # noqa: F401  (registers the built-ins)
-from . import pending as _pending  # noqa: F401  (installs the "no schedule attached" warning)
-from .core import DropBlockSchedule, attach_schedule, detach_schedule, schedule_length
-from .hooks import HookContext, list_hooks, register_hook
 from .registry import get_schedule, list_schedules, register_schedule, schedule_value
 from .spec import ScheduleSpec
+
+_LAZY = {
+    "DropBlockSchedule": ".core",
+    "attach_schedule": ".core",
+    "detach_schedule": ".core",
+    "schedule_length": ".core",
+    "HookContext": ".hooks",
+    "list_hooks": ".hooks",
+    "register_hook": ".hooks",
+}
+
+if TYPE_CHECKING:
+    from .core import DropBlockSchedule, attach_schedule, detach_schedule, schedule_length
+    from .hooks import HookContext, list_hooks, register_hook
 
 __all__ = [
     "ScheduleSpec",
@@ -22,3 +42,17 @@ __all__ = [
     "list_hooks",
     "HookContext",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    source = _LAZY.get(name)
+    if source is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import_module(".pending", __name__)  # installs the "no schedule attached" warning
+    value = getattr(import_module(source, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -43,12 +43,12 @@ class DropBlockSchedule:
     ``progress = count / length`` clamped to ``[0, 1]``; every rate is a pure function of it.
 
     Attributes:
-        spec: the :class:`ScheduleSpec` (name, params, length).
+        spec: the [`ScheduleSpec`][dropblock_fx.ScheduleSpec] (name, params, length).
         length: the schedule's length in ``unit`` s (``None``: not known yet (Lightning reads it
             at fit start) or not needed (constant); it then runs at progress 0).
         unit: ``"step"`` or ``"epoch"``.
         modules: ``{qualified name: module}`` of the driven DropBlock modules.
-        hook: the installed hook's handle (``remove()`` it with :meth:`detach`).
+        hook: the installed hook's handle (``remove()`` it with [`detach`][dropblock_fx.DropBlockSchedule.detach]).
         callback: the Lightning callback (``hook="lightning"`` only).
     """
 
@@ -105,7 +105,7 @@ class DropBlockSchedule:
     # -- advancing -----------------------------------------------------------------------
     def step(self, n: float = 1, *, epoch: Optional[float] = None) -> float:
         """Advance by ``n`` units, or jump to ``epoch`` (epochs done; converted to steps when
-        the unit is steps and ``steps_per_epoch`` is known). Returns :attr:`value`."""
+        the unit is steps and ``steps_per_epoch`` is known). Returns [`value`][dropblock_fx.DropBlockSchedule.value]."""
         if epoch is not None:
             if self.unit == "epoch":
                 self.set_count(epoch)
@@ -249,17 +249,17 @@ def attach_schedule(
         optimizer: with it, the default hook is ``"optimizer"``: each ``optimizer.step()``
             advances the schedule once; without, ``"manual"``.
         hook: what advances the schedule: ``"optimizer"``, ``"manual"``, ``"epoch"``,
-            ``"forward"``, ``"lightning"`` or one you registered (:func:`register_hook`).
-        schedule: overrides the recipe's schedule (a name, dict or :class:`ScheduleSpec`);
+            ``"forward"``, ``"lightning"`` or one you registered ([`register_hook`][dropblock_fx.register_hook]).
+        schedule: overrides the recipe's schedule (a name, dict or [`ScheduleSpec`][dropblock_fx.ScheduleSpec]);
             default: ``model.dropblock_plan.recipe.schedule``; ``constant`` when the applied
             recipe has none; the paper's ``linear`` for modules placed by hand.
         hook_options: extra options for a custom hook (``HookContext.options``).
 
     Returns:
-        The :class:`DropBlockSchedule`, already applied at step 0. Attaching again replaces
+        The [`DropBlockSchedule`][dropblock_fx.DropBlockSchedule], already applied at step 0. Attaching again replaces
         (and unhooks) the previous schedule of the model.
 
-    Example:
+    Examples:
         >>> from dropblock_fx import DropBlock2d
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), DropBlock2d(0.1, 3))
         >>> sched = attach_schedule(model, total_steps=100)

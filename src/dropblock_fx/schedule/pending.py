@@ -1,7 +1,7 @@
 """The "no schedule attached" warning: a recipe with a schedule must never silently train at
 its final rate.
 
-Surgery marks the modules of a scheduled recipe with one :class:`PendingSchedule` per
+Surgery marks the modules of a scheduled recipe with one `PendingSchedule` per
 ``apply_dropblock`` call; ``attach_schedule`` clears the mark. The first marked module to run
 a training forward warns, once per model, and the warning names the fix for the training loop
 it recognises (timm's ``train.py``, the Hugging Face ``Trainer``, Lightning, a plain loop).
@@ -88,7 +88,7 @@ _FIXES = {
 
 
 def unscheduled_message(loop: str = "plain") -> str:
-    """The warning's text, with the fix for ``loop`` (see :func:`detect_loop`)."""
+    """The warning's text, with the fix for ``loop`` (see `detect_loop`)."""
     return (
         "dropblock_fx: this model's recipe has a schedule, but no schedule is attached, so "
         "DropBlock trains at its final rate from the first step. " + _FIXES.get(loop, _FIXES["plain"])

@@ -59,7 +59,7 @@ def register_schedule(name: str, *, overwrite: bool = False) -> Callable[[Schedu
     Parameters must be keyword arguments (with defaults, or required). The function must be
     pure: the same progress and params always give the same factor.
 
-    Example:
+    Examples:
         >>> @register_schedule("square", overwrite=True)
         ... def square(progress: float, end: float = 1.0) -> float:
         ...     return end * progress ** 2

@@ -23,7 +23,7 @@ class ScheduleSpec(BaseModel):
     every module's target rate, so ``linear`` (0 -> 1) is the paper's
     ``kp_t = 1 - (t / T)(1 - kp)``.
 
-    Example:
+    Examples:
         >>> ScheduleSpec(name="cosine", fraction=0.5).name
         'cosine'
     """

@@ -48,7 +48,7 @@ class Action:
 
 
 def new_dropblock(row: PlanRow, training: bool = True) -> DropBlockNd:
-    """The DropBlock module of ``row``, with its :class:`Placement`."""
+    """The DropBlock module of ``row``, with its [`Placement`][dropblock_fx.modules.Placement]."""
     opts = dict(row.options)
     cls = DropBlock3d if len(row.resolution) == 3 else DropBlock2d
     m = cls(drop_prob=row.target_drop_prob, **opts)

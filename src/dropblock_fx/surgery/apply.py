@@ -56,7 +56,7 @@ def apply_dropblock(model: nn.Module, recipe: RecipeLike = None, *, replace: boo
     Raises:
         SurgeryError: naming the module and the reason; the model is then unchanged.
 
-    Example:
+    Examples:
         >>> import torchvision, dropblock_fx as dbx
         >>> m = dbx.apply_dropblock(torchvision.models.resnet50(), "paper-resnet50")
         >>> len(dbx.describe(m).rows)
@@ -115,9 +115,9 @@ def _apply_actions(model: nn.Module, p: Plan, actions: list[Action]) -> None:
 
 
 def remove_dropblock(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_dropblock`: no DropBlock left, original module classes, same outputs.
+    """Undo [`apply_dropblock`][dropblock_fx.apply_dropblock]: no DropBlock left, original module classes, same outputs.
 
-    Example:
+    Examples:
         >>> import torchvision
         >>> m = remove_dropblock(torchvision.models.resnet18())   # nothing to undo: no-op
     """
@@ -137,7 +137,7 @@ def remove_dropblock(model: nn.Module) -> nn.Module:
 
 
 def describe(model: nn.Module) -> Plan:
-    """The plan of a model modified by :func:`apply_dropblock` (``print`` it for a table).
+    """The plan of a model modified by [`apply_dropblock`][dropblock_fx.apply_dropblock] (``print`` it for a table).
 
     When the model trained on feature maps of another size than the plan's (images of
     another size than the recipe's ``input_size``), the rows of the modules concerned also
@@ -147,7 +147,7 @@ def describe(model: nn.Module) -> Plan:
     Raises:
         SurgeryError: the model has no DropBlock plan.
 
-    Example:
+    Examples:
         >>> import torchvision
         >>> m = apply_dropblock(torchvision.models.resnet18(), stages=[4])
         >>> p = describe(m)

@@ -113,7 +113,7 @@ _LAZY = {"timm": "dropblock_fx.integrations.timm_slots"}  # registered when that
 def register_site_finder(name: str) -> Callable[[SiteFinder], SiteFinder]:
     """Register ``finder(ctx) -> [Candidate]`` under ``name`` (a decorator).
 
-    Example:
+    Examples:
         >>> @register_site_finder("nothing")
         ... def _none(ctx):
         ...     return []

@@ -13,7 +13,7 @@ Planning is a pipeline of phases, each in its own module of this package:
 8. the promise (``promise.py``): the rewritten target run once in train mode on meta
    tensors; a row whose DropBlock module is not called, or not on a feature map of its
    stage, is dropped with a note;
-9. the :class:`Plan`.
+9. the [`Plan`][dropblock_fx.Plan].
 
 The whole pipeline runs inside ``graph.preserve.preserved``: whatever the shape pass or
 tracing changes on the model's modules (caches, attributes, RNG state) is put back.
@@ -58,7 +58,7 @@ def plan(model: nn.Module, recipe: RecipeLike = None, **overrides: Any) -> Plan:
     """Where ``apply_dropblock(model, recipe, **overrides)`` would put DropBlock; the model is
     not modified.
 
-    Example:
+    Examples:
         >>> import torchvision
         >>> p = plan(torchvision.models.resnet50(), "paper-resnet50")
         >>> len(p.rows), p.count("shortcut"), sorted({r.stage for r in p})

@@ -3,8 +3,8 @@
 A plan is made at the recipe's ``input_size``: every row's block size and expected rate hold
 for the feature maps of that size. Each inserted module knows its planned map
 (``placement.resolution``); the modules of one ``apply_dropblock`` call share one
-:class:`ResolutionWatch`, so the first training forward on other maps warns, once for the
-whole model, and :func:`with_seen_resolutions` gives ``describe`` the rates at the maps seen.
+`ResolutionWatch`, so the first training forward on other maps warns, once for the
+whole model, and `with_seen_resolutions` gives ``describe`` the rates at the maps seen.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def resolution_message(path: str, planned: tuple[int, ...], seen: tuple[int, ...
     """The one-line warning for a module at ``path`` planned for a ``planned`` map that
     trains on a ``seen`` one, in a plan made for ``input_size``.
 
-    Example:
+    Examples:
         >>> resolution_message("layer4.0.dropblock_conv1", (7, 7), (1, 1), (3, 224, 224))[:80]
         'dropblock_fx: training feature maps differ from the plan (layer4.0.dropblock_con'
     """
@@ -63,7 +63,7 @@ class ResolutionWatch:
     """Shared by the DropBlock modules of one ``apply_dropblock`` call: the first of them to
     train on a feature map other than its planned one warns for the whole model.
 
-    Example:
+    Examples:
         >>> import warnings
         >>> from dropblock_fx import DropBlock2d
         >>> watch = ResolutionWatch((3, 224, 224))
@@ -118,7 +118,7 @@ def row_at(row: PlanRow, seen: tuple[int, ...]) -> PlanRow:
     """``row`` with the block size clipped to a ``seen`` map and the expected rate there
     (the same maths as the plan's own columns).
 
-    Example:
+    Examples:
         >>> import torchvision
         >>> from dropblock_fx import plan
         >>> row = plan(torchvision.models.resnet18(), stages=[4]).rows[-1]
@@ -138,7 +138,7 @@ def with_seen_resolutions(p: Plan, model: nn.Module) -> Plan:
     than planned, that size and the block size and expected rate there; ``p`` itself when no
     module did (the stored plan is never changed).
 
-    Example:
+    Examples:
         >>> import torch, torchvision
         >>> from dropblock_fx import apply_dropblock, describe
         >>> m = apply_dropblock(torchvision.models.resnet18(), stages=[4], schedule=None)

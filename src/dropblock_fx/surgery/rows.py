@@ -1,4 +1,4 @@
-"""The result of planning: :class:`PlanRow` (one DropBlock module) and :class:`Plan`.
+"""The result of planning: [`PlanRow`][dropblock_fx.PlanRow] (one DropBlock module) and [`Plan`][dropblock_fx.Plan].
 
 A plan is plain data (picklable): its rows say, for every DropBlock module, the stage, the
 feature resolution at the recipe's input size, the module path, the site kind, the block
@@ -7,13 +7,39 @@ size after clipping, the target rate and the expected real rate.
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..graph.stages import Stage
 from ..recipe.schema import Recipe
 
-__all__ = ["PlanRow", "Plan"]
+__all__ = ["PlanRow", "Plan", "legend"]
+
+# What each site kind means, for the legend under plan tables (the recipe's `sites:` words).
+SITE_WORDS = {
+    "conv": "after a conv + norm (+ act) inside a block",
+    "conv_last": "after a residual branch's last conv + norm, before the add",
+    "shortcut": "on the shortcut into the residual add",
+    "block": "on a block's output",
+    "timm": "in timm's own drop_block slots",
+}
+
+
+def legend(kinds: list[str], width: int = 100) -> list[str]:
+    """The legend under a plan table: the site kinds shown, and what the two rates are (each
+    wrapped at ``width`` characters).
+
+    Examples:
+        >>> print(legend(["conv", "shortcut"])[0])
+        sites: conv = after a conv + norm (+ act) inside a block; shortcut = on the shortcut into the
+          residual add
+    """
+    words = "; ".join(f"{k} = {SITE_WORDS[k]}" for k in kinds if k in SITE_WORDS)
+    lines = ([f"sites: {words}"] if words else []) + [
+        "drop rate: the recipe's target (reached at the end of its schedule); real rate: the fraction "
+        "expected to be dropped (lower where blocks overlap or are clipped to the map)"]
+    return [textwrap.fill(line, width, subsequent_indent="  ") for line in lines]
 
 
 _SEEN = ("seen_resolution", "seen_block_size", "seen_expected_drop_prob", "skipped_at")
@@ -23,7 +49,7 @@ _SEEN = ("seen_resolution", "seen_block_size", "seen_expected_drop_prob", "skipp
 class PlanRow:
     """One DropBlock module of a plan.
 
-    The ``seen_*`` fields are filled only in :func:`describe`'s answer, for a module that
+    The ``seen_*`` fields are filled only in [`describe`][dropblock_fx.describe]'s answer, for a module that
     trained on feature maps of another size than planned: that size, the block size clipped
     to it and the expected real rate there; ``skipped_at``, for a module that did not run at
     some sizes, its block's input sizes there.
@@ -70,7 +96,7 @@ class Plan:
     def explain(self) -> str:
         """Why each position a site finder looked at was left out (a gate's branch, attention
         logits, unfolded patches, a window partition), one line each; rows dropped by the
-        run check are in :attr:`notes`."""
+        run check are in `notes`."""
         return "\n".join(f"left out: {where}: {why}" for where, why in self.left_out)
 
     def __len__(self) -> int:
@@ -86,12 +112,12 @@ class Plan:
         return sum(1 for r in self.rows if (kind is None or r.kind == kind) and (stage is None or r.stage == stage))
 
     def __str__(self) -> str:
-        head = ["stage", "resolution", "module", "site", "block", "target p", "expected p"]
+        head = ["stage", "feature map", "module", "site", "block", "drop rate", "real rate"]
         body = [[f"{r.stage} {r.stage_name}", "x".join(map(str, r.resolution)), r.path, r.kind,
                  "x".join(map(str, r.block_size)), f"{r.target_drop_prob:.4g}", f"{r.expected_drop_prob:.4g}"]
                 for r in self.rows]
         if any(r.seen_resolution for r in self.rows):  # describe() after training at another size
-            head += ["seen", "seen block", "seen p"]
+            head += ["seen map", "seen block", "seen real rate"]
             for r, cells in zip(self.rows, body):
                 cells += (["x".join(map(str, r.seen_resolution)), "x".join(map(str, r.seen_block_size)),
                            f"{r.seen_expected_drop_prob:.4g}"] if r.seen_resolution else ["-"] * 3)
@@ -105,6 +131,8 @@ class Plan:
             + (f": {s.span_within(72)}" if s.span != s.name else "") + ")" for s in self.stages))
         lines += [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
         lines += [fmt.format(*row) for row in body]
+        if self.rows:
+            lines += legend(sorted({r.kind for r in self.rows}))
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 

@@ -35,12 +35,12 @@ class StageSettings:
 
 
 def resolve_recipe(recipe: RecipeLike = None, **overrides: Any) -> Recipe:
-    """A validated :class:`Recipe` from a name, path, dict or Recipe, with ``overrides`` applied.
+    """A validated [`Recipe`][dropblock_fx.Recipe] from a name, path, dict or Recipe, with ``overrides`` applied.
 
     ``stages=`` without ``missing_stages=`` resets ``missing_stages`` to its default: a
     recipe's ``skip`` was about its own stage list.
 
-    Example:
+    Examples:
         >>> resolve_recipe("paper-resnet50", drop_prob=0.2).drop_prob
         0.2
     """
@@ -48,7 +48,7 @@ def resolve_recipe(recipe: RecipeLike = None, **overrides: Any) -> Recipe:
 
 
 def with_overrides(recipe: RecipeLike, overrides: dict[str, Any], source: str) -> Recipe:
-    """:func:`resolve_recipe` with the overrides as a dict; ``source`` names them in errors
+    """`resolve_recipe` with the overrides as a dict; ``source`` names them in errors
     (the command line's ``--set``, or ``apply_dropblock``'s keywords)."""
     from ..recipe.loader import load_recipe, validate_recipe
 
@@ -123,7 +123,7 @@ def small_map_note(cfg: StageSettings, input_size: tuple[int, ...]) -> str:
     (the block is clipped; a block covering the whole map drops whole feature maps); ``''``
     otherwise.
 
-    Example:
+    Examples:
         >>> from dropblock_fx.graph.stages import Stage
         >>> cfg = StageSettings(Stage(4, "layer4", 32, (1, 1)), 0.1, 7, frozenset({"conv"}), 1.0,
         ...                     (("mask", "channel"),))

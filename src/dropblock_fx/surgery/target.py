@@ -66,7 +66,7 @@ def backbone_target(model: nn.Module) -> str:
     inside a torchvision FPN backbone), ``backbone.features`` (the base network of an SSD
     feature extractor, without its ``extra`` layers), else ``backbone``; ``""`` when it has none.
 
-    Example:
+    Examples:
         >>> import torchvision
         >>> backbone_target(torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights_backbone=None))
         'backbone.features'
