@@ -381,3 +381,16 @@ def test_plan_png_without_matplotlib_names_the_extra(capsys, tmp_path, monkeypat
     code, out, err = run(capsys, "plan", "resnet10t", "--input-size", "64", "--png", str(tmp_path / "p.png"))
     assert code == 1 and "stage" in out and not (tmp_path / "p.png").exists()
     assert 'pip install -e ".[demo]"' in err and err.count("pip install") == 1, err
+
+
+def test_plan_explain_lists_what_holds_no_feature_map(capsys):
+    """MobileViT's transformer blocks run 1x1 convs and residual adds on unfolded patches
+    (B, C, patch_area, n_patches): left out, and said why."""
+    assert main(["plan", "timm:mobilevitv2_050", "--input-size", "256", "--explain"]) == 0
+    out = capsys.readouterr().out
+    lines = [ln for ln in out.splitlines() if ln.startswith("left out: ")]
+    assert lines and all("no stage map" in ln or "side branch" in ln or "batch dim" in ln for ln in lines), lines
+    assert any("stages.3.1: add" in ln and "4x64 is no stage map" in ln for ln in lines), lines
+    assert main(["plan", "timm:mobilevitv2_050", "--input-size", "256", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {"position", "why"} == set(doc["left_out"][0]) and len(doc["left_out"]) == len(lines)

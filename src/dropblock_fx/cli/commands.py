@@ -48,6 +48,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         print(format_plan(p, args.model, args.modules))
+        if getattr(args, "explain", False):
+            print(p.explain() or "left out: nothing (every position looked at holds a feature map)")
     if args.png:
         from .plan_picture import draw_plan
 

@@ -109,7 +109,8 @@ def format_plan(plan: Any, model_spec: str, modules: bool) -> str:
 
 
 def plan_json(plan: Any, model_spec: str) -> dict[str, Any]:
-    """The ``plan --json`` document: model, recipe, input shape, stages, summary, rows, notes."""
+    """The ``plan --json`` document: model, recipe, input shape, stages, summary, rows, notes and
+    the positions left out for holding no feature map (``Plan.explain``)."""
     return dict(
         model=model_spec,
         recipe=plan.recipe.model_dump(mode="json", exclude_none=True),
@@ -121,4 +122,5 @@ def plan_json(plan: Any, model_spec: str) -> dict[str, Any]:
         summary=stage_summary(plan),
         rows=plan.as_dicts(),
         notes=list(plan.notes),
+        left_out=[dict(position=where, why=why) for where, why in plan.left_out],
     )

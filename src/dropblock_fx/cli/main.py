@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modules", "-m", action="store_true", help="also list every DropBlock module")
     p.add_argument("--verify", action="store_true",
                    help="also apply it and check the eval outputs are bit-identical on a random input")
+    p.add_argument("--explain", action="store_true",
+                   help="also list the positions left out for holding no feature map (a gate, attention logits, "
+                        "unfolded patches, windows), and why")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--png", metavar="FILE", default=None,
                    help="also draw the plan: the stages (feature map, channels) and their DropBlock "
