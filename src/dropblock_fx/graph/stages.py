@@ -51,7 +51,9 @@ __all__ = ["Stage", "StageMap", "stage_of_shape", "map_stages", "find_stages"]
 @dataclass
 class Stage:
     """One stage: its index, name, nominal stride, real feature-map size, the dilation that
-    stands for the missing stride (1: none) and its outermost modules in call order."""
+    stands for the missing stride (1: none), its outermost modules in call order and its
+    real stride per spatial axis (input size / map size: not a power of two with valid
+    padding, different per axis on a net that pools one axis only)."""
 
     index: int
     name: str
@@ -59,6 +61,7 @@ class Stage:
     resolution: tuple[int, ...]
     dilation: int = 1
     modules: tuple[str, ...] = ()
+    real_stride: tuple[float, ...] = ()
 
     @property
     def reduction(self) -> int:
@@ -67,10 +70,24 @@ class Stage:
     @property
     def rule(self) -> str:
         """Why these maps are this stage: their real stride, or the real stride times the
-        dilation that replaced the missing strides."""
+        dilation that replaced the missing strides; the real stride per axis where it is not
+        the nominal one.
+
+        Examples:
+            >>> Stage(4, "block8", 32, (3, 3), real_stride=(53.3, 53.3)).rule
+            'stride 32 (real 53.3)'
+            >>> Stage(3, "layer3", 16, (2, 16), real_stride=(16.0, 2.0)).rule
+            'stride 16 (real 16x2)'
+        """
         if self.dilation > 1:
-            return f"stride {self.stride} = {self.stride // self.dilation} x dilation {self.dilation}"
-        return f"stride {self.stride}"
+            text = f"stride {self.stride} = {self.stride // self.dilation} x dilation {self.dilation}"
+        else:
+            text = f"stride {self.stride}"
+        real = self.stride // self.dilation
+        if self.real_stride and any(abs(r - real) > 0.05 for r in self.real_stride):
+            shown = [f"{r:g}" for r in self.real_stride]
+            text += f" (real {shown[0] if len(set(shown)) == 1 else 'x'.join(shown)})"
+        return text
 
     @property
     def span(self) -> str:
@@ -111,8 +128,9 @@ def _runs(modules: tuple[str, ...]) -> list[tuple[str, str]]:
     return [r for r in out if r[0]]
 
 
-def _log(input_shape: tuple[int, ...], shape: tuple[int, ...]) -> Optional[int]:
-    """log2 of the real reduction of a feature map (None: not a feature map of this input)."""
+def _ratio_log(input_shape: tuple[int, ...], shape: tuple[int, ...]) -> Optional[int]:
+    """log2 of the real reduction of a feature map, by its size alone (None: not a feature map
+    of this input); see :class:`Steps` for the main path's own steps."""
     if len(shape) != len(input_shape) or len(shape) not in (4, 5) or min(shape[2:]) <= 0:
         return None
     # H and W must be reduced by the same power of two: this also rejects
@@ -120,6 +138,78 @@ def _log(input_shape: tuple[int, ...], shape: tuple[int, ...]) -> Optional[int]:
     # (H, W) only: video nets often keep or halve the temporal dim at their own pace.
     logs = {round(math.log2(i / o)) for i, o in zip(input_shape[-2:], shape[-2:])}
     return logs.pop() if len(logs) == 1 else None
+
+
+def _layer_steps(m: nn.Module) -> Optional[int]:
+    """How many halvings a strided layer (a conv, a pooling layer) makes: log2 of its largest
+    stride (``stride=(2, 1)`` halves one axis: one step). None for anything else."""
+    stride = getattr(m, "stride", None)
+    if not isinstance(m, nn.Module) or stride is None or isinstance(stride, bool):
+        return None
+    try:
+        s = max(int(x) for x in stride) if isinstance(stride, (tuple, list)) else int(stride)
+    except (TypeError, ValueError):
+        return None
+    return round(math.log2(s)) if s >= 1 else None
+
+
+class Steps:
+    """The downsampling steps of the main path: for each spatial size (H, W) of its maps, how
+    many halvings of the input it took (log2 of the nominal stride).
+
+    Sizes are visited in the order they were produced; a new size made by a strided layer
+    (a conv or pooling layer) is its input's steps plus log2 of the layer's stride, whatever
+    its padding (a valid 3x3 stride-2 conv takes 160 px to 79, 38, 17, 8, 3: one step each)
+    and whichever axis it shrinks (``MaxPool2d((2, 1))`` halves the height: one step). A
+    stride-1 layer that shrinks a map (valid padding) adds none. Sizes made otherwise
+    (functional pooling inside a custom module) count ``round(log2(input / size))`` steps when
+    both axes agree.
+
+    Examples:
+        >>> from dropblock_fx.graph.shapes import record_calls
+        >>> m = nn.Sequential(nn.Conv2d(3, 8, 3, 2), nn.Conv2d(8, 8, 3, 2), nn.MaxPool2d((2, 1)))
+        >>> steps = Steps(record_calls(m, (3, 160, 160)))
+        >>> sorted(steps.table.items(), key=lambda kv: kv[1])
+        [((160, 160), 0), ((79, 79), 1), ((39, 39), 2), ((19, 39), 3)]
+    """
+
+    def __init__(self, record: ShapeRecord) -> None:
+        self.input_shape = record.input_shape
+        inp = tuple(record.input_shape[-2:])
+        table: dict[tuple[int, ...], int] = {inp: 0}
+        self.lost = 0  # strided layers that ran on 1x1 maps: steps the input was too small for
+        for c in sorted(record.calls, key=lambda c: c.end):  # a producer ends before its users
+            s = _out_shape(c)
+            if s is None or len(s) != len(record.input_shape) or s[0] != record.input_shape[0]:
+                continue
+            size = s[-2:]
+            if not record.on_main_path(c.output):
+                continue
+            if all(d == 1 for d in size) and (_layer_steps(c.module) or 0) > 0 and is_conv(c.module):
+                first = next((t for t in _tensors((c.args, c.kwargs)) if t.dim() == len(s)), None)
+                self.lost += first is not None and all(d == 1 for d in first.shape[-2:])
+            if size in table or min(size) <= 0:
+                continue
+            n = _layer_steps(c.module)
+            if n is None:
+                continue  # not a strided layer: its size is looked up by the ratio (see log)
+            first = next((t for t in _tensors((c.args, c.kwargs)) if t.dim() == len(s)), None)
+            source = tuple(first.shape[-2:]) if first is not None else None
+            base = table.get(source) if source is not None else None
+            if base is None and source is not None:
+                base = _ratio_log(self.input_shape, first.shape)
+            if base is not None and all(d == 1 for d in size) and not any(d > 1 for d in source or ()):
+                continue  # a 1x1 from a 1x1: no map
+            if base is not None:
+                table[size] = base + n
+        self.table = table
+
+    def log(self, shape: tuple[int, ...]) -> Optional[int]:
+        """Steps of a feature map of ``shape`` (None: not a feature map of this input)."""
+        if len(shape) != len(self.input_shape) or len(shape) not in (4, 5) or min(shape[2:]) <= 0:
+            return None
+        found = self.table.get(tuple(shape[-2:]))
+        return found if found is not None else _ratio_log(self.input_shape, shape)
 
 
 def _stage(log: int) -> Optional[int]:
@@ -134,7 +224,7 @@ def stage_of_shape(input_shape: tuple[int, ...], shape: tuple[int, ...]) -> Opti
         >>> stage_of_shape((1, 3, 224, 224), (1, 1024, 14, 14))
         3
     """
-    log = _log(input_shape, shape)
+    log = _ratio_log(input_shape, shape)
     return None if log is None else _stage(log)
 
 
@@ -145,7 +235,8 @@ def _out_shape(call: Call) -> Optional[tuple[int, ...]]:
     return None
 
 
-def _feature_log(record: ShapeRecord, call: Call, collapsed: frozenset[int] = frozenset()) -> Optional[int]:
+def _feature_log(record: ShapeRecord, call: Call, steps: "Steps",
+                 collapsed: frozenset[int] = frozenset()) -> Optional[int]:
     """log2 of the call's output stride; None for no feature map. A 1x1 output is a feature map
     only where a stride collapsed a real map (``collapsed``): SE vectors and pooled maps are not;
     nor is a tensor of another batch (windows) or on a side branch (a pooled gate, attention
@@ -155,23 +246,23 @@ def _feature_log(record: ShapeRecord, call: Call, collapsed: frozenset[int] = fr
         return None
     if s[0] != record.input_shape[0] or not record.on_main_path(call.output):
         return None  # a window partition or per-head tensor; a side branch
-    return _log(record.input_shape, s)
+    return steps.log(s)
 
 
 _GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d)
 
 
-def _collapsed(record: ShapeRecord) -> frozenset[int]:
+def _collapsed(record: ShapeRecord, steps: Steps) -> frozenset[int]:
     """Ids of 1x1 outputs that are feature maps: a strided conv that reduced a real map to 1x1
     (ResNet's ``layer4`` at a 32 px input), and what is computed from those, one stride past
     the deepest real map (a conv whose kernel covers the map, as VGG's ``ConvMlp``, is a head)."""
     ids: set[int] = set()
-    deepest = max((log for c in record.calls if (log := _feature_log(record, c)) is not None), default=None)
+    deepest = max((log for c in record.calls if (log := _feature_log(record, c, steps)) is not None), default=None)
     if deepest is None:
         return frozenset()
     for c in sorted(record.calls, key=lambda c: c.end):  # a producer ends before its users
         s = _out_shape(c)
-        if s is None or not all(d == 1 for d in s[2:]) or _log(record.input_shape, s) != deepest + 1:
+        if s is None or not all(d == 1 for d in s[2:]) or steps.log(s) != deepest + 1:
             continue
         first = next((t for t in _tensors((c.args, c.kwargs)) if t.dim() in (4, 5)), None)
         if first is None:
@@ -197,8 +288,11 @@ class StageMap:
     by_call: dict[int, int]
     nominal: dict[int, int]
     factor: dict[int, int]
+    steps: Optional[Steps] = None
 
     def __post_init__(self) -> None:
+        if self.steps is None:
+            self.steps = Steps(self.record)
         self._position = {id(c): i for i, c in enumerate(self.record.calls)}
 
     def of_call(self, call: Optional[Call]) -> Optional[int]:
@@ -222,7 +316,7 @@ class StageMap:
 
     def of_shape(self, shape: tuple[int, ...], near: Optional[Call] = None) -> Optional[int]:
         """The stage of a feature map of ``shape`` computed next to ``near`` (same dilation)."""
-        log = _log(self.record.input_shape, shape)
+        log = self.steps.log(shape)  # type: ignore[union-attr]
         if log is None:
             return None
         return _stage(log + int(math.log2(self.factor_of(near))))
@@ -264,7 +358,7 @@ def _children(m: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
 
 
 def _dilation_factors(root: nn.Module, record: ShapeRecord, end: list[int],
-                      logs: dict[int, Optional[int]]) -> dict[int, int]:
+                      logs: dict[int, Optional[int]], steps: Steps) -> dict[int, int]:
     """Call index -> the dilation that stands for strides removed upstream (rule part 2);
     ``logs``: each call's output stride as a power of two (None: no feature map)."""
     calls = record.calls
@@ -329,7 +423,7 @@ def _dilation_factors(root: nn.Module, record: ShapeRecord, end: list[int],
             p = parent[i]
             f = produced.get(id(first), factor[p] if p is not None else 1) if first is not None else \
                 (factor[p] if p is not None else 1)
-            in_log = _log(record.input_shape, tuple(first.shape)) if first is not None else None
+            in_log = steps.log(tuple(first.shape)) if first is not None else None
             if logs[i] is not None and in_log is not None and logs[i] < in_log:
                 f = 1  # upsampled: a decoder's maps mean their real resolution
             f = max(f, group_d.get(i, 1))
@@ -378,9 +472,10 @@ def map_stages(root: nn.Module, record: ShapeRecord) -> StageMap:
         [('layer3', 16, (28, 28), 2), ('layer4', 32, (28, 28), 4)]
     """
     end = _spans(record)
-    collapsed = _collapsed(record)
-    logs = {i: _feature_log(record, c, collapsed) for i, c in enumerate(record.calls)}
-    factor = _dilation_factors(root, record, end, logs)
+    steps = Steps(record)
+    collapsed = _collapsed(record, steps)
+    logs = {i: _feature_log(record, c, steps, collapsed) for i, c in enumerate(record.calls)}
+    factor = _dilation_factors(root, record, end, logs, steps)
     nominal: dict[int, int] = {}
     for i, log in logs.items():
         if log is not None:
@@ -388,23 +483,24 @@ def map_stages(root: nn.Module, record: ShapeRecord) -> StageMap:
             if st is not None:
                 nominal[i] = st
     by_call = _block_rule(root, record, nominal, end)
-    stages = find_stages(root, record, nominal, by_call, factor)
-    return StageMap(record, stages, by_call, nominal, factor)
+    stages = find_stages(root, record, nominal, by_call, factor, steps)
+    return StageMap(record, stages, by_call, nominal, factor, steps)
 
 
 def find_stages(root: nn.Module, record: ShapeRecord, stages_by_call: dict[int, int],
                 site_stages: Optional[dict[int, int]] = None,
-                factor: Optional[dict[int, int]] = None) -> list[Stage]:
+                factor: Optional[dict[int, int]] = None, steps: Optional[Steps] = None) -> list[Stage]:
     """The model's stages in order, with names, strides, resolutions and modules."""
     site_stages = stages_by_call if site_stages is None else site_stages
     factor = factor or {}
+    steps = steps or Steps(record)
     res: dict[int, tuple[int, ...]] = {}
     conv_res: dict[int, tuple[int, ...]] = {}
     dil: dict[int, int] = {}
     exact: set[int] = set()  # stages whose resolution is at their own stride (stage 0: 2, not 1)
     for i, st in sorted(stages_by_call.items()):
         shape = _out_shape(record.calls[i])[2:]  # type: ignore[index]
-        on_stride = _feature_log(record, record.calls[i]) == st + 1 - int(math.log2(factor.get(i, 1)))
+        on_stride = _feature_log(record, record.calls[i], steps) == st + 1 - int(math.log2(factor.get(i, 1)))
         if st in exact and not on_stride:
             continue
         res[st] = shape
@@ -425,8 +521,9 @@ def find_stages(root: nn.Module, record: ShapeRecord, stages_by_call: dict[int, 
     for st in sorted(res):
         mods = tuple(modules.get(st, ()))
         plain = " + ".join(a if a == b else f"{a}..{b}" for a, b in _runs(mods))
+        real = tuple(round(i / o, 1) for i, o in zip(record.input_shape[-2:], res[st][-2:]))
         stages.append(Stage(st, names.get(st) or plain or f"stage{st}", 2 ** (st + 1), res[st],
-                            dil.get(st, 1), mods))
+                            dil.get(st, 1), mods, real))
     return stages
 
 
