@@ -24,9 +24,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .graph.splice import original_class
 from .modules import DropBlock3d, DropBlockNd, is_inserted
 from .recipe import resolve_stages
+from .graph.shapes import input_shape_of
 from .surgery import Plan, apply_dropblock, describe, remove_dropblock
+from .surgery.target import as_inputs
 
 __all__ = ["CheckFailed", "check_surgery", "module_state", "output_tensors", "zoo_model"]
 
@@ -85,14 +88,21 @@ def _without_surgery(state: dict, inserted: set[str]) -> dict:
     return {k: v for k, v in state.items() if k[1] not in ("_modules", "dropblock_plan") and k[0] not in inserted}
 
 
-def check_surgery(model: nn.Module, x: torch.Tensor, recipe: Any = None, *, runner: Optional[nn.Module] = None,
+def check_surgery(model: nn.Module, x: Any, recipe: Any = None, *, runner: Optional[nn.Module] = None,
                   require_sites: bool = True, **overrides: Any) -> Plan:
     """Apply DropBlock to ``model`` (in place), check every guarantee on input ``x``, then
     remove it again; returns the plan. Raises [`CheckFailed`][dropblock_fx.testing.CheckFailed] naming the check.
 
+    The eval checks run in eval mode and the train check in train mode, whatever mode the
+    model comes in (a timm or torchvision factory returns it in train mode); each module's
+    mode is restored at the end. Pass or fail, the model is left as it came: a failed check
+    removes the DropBlock modules and puts the weights back before it raises.
+
     Args:
-        model: the model, in eval mode.
-        x: an input batch (batch size 2 or more, for batch norm in train mode).
+        model: the model.
+        x: an input batch (batch size 2 or more, for batch norm in train mode): a tensor,
+            or what ``example_inputs=`` takes (a tuple of positional arguments, or
+            ``(args, kwargs)``) for a model that does not take one image.
         recipe: as for [`apply_dropblock`][dropblock_fx.apply_dropblock]; ``overrides`` too (``target=``,
             ``input_size=`` default to ``x``'s size).
         runner: the module to call with ``x`` (default: ``model``), e.g. a detector's
@@ -107,9 +117,29 @@ def check_surgery(model: nn.Module, x: torch.Tensor, recipe: Any = None, *, runn
         12
     """
     runner = model if runner is None else runner
-    overrides.setdefault("input_size", list(x.shape[1:]))
+    if isinstance(x, torch.Tensor):
+        overrides.setdefault("input_size", list(x.shape[1:]))
+    else:
+        overrides.setdefault("example_inputs", x)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        return _check(model, x, recipe, runner, require_sites, overrides)
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _check(model: nn.Module, x: Any, recipe: Any, runner: nn.Module, require_sites: bool,
+           overrides: dict[str, Any]) -> Plan:
+    args, kwargs = ((x,), {}) if isinstance(x, torch.Tensor) else as_inputs(x)
+    x_shape = input_shape_of((args, kwargs), output_tensors(args)[0].shape[0] if output_tensors(args) else 1)
+
+    def run() -> Any:
+        return runner(*args, **kwargs)
+
     with torch.no_grad():
-        ref = runner(x)
+        ref = run()
     if not output_tensors(ref):
         raise CheckFailed("reference forward", "the model's output holds no tensor")
     cls, tree, classes = type(model), repr(model), [type(m) for m in model.modules()]
@@ -123,7 +153,7 @@ def check_surgery(model: nn.Module, x: torch.Tensor, recipe: Any = None, *, runn
         mods = {n: m for n, m in model.named_modules() if isinstance(m, DropBlockNd)}
 
         step = "sites"
-        if type(model) is not cls:
+        if original_class(model) is not cls or type(model).__name__ != cls.__name__:
             raise AssertionError("the model's class changed")
         if require_sites and not mods:
             raise AssertionError(f"no DropBlock site (stages {[s.index for s in plan.stages]}; "
@@ -144,7 +174,7 @@ def check_surgery(model: nn.Module, x: torch.Tensor, recipe: Any = None, *, runn
 
         step = "eval identity"
         with torch.no_grad():
-            if not _same(runner(x), ref):
+            if not _same(run(), ref):
                 raise AssertionError("eval outputs differ after apply_dropblock")
 
         step = "state_dict identity"
@@ -166,7 +196,7 @@ def check_surgery(model: nn.Module, x: torch.Tensor, recipe: Any = None, *, runn
         try:
             with warnings.catch_warnings():  # a check, not a training run: no schedule needed
                 warnings.filterwarnings("ignore", message=".*no schedule is attached")
-                out = output_tensors(runner(x))
+                out = output_tensors(run())
         finally:
             for h in hooks:
                 h.remove()
@@ -184,7 +214,7 @@ def check_surgery(model: nn.Module, x: torch.Tensor, recipe: Any = None, *, runn
         model.eval()
 
         step = "rows run"
-        _check_rows_ran(plan, seen, tuple(x.shape), plan_size=tuple(plan.input_shape[1:]))
+        _check_rows_ran(plan, seen, tuple(x_shape or ()), plan_size=tuple(plan.input_shape[1:]))
 
         step = "remove_dropblock"
         remove_dropblock(model)
@@ -193,11 +223,14 @@ def check_surgery(model: nn.Module, x: torch.Tensor, recipe: Any = None, *, runn
         if any(isinstance(m, DropBlockNd) for m in model.modules()) or hasattr(model, "dropblock_plan"):
             raise AssertionError("DropBlock left after remove_dropblock")
         with torch.no_grad():
-            if not _same(runner(x), ref):
+            if not _same(run(), ref):
                 raise AssertionError("eval outputs differ after remove_dropblock")
-    except CheckFailed:
-        raise
     except Exception as e:  # noqa: BLE001 - every failure names its check
+        remove_dropblock(model)  # a failed check leaves the model as it came
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(weights, strict=True)
+        if isinstance(e, CheckFailed):
+            raise
         raise CheckFailed(step, f"{type(e).__name__}: {' '.join(str(e).split())}") from e
     return plan
 

@@ -8,10 +8,10 @@
   timm's ``RegStage`` / ``ConvNeXtStage``, ``ConvNormAct``); its child blocks are units of
   their own, and its loose layers (``conv -> norm -> act`` directly inside it) are traced
   with the child units as leaves.
-* ``root``: the target itself. The whole model is never rewritten (it keeps its class and
-  ``forward``); loose layers there, and inside blocks that cannot be traced, only get sites
-  that need no graph (after norm modules), and the plan says so. A target inside the model
-  (``target="features"``) is rewritten like any container.
+* ``root``: the target itself, a unit like any other: its loose layers (a flat model whose
+  own ``forward`` calls its convs, a timm EfficientNet's head) are traced with its child
+  units as leaves. When that trace fails, they only get sites that need no graph (after
+  norm modules), and the plan says so.
 """
 
 from __future__ import annotations
@@ -183,16 +183,19 @@ def _trace_one(m: nn.Module, leaves: tuple[nn.Module, ...], call: Call, cache: d
             reasons.append(problem)
         except Exception as e:  # noqa: BLE001
             reasons.append(f"{type(e).__name__}: {_first_line(e)}")
-    for symbolic in (True, False):  # spatial sizes left open first (see graph.specialise)
+    # spatial sizes left open first, then concrete; x.dtype / x.device answered (and guarded)
+    # only when nothing else traces (see graph.specialise)
+    for answers, symbolic in ((False, True), (False, False), (True, True), (True, False)):
         try:
-            graphs, guard = trace_specialised(m, leaves, bound, cache, symbolic=symbolic, autowrap=autowrap)
+            graphs, guard = trace_specialised(m, leaves, bound, cache, symbolic=symbolic, autowrap=autowrap,
+                                              answers=answers)
             problem = check_graphs(graphs, m, bound, call.output, cache=cache)
             if problem is None:
                 return graphs, guard
             why = f"specialised: {problem}"
         except Exception as e:  # noqa: BLE001
             why = f"specialised: {type(e).__name__}: {_first_line(e)}"
-        if not symbolic:  # a forward that reads its sizes fails the symbolic trace: no reason to give
+        if not symbolic and not answers:  # the other tries' failures say nothing more
             reasons.append(why)
     raise TraceFailure("; ".join(dict.fromkeys(reasons)))
 
@@ -237,12 +240,8 @@ def _absorbable(c: nn.Module) -> bool:
 
 
 def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by_call: dict[int, int],
-               cache: Optional[dict] = None, rewrite_root: bool = False) -> list[Unit]:
+               cache: Optional[dict] = None) -> list[Unit]:
     """Units under ``root`` that hold feature maps of the ``wanted`` stages, in call order.
-
-    ``root``'s own forward is rewritten only with ``rewrite_root`` (a target inside the model,
-    such as an SSD's ``backbone.features``, a bare ``nn.Sequential`` of layers); the model
-    itself keeps its class, so its loose layers get only sites after norms.
 
     A block whose inside goes deeper than its output (a nested U-Net's skip block, which
     wraps the whole deeper network and comes back up) is never one unit: it is descended
@@ -317,7 +316,7 @@ def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by
                 unit.kind, unit.error = "opaque", str(e)
         else:
             unit.kind = "opaque"
-            unit.error = "the model itself is never rewritten" if not path else "not called directly"
+            unit.error = "not called directly"
         if unit.kind == "opaque":
             unit.loose_norms = loose_norms(m, path)
         units.insert(unit_index, unit)
@@ -329,9 +328,8 @@ def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by
             return
         walked.add(id(m))
         call = record.first(m)
-        if call is None:
-            if is_container(m):  # ModuleList / ModuleDict: children called by the parent
-                visit_children(m, path)
+        if call is None:  # a ModuleList, or a module used as a namespace: its children are called by others
+            visit_children(m, path)
             return
         if not (stages_in(m) & wanted):
             return
@@ -366,5 +364,5 @@ def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by
                 units.append(unit)
 
     call = record.first(root)
-    container(root, "", call, rewritable=rewrite_root)
+    container(root, "", call, rewritable=True)
     return units
