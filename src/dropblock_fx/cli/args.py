@@ -57,6 +57,44 @@ def parse_input_size(values: Optional[list[str]], channels: int) -> Optional[lis
     return nums
 
 
+def parse_example_inputs(values: Optional[list[str]]) -> Optional[tuple[Any, ...]]:
+    """``--example-inputs``: one Python literal per positional argument of the model's
+    forward, in which a tuple of integers is a tensor of that shape without the batch
+    (random values, batch 2); lists, tuples and dicts of those keep their structure.
+
+    Examples:
+        >>> args = parse_example_inputs(["[(3, 8, 64, 64), (3, 32, 64, 64)]"])  # SlowFast: one list of clips
+        >>> [tuple(t.shape) for t in args[0]]
+        [(2, 3, 8, 64, 64), (2, 3, 32, 64, 64)]
+    """
+    import ast
+
+    import torch
+
+    if not values:
+        return None
+    gen = torch.Generator().manual_seed(0)
+
+    def build(v: Any) -> Any:
+        if isinstance(v, tuple) and v and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+            return torch.randn(2, *v, generator=gen)
+        if isinstance(v, (list, tuple)):
+            return type(v)(build(x) for x in v)
+        if isinstance(v, dict):
+            return {k: build(x) for k, x in v.items()}
+        return v
+
+    out = []
+    for text in values:
+        try:
+            out.append(build(ast.literal_eval(text)))
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--example-inputs {text!r}: expected a Python literal in which a tuple of integers is "
+                             "a tensor's shape without the batch, e.g. \"(3, 224, 224)\" or "
+                             "\"[(3, 8, 64, 64), (3, 32, 64, 64)]\"") from None
+    return tuple(out)
+
+
 def with_overrides(recipe: Any, overrides: dict[str, Any]) -> Any:
     """``recipe`` with ``--set`` fields replaced: the rules of ``apply_dropblock(**overrides)``
     (errors are ``RecipeError`` naming the key)."""

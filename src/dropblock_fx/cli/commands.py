@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any, Optional
 
-from .args import parse_input_size, parse_overrides, recipe_with, with_overrides
+from .args import parse_example_inputs, parse_input_size, parse_overrides, recipe_with, with_overrides
 from .format import format_plan, plan_json, stage_summary
 from .format import table as format_table
 
@@ -34,15 +34,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.target is not None:
         extra["target"] = args.target
     recipe = recipe_with(args, base, extra)
+    inputs = parse_example_inputs(getattr(args, "example_inputs", None))
     model = load_model(args.model)
     if getattr(args, "verify", False):
         from ..surgery import apply_dropblock, describe
 
-        apply_dropblock(model, recipe, verify="exact")
-        p = describe(model) if getattr(model, "dropblock_plan", None) is not None else make_plan(model, recipe)
+        apply_dropblock(model, recipe, verify="exact", example_inputs=inputs)
+        p = (describe(model) if getattr(model, "dropblock_plan", None) is not None
+             else make_plan(model, recipe, example_inputs=inputs))
         p.notes.append("verified: eval outputs bit-identical to the original's on a random input")
     else:
-        p = make_plan(model, recipe)
+        p = make_plan(model, recipe, example_inputs=inputs)
     if args.json:
         json.dump(plan_json(p, args.model), sys.stdout, indent=2, default=_json_default)
         sys.stdout.write("\n")

@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modules", "-m", action="store_true", help="also list every DropBlock module")
     p.add_argument("--verify", action="store_true",
                    help="also apply it and check the eval outputs are bit-identical on a random input")
+    p.add_argument("--example-inputs", metavar="LITERAL", nargs="+", default=None,
+                   help="what the model's forward takes, when not one image: one Python literal per positional "
+                        "argument, a tuple of ints being a tensor shape without the batch, e.g. "
+                        "\"[(3, 8, 224, 224), (3, 32, 224, 224)]\" for SlowFast's list of two clips")
     p.add_argument("--explain", action="store_true",
                    help="also list the positions left out for holding no feature map (a gate, attention logits, "
                         "unfolded patches, windows), and why")

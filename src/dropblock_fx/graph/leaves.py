@@ -21,6 +21,7 @@ from ..modules import DropBlockNd
 
 __all__ = [
     "register_norm",
+    "looks_like_norm",
     "norm_types",
     "is_conv",
     "is_norm",
@@ -68,6 +69,32 @@ def register_norm(cls: type, *, with_act: bool = False) -> type:
     """
     _NORMS[cls] = with_act
     return cls
+
+
+def looks_like_norm(m: nn.Module, x: Any, out: Any, after_conv: bool) -> bool:
+    """Does ``m``, called on ``x`` (returning ``out``), do what a per-channel norm does, though
+    it is not registered (kornia's ``FilterResponseNorm2d``)? A module without children whose
+    class name says norm, right after a conv, that returns a map of its input's shape and holds
+    parameters or buffers of one value per channel.
+
+    Examples:
+        >>> class FRN(nn.Module):
+        ...     def __init__(self, c):
+        ...         super().__init__()
+        ...         self.weight = nn.Parameter(torch.ones(1, c, 1, 1))
+        ...     def forward(self, x):
+        ...         return x * self.weight
+        >>> x = torch.zeros(1, 8, 4, 4)
+        >>> looks_like_norm(FRN(8), x, x, after_conv=True), looks_like_norm(nn.Identity(), x, x, after_conv=True)
+        (True, False)
+    """
+    if not after_conv or is_norm(m) or next(m.children(), None) is not None or "norm" not in type(m).__name__.lower():
+        return False
+    if not (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and x.dim() in (4, 5) and x.shape == out.shape):
+        return False
+    channels = x.shape[1]
+    tensors = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+    return any(t.numel() == channels for t in tensors)
 
 
 def norm_types() -> tuple[type, ...]:

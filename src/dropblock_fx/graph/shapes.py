@@ -168,8 +168,30 @@ class _Flow(TorchFunctionMode):
         return frozenset(main)
 
 
+Inputs = tuple[tuple[Any, ...], dict[str, Any]]  # a forward's positional and keyword arguments
+
+
+def input_shape_of(inputs: Inputs, batch: int) -> Optional[tuple[int, ...]]:
+    """The shape, at ``batch``, of the image among ``inputs``: the first 4-D or 5-D tensor (the
+    one strides are measured against); None when there is none."""
+    t = next((v for v in tree_leaves(inputs) if isinstance(v, torch.Tensor) and v.dim() in (4, 5)), None)
+    return None if t is None else (batch, *t.shape[1:])
+
+
+def _made_like(value: Any, batch: int, make: Any) -> Any:
+    """``value`` with every tensor replaced by ``make(shape, dtype)`` at ``batch``."""
+    if isinstance(value, torch.Tensor):
+        return make((batch, *value.shape[1:]) if value.dim() else (), value.dtype)
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return type(value)(_made_like(v, batch, make) for v in value)
+    if isinstance(value, dict):
+        return {k: _made_like(v, batch, make) for k, v in value.items()}
+    return value
+
+
 def record_calls(root: nn.Module, input_size: tuple[int, ...], runners: tuple[nn.Module, ...] = (), *,
-                 batch: int = 1, training: bool = False, follow: bool = True) -> ShapeRecord:
+                 batch: int = 1, training: bool = False, follow: bool = True,
+                 inputs: Optional[Inputs] = None) -> ShapeRecord:
     """Run ``root`` once on a meta (else fake, else real) batch of ``input_size`` inputs,
     recording the calls of ``root`` and its submodules.
 
@@ -183,6 +205,10 @@ def record_calls(root: nn.Module, input_size: tuple[int, ...], runners: tuple[nn
         training: run in train mode (meta and fake passes only: a real pass is always in eval
             mode, so that it updates no running statistics).
         follow: follow the data to find the main path (``ShapeRecord.main``).
+        inputs: example arguments ``(args, kwargs)`` to run with instead of one image of
+            ``input_size`` (several inputs, a list of clips); their tensors are recreated at
+            ``batch`` (meta, fake or zeros), and strides are measured against the first 4-D or
+            5-D one.
 
     Raises:
         RuntimeError: when no pass can run the model.
@@ -193,12 +219,12 @@ def record_calls(root: nn.Module, input_size: tuple[int, ...], runners: tuple[nn
         >>> [(c.path, tuple(c.output.shape)) for c in r.calls][1:], r.on_main_path(r.calls[1].output)
         ([('0', (1, 8, 15, 15)), ('1', (1, 8, 15, 15))], True)
     """
-    shape = (batch, *input_size)
+    shape = (input_shape_of(inputs, batch) if inputs is not None else None) or (batch, *input_size)
     errors: dict[str, list[str]] = {}  # one message, the passes that raised it
     for runner in (root, *runners):
         for mode in ("meta", "fake", "real"):
             try:
-                return _run(root, shape, mode, runner, training and mode != "real", follow)
+                return _run(root, shape, mode, runner, training and mode != "real", follow, inputs)
             except Exception as e:  # noqa: BLE001 - try the next mode, report all
                 who = "" if runner is root else f"{type(runner).__name__} "
                 text = " ".join(str(e).split())
@@ -209,7 +235,7 @@ def record_calls(root: nn.Module, input_size: tuple[int, ...], runners: tuple[nn
 
 
 def _run(root: nn.Module, shape: tuple[int, ...], mode: str, runner: nn.Module, training: bool = False,
-         follow: bool = True) -> ShapeRecord:
+         follow: bool = True, inputs: Optional[Inputs] = None) -> ShapeRecord:
     record = ShapeRecord(input_shape=shape, mode=mode, runner="" if runner is root else type(runner).__name__,
                          runner_module=runner)
     flow = _Flow(follow)
@@ -252,14 +278,17 @@ def _run(root: nn.Module, shape: tuple[int, ...], mode: str, runner: nn.Module, 
         runner.train(training)
         with torch.no_grad(), flow:
             try:
+                args, kwargs = inputs if inputs is not None else ((torch.empty(shape, device="meta"),), {})
+                batch = shape[0]
                 if mode == "meta":
                     # one name per tensor: functional_call ties the other names of a shared one
                     tensors = dict(itertools.chain(runner.named_parameters(), runner.named_buffers()))
                     meta = {k: _meta_like(v) for k, v in tensors.items()}
-                    x = torch.empty(shape, device="meta")
-                    torch.func.functional_call(runner, meta, (x,), strict=False, tie_weights=True)
+                    args, kwargs = _made_like((args, kwargs), batch, lambda s, d: torch.empty(s, dtype=d, device="meta"))
+                    torch.func.functional_call(runner, meta, tuple(args), kwargs, strict=False, tie_weights=True)
                 elif mode == "real":  # data-dependent control flow: one real forward on zeros
-                    runner(torch.zeros(shape))
+                    args, kwargs = _made_like((args, kwargs), batch, lambda s, d: torch.zeros(s, dtype=d))
+                    runner(*args, **kwargs)
                 else:
                     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -268,8 +297,8 @@ def _run(root: nn.Module, shape: tuple[int, ...], mode: str, runner: nn.Module, 
                     log.setLevel(logging.CRITICAL)  # a failure is reported by us, with the others
                     try:
                         with FakeTensorMode(allow_non_fake_inputs=True):
-                            x = torch.empty(shape)
-                            runner(x)
+                            args, kwargs = _made_like((args, kwargs), batch, lambda s, d: torch.empty(s, dtype=d))
+                            runner(*args, **kwargs)
                     finally:
                         log.setLevel(level)
             except _Reached:

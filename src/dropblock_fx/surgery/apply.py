@@ -11,11 +11,11 @@ from ..graph.splice import unsplice
 from ..modules import DropBlockNd, is_inserted
 from .actions import Action, new_dropblock
 from .exact import check_verify, exact_check
-from .plan import Plan, PlanRow, prepare
+from .plan import Plan, PlanRow, prepare, recipe_and_inputs
 from .realise import realise
 from .resolution import ResolutionWatch, with_seen_resolutions
 from .settings import RecipeLike, resolve_recipe
-from .target import SurgeryError, check_model, existing_dropblocks
+from .target import ExampleInputs, SurgeryError, check_model, existing_dropblocks
 
 __all__ = ["apply_dropblock", "remove_dropblock", "describe"]
 
@@ -33,7 +33,8 @@ def _has_ours(model: nn.Module) -> bool:
 
 
 def apply_dropblock(model: nn.Module, recipe: RecipeLike = None, *, replace: bool = False,
-                    keep_foreign: bool = False, verify: str = "graph", **overrides: Any) -> nn.Module:
+                    keep_foreign: bool = False, verify: str = "graph", example_inputs: ExampleInputs = None,
+                    **overrides: Any) -> nn.Module:
     """Insert DropBlock modules where ``recipe`` says; modifies ``model`` in place and returns it.
 
     Args:
@@ -50,6 +51,11 @@ def apply_dropblock(model: nn.Module, recipe: RecipeLike = None, *, replace: boo
             its original forward (a plan note says why). ``"exact"``: also run the model
             once on a real random input in eval mode before and after, and undo everything
             unless the outputs are bit-identical (costs two forward passes).
+        example_inputs: what the model is run with to find its stages and check the plan,
+            when it does not take one image of ``input_size``: one tensor, a tuple of
+            positional arguments (a list is one argument: SlowFast takes ``([slow, fast],)``)
+            or ``(args, kwargs)``. Strides are measured against its first 4-D or 5-D tensor,
+            whose size becomes the recipe's ``input_size``; any batch size.
         **overrides: recipe fields applied on top (``drop_prob=0.2``, ``stages=[4]``,
             ``target="backbone.body"``).
 
@@ -68,7 +74,7 @@ def apply_dropblock(model: nn.Module, recipe: RecipeLike = None, *, replace: boo
     """
     check_model(model, "apply_dropblock")
     check_verify(verify)
-    rec = resolve_recipe(recipe, **overrides)
+    rec, inputs = recipe_and_inputs(recipe, example_inputs, overrides)
     previous: Optional[Plan] = None
     if _has_ours(model):
         if not replace:
@@ -79,7 +85,7 @@ def apply_dropblock(model: nn.Module, recipe: RecipeLike = None, *, replace: boo
         previous = getattr(model, "dropblock_plan", None)
         remove_dropblock(model)
     try:
-        prep = prepare(model, rec, keep_foreign=keep_foreign)
+        prep = prepare(model, rec, keep_foreign=keep_foreign, inputs=inputs)
         p = prep.plan
         if verify == "exact":
             exact_check(prep.target, prep.runner or prep.target.root, p.input_shape,
@@ -88,11 +94,13 @@ def apply_dropblock(model: nn.Module, recipe: RecipeLike = None, *, replace: boo
             _apply_actions(model, p, prep.actions)
         if not p.rows:  # nothing inserted, no plan kept: a corrected call works
             why = p.notes[-1] if p.notes else "no site of the recipe's kinds in its stages"
-            warnings.warn(f"apply_dropblock: nothing inserted in {type(model).__name__} ({why[:160]}); "
+            warnings.warn(f"apply_dropblock: nothing inserted in {type(model).__name__} ({why[:200]}); "
                           "plan(model, ...) shows every note", UserWarning, stacklevel=2)
+        elif p.warning:
+            warnings.warn(p.warning, UserWarning, stacklevel=2)
     except Exception:
         if previous is not None:  # put the previous plan back: the model is as it was
-            old = prepare(model, previous.recipe, keep_foreign=True)
+            old = prepare(model, previous.recipe, keep_foreign=True, inputs=previous.example_inputs)
             _apply_actions(model, old.plan, old.actions)
         raise
     return model

@@ -33,12 +33,14 @@ def _tensors(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def _forward(model: nn.Module, runner: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+def _forward(model: nn.Module, runner: nn.Module, x: Any) -> list[torch.Tensor]:
+    """Eval outputs of ``runner`` on ``x`` (a tensor, or ``(args, kwargs)``)."""
+    args, kwargs = x if isinstance(x, tuple) else ((x,), {})
     flags = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
         with preserved(model, values=True), torch.no_grad():
-            return [t.clone() for t in _tensors(runner(x))]
+            return [t.clone() for t in _tensors(runner(*args, **kwargs))]
     finally:
         for m, flag in flags:
             m.training = flag
@@ -53,7 +55,9 @@ def exact_check(target: Target, runner: nn.Module, input_shape: tuple[int, ...],
     device = next((p.device for p in target.model.parameters()), torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     dtype = next((p.dtype for p in target.model.parameters() if p.is_floating_point()), torch.float32)
-    x = torch.randn(input_shape, generator=gen).to(device=device, dtype=dtype)
+    x: Any = torch.randn(input_shape, generator=gen).to(device=device, dtype=dtype)
+    if target.inputs is not None:  # the user's own example: real values, run as given
+        x = target.inputs
     try:
         before = _forward(target.model, runner, x)
     except Exception as e:  # noqa: BLE001

@@ -65,7 +65,7 @@ def keep_promises(ctx: SiteContext, rows: list[PlanRow], actions: list[Action]) 
     undo = realise(actions, make)
     try:
         record = record_calls(target.root, input_size, target.runners, batch=CHECK_BATCH, training=True,
-                              follow=False)
+                              follow=False, inputs=target.inputs)
     except RuntimeError as e:
         ctx.notes.append(f"could not check the plan by running it ({str(e)[:200]})")
         return rows, actions

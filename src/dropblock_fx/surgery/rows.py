@@ -92,6 +92,11 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     # (position, why): places a site finder looked at and left out, for holding no feature map
     left_out: list[tuple[str, str]] = field(default_factory=list)
+    # one line, when the input is too small for the plan to mean what its recipe says
+    # (apply_dropblock warns with it)
+    warning: str = ""
+    # the example inputs it was planned with, as meta tensors (shapes and dtypes), or None
+    example_inputs: Optional[tuple[tuple[Any, ...], dict[str, Any]]] = field(default=None, repr=False)
 
     def explain(self) -> str:
         """Why each position a site finder looked at was left out (a gate's branch, attention

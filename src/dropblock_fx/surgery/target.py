@@ -12,7 +12,8 @@ from ..graph.leaves import foreign_dropblock
 from ..modules import is_inserted
 from ..recipe.schema import Recipe
 
-__all__ = ["SurgeryError", "Target", "check_model", "locate", "backbone_target", "existing_dropblocks"]
+__all__ = ["SurgeryError", "Target", "ExampleInputs", "as_inputs", "check_model", "locate", "backbone_target",
+           "existing_dropblocks"]
 
 
 class SurgeryError(RuntimeError):
@@ -21,13 +22,15 @@ class SurgeryError(RuntimeError):
 
 @dataclass(frozen=True)
 class Target:
-    """The planned module (``root``) inside ``model``, with its path and the ancestors that can
-    run it when it does not take an image itself (nearest first)."""
+    """The planned module (``root``) inside ``model``, with its path, the ancestors that can
+    run it when it does not take an image itself (nearest first) and the example inputs it is
+    run with (``(args, kwargs)``; None: one image of the recipe's ``input_size``)."""
 
     model: nn.Module
     root: nn.Module
     path: str
     runners: tuple[nn.Module, ...]
+    inputs: Optional[tuple[tuple[Any, ...], dict[str, Any]]] = None
 
     @property
     def prefix(self) -> str:
@@ -36,6 +39,40 @@ class Target:
     @property
     def label(self) -> str:
         return self.path or type(self.root).__name__
+
+
+ExampleInputs = Any  # a tensor, a tuple of positional arguments, or (args tuple, kwargs dict)
+
+
+def as_inputs(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """``(args, kwargs)`` from what ``example_inputs=`` accepts: one tensor; a tuple of
+    positional arguments (a list is one argument: SlowFast takes ``[slow, fast]``); or a pair
+    ``(args_tuple, kwargs_dict)``.
+
+    Raises:
+        SurgeryError: when no 4-D or 5-D tensor (an image or a clip) is among them.
+
+    Examples:
+        >>> x = torch.zeros(2, 3, 8, 8)
+        >>> as_inputs(x)[0][0] is x, len(as_inputs(([x, x],))[0]), as_inputs(((x,), {"mask": None}))[1]
+        (True, 1, {'mask': None})
+    """
+    from torch.utils._pytree import tree_leaves
+
+    if isinstance(example_inputs, torch.Tensor):
+        out: tuple[tuple[Any, ...], dict[str, Any]] = ((example_inputs,), {})
+    elif (isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[0], tuple)
+          and isinstance(example_inputs[1], dict)):
+        out = (example_inputs[0], dict(example_inputs[1]))
+    elif isinstance(example_inputs, tuple):
+        out = (example_inputs, {})
+    else:
+        raise SurgeryError(f"example_inputs: a tensor, a tuple of positional arguments or (args, kwargs), not "
+                           f"{type(example_inputs).__name__} (a list is one argument: wrap it, ([a, b],))")
+    if not any(isinstance(t, torch.Tensor) and t.dim() in (4, 5) for t in tree_leaves(out)):
+        raise SurgeryError("example_inputs: no 4-D or 5-D tensor (N, C, H, W or N, C, D, H, W) among them; "
+                           "strides are measured against the first one")
+    return out
 
 
 def check_model(model: Any, func: str) -> None:
@@ -48,6 +85,14 @@ def check_model(model: Any, func: str) -> None:
             f"{func}: this model is already compiled (torch.compile); apply DropBlock before "
             f"torch.compile, or to the original module: {func}(compiled._orig_mod, ...)"
         )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise SurgeryError(
+            f"{func}: this model is a TorchScript module (torch.jit.script or trace), which cannot be "
+            f"rewritten; apply DropBlock to the Python model before scripting it")
+    if not any(isinstance(m, (nn.Conv2d, nn.Conv3d)) for m in model.modules()):
+        raise SurgeryError(
+            f"{func}: {type(model).__name__} has no Conv2d or Conv3d layer: DropBlock drops blocks of "
+            f"convolutional feature maps, so it applies to CNNs (and the convolutional parts of hybrids)")
 
 
 def existing_dropblocks(model: nn.Module) -> tuple[list[str], list[str]]:
@@ -82,7 +127,7 @@ def backbone_target(model: nn.Module) -> str:
 
 
 def locate(model: nn.Module, recipe: Recipe, keep_foreign: bool, notes: list[str],
-           path: Optional[str] = None) -> Target:
+           path: Optional[str] = None, inputs: Optional[tuple[tuple[Any, ...], dict[str, Any]]] = None) -> Target:
     """The recipe's ``target`` (or ``path``) in ``model``; refuses foreign DropBlocks unless
     ``keep_foreign``."""
     path = (recipe.target or "") if path is None else path
@@ -92,7 +137,7 @@ def locate(model: nn.Module, recipe: Recipe, keep_foreign: bool, notes: list[str
         raise SurgeryError(f"target {path!r}: no such submodule ({e})") from None
     parts = path.split(".") if path else []
     runners = tuple(model.get_submodule(".".join(parts[:i])) for i in range(len(parts) - 1, -1, -1))
-    target = Target(model, root, path, runners)
+    target = Target(model, root, path, runners, inputs)
     _, foreign = existing_dropblocks(root)
     if foreign:
         where = ", ".join(target.prefix + f for f in foreign[:6]) + (" ..." if len(foreign) > 6 else "")
