@@ -26,7 +26,6 @@ from ..modules import DropBlock2d, DropBlock3d, DropBlockNd, Placement
 from .candidates import Candidate, SiteContext, module_at
 from .rows import PlanRow
 from .settings import StageSettings
-from .target import SurgeryError
 
 __all__ = ["Action", "new_dropblock", "build_actions", "without_rows"]
 
@@ -96,7 +95,7 @@ def build_actions(ctx: SiteContext, chosen: list[Candidate]) -> tuple[list[PlanR
             act.varying = _called_at_several_shapes(ctx, act.module)
             actions[c.action] = act
         if how == "graph":
-            act.names.append(c.path.rsplit(".", 1)[1])
+            act.names.append(c.path.rsplit(".", 1)[-1])
         act.rows.append(row)
         rows.append(row)
 
@@ -109,7 +108,8 @@ def build_actions(ctx: SiteContext, chosen: list[Candidate]) -> tuple[list[PlanR
 def _rewrite_or_drop(ctx: SiteContext, act: Action) -> None:
     problem = _rewrite(ctx, act)
     if problem:
-        ctx.notes.append(f"{act.path}: not rewritten, its rewritten forward failed verification ({problem})")
+        ctx.notes.append(f"{act.path}: not rewritten, it keeps its forward ({problem}); "
+                         f"{len(act.rows)} site(s) there left out")
         act.rows, act.names, act.source = [], [], ""
 
 
@@ -157,12 +157,13 @@ def _rewrite(ctx: SiteContext, act: Action) -> str:
     expected: Any = unit.call.output if unit.call is not None else None
     problem = check_graphs(graphs, unit.module, bound, expected, extra=names, cache=ctx.meta_cache)
     if problem:
-        return problem
+        return f"its rewritten forward failed verification: {problem}"
     try:
         plain = {m: g for m, g in unit.graphs.items() if not m.startswith("ckpt:")}  # type: ignore[union-attr]
         respec = None if unit.guard is None else respec_info(unit.module, plain, unit.extra_leaves, sites, unit.guard)
         act.source = graph_source(graphs, unit.guard, respec, checkpoint=flag)
         compile_source(act.source)
-    except Exception as e:  # noqa: BLE001
-        raise SurgeryError(f"{act.path}: could not generate its new forward ({type(e).__name__}: {e})") from e
+    except Exception as e:  # noqa: BLE001 - e.g. a class made inside forward cannot be imported by name
+        act.source = ""
+        return f"its new forward could not be generated: {type(e).__name__}: {str(e)[:160]}"
     return ""
