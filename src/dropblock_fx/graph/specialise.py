@@ -47,10 +47,11 @@ from .tracing import LeafTracer, trace_modes
 __all__ = ["describe_call", "loosen", "call_matches", "trace_specialised", "respecialise", "skeleton"]
 
 
-def describe_call(value: Any) -> Any:
+def describe_call(value: Any, detail: bool = False) -> Any:
     """A literal (``repr`` round-trips) that specialised code depends on, for one argument:
-    tensors by their shape without the batch dim; lists, tuples, dicts by their items;
-    ``None``, bools, numbers and strings by value.
+    tensors by their shape without the batch dim (with ``detail``, their dtype and device
+    type too: for code that asked ``x.dtype`` or ``x.device``); lists, tuples, dicts by their
+    items; ``None``, bools, numbers and strings by value.
 
     Raises:
         TypeError: a value that cannot be described (a module, an arbitrary object).
@@ -60,11 +61,12 @@ def describe_call(value: Any) -> Any:
         ('list', (('tensor', (3, 8, 8)), ('value', 0.5), ('value', None)))
     """
     if isinstance(value, torch.Tensor):
-        return ("tensor", tuple(int(s) for s in value.shape[1:]))
+        dims = tuple(int(s) for s in value.shape[1:])
+        return ("tensor", dims, str(value.dtype), value.device.type) if detail else ("tensor", dims)
     if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
-        return (type(value).__name__, tuple(describe_call(v) for v in value))
+        return (type(value).__name__, tuple(describe_call(v, detail) for v in value))
     if type(value) is dict and all(isinstance(k, str) for k in value):
-        return ("dict", tuple((k, describe_call(v)) for k, v in value.items()))
+        return ("dict", tuple((k, describe_call(v, detail)) for k, v in value.items()))
     if value is None or type(value) in (bool, int, float, str):
         return ("value", value)
     raise TypeError(f"cannot specialise on a {type(value).__name__} argument")
@@ -78,9 +80,9 @@ def loosen(desc: Any) -> Any:
         >>> loosen(('list', (('tensor', (3, 8, 8)), ('tensor', (5,)))))
         ('list', (('tensor', (3, None, None)), ('tensor', (5,))))
     """
-    kind, v = desc
+    kind, v = desc[:2]
     if kind == "tensor":
-        return ("tensor", (v[0], *(None for _ in v[1:]))) if len(v) in (3, 4) else desc
+        return ("tensor", (v[0], *(None for _ in v[1:])), *desc[2:]) if len(v) in (3, 4) else desc
     if kind in ("list", "tuple"):
         return (kind, tuple(loosen(x) for x in v))
     if kind == "dict":
@@ -91,7 +93,7 @@ def loosen(desc: Any) -> Any:
 def _open(guard: dict[str, Any]) -> bool:
     """Does a guard leave a size open (a trace with symbolic spatial sizes)?"""
     def one(desc: Any) -> bool:
-        kind, v = desc
+        kind, v = desc[:2]
         if kind == "tensor":
             return None in v
         if kind in ("list", "tuple"):
@@ -117,10 +119,24 @@ def call_matches(guard: dict[str, Any], values: dict[str, Any]) -> bool:
         >>> call_matches(g, {"x": torch.zeros(2, 3, 7, 9)}), call_matches(g, {"x": torch.zeros(2, 4, 7, 9)})
         (True, False)
     """
+    detail = _detailed(guard)
     try:
-        return all(_matches(want, describe_call(values[k])) for k, want in guard.items())
+        return all(_matches(want, describe_call(values[k], detail)) for k, want in guard.items())
     except (TypeError, KeyError):
         return False
+
+
+def _detailed(guard: dict[str, Any]) -> bool:
+    """Does the guard describe tensors with their dtype and device?"""
+    def one(desc: Any) -> bool:
+        kind, v = desc[:2]
+        if kind == "tensor":
+            return len(desc) == 4
+        if kind in ("list", "tuple"):
+            return any(one(x) for x in v)
+        return kind == "dict" and any(one(x) for _, x in v)
+
+    return any(one(d) for d in guard.values())
 
 
 # ---------------------------------------------------------------------------- the tracer
@@ -152,6 +168,18 @@ class _MetaProxy(fx.Proxy):
     @property
     def ndim(self):
         return self._meta.dim() if isinstance(self._meta, torch.Tensor) else self.__getattr__("ndim")
+
+    @property
+    def dtype(self):  # noqa: D102 - answered only by a tracer that guards on it (``answers``)
+        if isinstance(self._meta, torch.Tensor) and self.tracer.answers:  # type: ignore[attr-defined]
+            return self._meta.dtype
+        return self.__getattr__("dtype")
+
+    @property
+    def device(self):  # noqa: D102 - the module's own device: meta values have none
+        if isinstance(self._meta, torch.Tensor) and self.tracer.answers:  # type: ignore[attr-defined]
+            return self.tracer.device  # type: ignore[attr-defined]
+        return self.__getattr__("device")
 
     def size(self, dim: Optional[int] = None):  # noqa: D102
         if isinstance(self._meta, torch.Tensor):
@@ -192,11 +220,14 @@ def _meta_of(a: Any) -> Any:
 
 class _SpecialisingTracer(LeafTracer):
     def __init__(self, extra_leaves: tuple[nn.Module, ...], values: dict[str, Any], cache: dict,
-                 symbolic: bool = False, autowrap: tuple[Any, ...] = ()) -> None:
+                 symbolic: bool = False, autowrap: tuple[Any, ...] = (), answers: bool = False,
+                 device: Optional[torch.device] = None) -> None:
         super().__init__(extra_leaves, autowrap)
         self._values = values
         self._cache = cache
         self.symbolic = symbolic
+        self.answers = answers  # answer x.dtype and x.device (the guard then keys on them)
+        self.device = device or torch.device("cpu")
         self._computing = False  # running a leaf on meta values: no nodes, no proxies
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -353,29 +384,48 @@ def _patched(tracer: _SpecialisingTracer) -> Iterator[None]:
 
 def trace_specialised(module: nn.Module, extra_leaves: tuple[nn.Module, ...], bound: dict[str, Any],
                       cache: Optional[dict] = None, symbolic: bool = False, autowrap: tuple[Any, ...] = (),
+                      answers: bool = False, device: Optional[torch.device] = None,
                       ) -> tuple[dict[str, fx.Graph], dict[str, Any]]:
     """Train/eval graphs of ``module`` specialised to the recorded arguments ``bound``, and the
     guard (``{name: describe_call(value)}``, spatial dims left open when ``symbolic``) its
-    rewritten forward checks.
+    rewritten forward checks. With ``answers``, ``x.dtype`` and ``x.device`` are answered
+    (``device``: the module's; default its parameters') and the guard keys on them too.
 
     Raises:
         TypeError: an argument cannot be described, or the trace depends on the batch size.
         Anything the forward raises on proxies (with ``symbolic``: a Python question about a
         spatial size).
     """
-    guard = {name: describe_call(v) for name, v in bound.items()}
+    if device is None:
+        device = next((t.device for t in module.parameters()), torch.device("cpu"))
+        device = torch.device("cpu") if device.type == "meta" else device
+    guard = {name: describe_call(v, answers) for name, v in bound.items()}
+    if answers:  # the recorded values are meta tensors: the call ran on the module's device
+        guard = {k: _on_device(v, device.type) for k, v in guard.items()}
     if symbolic:
         guard = {k: loosen(v) for k, v in guard.items()}
     cache = {} if cache is None else cache
     by_batch = []
     for batch in (1, 2):
         values = {k: with_batch(v, batch) for k, v in bound.items()}
-        tracer = lambda: _SpecialisingTracer(extra_leaves, values, cache, symbolic, autowrap).trace(module)  # noqa: E731
+        tracer = lambda: _SpecialisingTracer(extra_leaves, values, cache, symbolic, autowrap,  # noqa: E731
+                                             answers, device).trace(module)
         by_batch.append(trace_modes(module, extra_leaves, trace=tracer))
     codes = [{m: g.python_code("self").src for m, g in gs.items()} for gs in by_batch]
     if codes[0] != codes[1]:
         raise TypeError("its traced code depends on the batch size")
     return by_batch[0], guard
+
+
+def _on_device(desc: Any, device: str) -> Any:
+    kind, v = desc[:2]
+    if kind == "tensor":
+        return (*desc[:3], device)
+    if kind in ("list", "tuple"):
+        return (kind, tuple(_on_device(x, device) for x in v))
+    if kind == "dict":
+        return (kind, tuple((k, _on_device(x, device)) for k, x in v))
+    return desc
 
 
 def _node_key(v: Any) -> Any:
@@ -432,7 +482,8 @@ def respecialise(module: nn.Module, original: type, values: dict[str, Any], info
     try:
         leaves = tuple(module.get_submodule(p) for p in info["leaves"])
         with _as_original(module, original), preserved(module):
-            graphs, _ = trace_specialised(module, leaves, bound, cache, symbolic=info.get("symbolic", False))
+            graphs, _ = trace_specialised(module, leaves, bound, cache, symbolic=info.get("symbolic", False),
+                                          answers=info.get("answers", False))
             expected = run_meta(module, (), bound, cache)
     except Exception:  # noqa: BLE001 - any failure: the call runs the original forward
         return None
@@ -459,6 +510,7 @@ def respec_info(module: nn.Module, graphs: dict[str, fx.Graph], leaves: tuple[nn
     return {
         "leaves": tuple(paths[id(m)] for m in leaves if id(m) in paths),
         "symbolic": _open(guard),
+        "answers": _detailed(guard),
         "skeleton": {mode: skeleton(g) for mode, g in graphs.items()},
         "sites": {mode: tuple((s.name, s.after, s.edge, s.channels_last, len(s.shape)) for s in sites[mode])
                   for mode in graphs},

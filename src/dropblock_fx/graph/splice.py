@@ -198,9 +198,10 @@ def _skipped(self: nn.Module, orig: type, guard: dict[str, Any], bound: dict[str
 
 def guard_text(guard: dict[str, Any]) -> str:
     def one(d: Any) -> str:
-        kind, v = d
+        kind, v = d[:2]
         if kind == "tensor":
-            return "x".join("*" if d is None else str(d) for d in ("N", *v)) + " tensor"
+            extra = f" {d[2].replace('torch.', '')} {d[3]}" if len(d) == 4 else ""
+            return "x".join("*" if s is None else str(s) for s in ("N", *v)) + extra + " tensor"
         if kind == "value":
             return repr(v)
         if kind == "dict":
