@@ -564,3 +564,177 @@ class CheckpointNet(nn.Module):
         for s in self.stages:
             x = s(x)
         return x.mean((2, 3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Any real CNN: a module under two names, code that cannot be regenerated, several inputs,
+# valid padding, rectangular pooling, a flat model, a norm nobody registered.
+
+
+class EncoderKeepingDecoder(nn.Module):
+    """nnU-Net's decoder keeps ``self.encoder``: every encoder module has a second name."""
+
+    def __init__(self, encoder: nn.Module, c: int = 16):
+        super().__init__()
+        self.encoder = encoder
+        self.up = nn.ConvTranspose2d(c, c, 2, 2)
+        self.conv = cbr(2 * c, c)
+
+    def forward(self, skips):
+        return self.conv(torch.cat([self.up(skips[-1]), skips[-2]], 1))
+
+
+class TwoNamesUNet(nn.Module):
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.encoder = nn.ModuleList([cbr(3, c, 2)] + [nn.Sequential(cbr(c, c, 2), Bottleneck(c)) for _ in range(4)])
+        self.decoder = EncoderKeepingDecoder(self.encoder, c)
+
+    def forward(self, x):
+        skips = []
+        for stage in self.encoder:
+            x = stage(x)
+            skips.append(x)
+        return self.decoder(skips)
+
+
+class NamedTupleBlock(nn.Module):
+    """easyocr's CRAFT: a class made inside ``forward`` (its generated code could not import it)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.body = Bottleneck(c)
+
+    def forward(self, x):
+        import collections
+
+        Out = collections.namedtuple("Out", ["features", "skip"])
+        return Out(self.body(x), x)
+
+
+class NamedTupleNet(nn.Module):
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.net = Backbone(lambda c: Bottleneck(c), c)
+        self.extra = NamedTupleBlock(c)
+
+    def forward(self, x):
+        x = self.net.stem(x)
+        for down, block in zip(self.net.downs, self.net.blocks):
+            x = block(down(x))
+        return self.extra(x).features.mean((2, 3))
+
+
+class TwoPathway(nn.Module):
+    """SlowFast: a list of two clips (slow: few frames; fast: many frames, few channels), two
+    pathways of 3-D residual stages, the fast one fused into the slow one at each stage."""
+
+    def __init__(self, c: int = 16, cf: int = 4):
+        super().__init__()
+
+        def stage(cin, cout, stride):
+            return nn.Sequential(nn.Conv3d(cin, cout, (1, 3, 3), (1, stride, stride), (0, 1, 1), bias=False),
+                                 nn.BatchNorm3d(cout), nn.ReLU())
+
+        self.slow = nn.ModuleList([stage(3, c, 2)] + [stage(c + cf, c, 2) for _ in range(4)])
+        self.fast = nn.ModuleList([stage(3, cf, 2)] + [stage(cf, cf, 2) for _ in range(4)])
+        self.fuse = nn.ModuleList([nn.Conv3d(cf, cf, (4, 1, 1), (4, 1, 1)) for _ in range(5)])
+        self.head = nn.Linear(c + cf, 10)
+
+    def forward(self, clips):
+        slow, fast = clips
+        for s, f, fuse in zip(self.slow, self.fast, self.fuse):
+            slow, fast = s(slow), f(fast)
+            slow = torch.cat([slow, fuse(fast)], 1)
+        return self.head(slow.mean((2, 3, 4)))
+
+
+class ValidPaddingNet(nn.Module):
+    """facenet-pytorch's InceptionResnetV1: unpadded convs and pools, so a 160 px input runs at
+    79, 38, 17, 8 and 3 px (real strides 2.0, 4.2, 9.4, 20 and 53), with residual blocks."""
+
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, 2), nn.BatchNorm2d(c), nn.ReLU())  # 79
+        self.downs = nn.ModuleList([nn.Sequential(nn.MaxPool2d(3, 2), nn.Conv2d(c, c, 1))] +  # 39
+                                   [nn.Sequential(nn.Conv2d(c, c, 3, 2), nn.BatchNorm2d(c), nn.ReLU())  # 19, 9, 4
+                                    for _ in range(3)])
+        self.blocks = nn.ModuleList([Bottleneck(c) for _ in range(4)])
+
+    def forward(self, x):
+        x = self.stem(x)
+        for down, block in zip(self.downs, self.blocks):
+            x = block(down(x))
+        return x.mean((2, 3))
+
+
+class RectPoolNet(nn.Module):
+    """python-doctr's ResNet31: text lines are wide, so the later pools halve the height only."""
+
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.stem = cbr(3, c)
+        self.pools = nn.ModuleList([nn.MaxPool2d(2), nn.MaxPool2d(2), nn.MaxPool2d((2, 1)), nn.MaxPool2d((2, 1))])
+        self.blocks = nn.ModuleList([Bottleneck(c) for _ in range(4)])
+
+    def forward(self, x):
+        x = self.stem(x)
+        for pool, block in zip(self.pools, self.blocks):
+            x = block(pool(x))
+        return x.mean((2, 3))
+
+
+class FlatNet(nn.Module):
+    """facenet-pytorch's ONet: the model's own forward calls its convs and activations; no norm."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.act1 = nn.Conv2d(3, 16, 3, 2, 1), nn.PReLU(16)
+        self.conv2, self.act2 = nn.Conv2d(16, 16, 3, 2, 1), nn.PReLU(16)
+        self.conv3, self.act3 = nn.Conv2d(16, 32, 3, 2, 1), nn.PReLU(32)
+        self.conv4, self.act4 = nn.Conv2d(32, 32, 3, 2, 1), nn.PReLU(32)
+        self.conv5, self.act5 = nn.Conv2d(32, 32, 3, 2, 1), nn.PReLU(32)
+        self.fc = nn.Linear(32, 4)
+
+    def forward(self, x):
+        x = self.act1(self.conv1(x))
+        x = self.act2(self.conv2(x))
+        x = self.act3(self.conv3(x))
+        x = self.act4(self.conv4(x))
+        x = self.act5(self.conv5(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class FilterResponseNorm(nn.Module):
+    """kornia's ``FilterResponseNorm2d``: a per-channel norm of no known class."""
+
+    def __init__(self, c: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1, c, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(1, c, 1, 1))
+        self.register_buffer("eps", torch.tensor([eps]))
+
+    def forward(self, x):
+        nu2 = x.pow(2).mean(dim=(2, 3), keepdim=True)
+        return self.weight * x * torch.rsqrt(nu2 + self.eps.abs()) + self.bias
+
+
+class ChannelScale(nn.Module):
+    """A per-channel layer after each conv that is no norm by name (a suspect, not a norm)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(1, c, 1, 1))
+
+    def forward(self, x):
+        return x * self.gain
+
+
+def chain_net(layer) -> nn.Sequential:
+    """conv -> ``layer`` -> act, five times at strides 2..32."""
+    mods: list[nn.Module] = []
+    cin = 3
+    for _ in range(5):
+        mods += [nn.Conv2d(cin, 16, 3, 2, 1), layer(16), nn.ReLU()]
+        cin = 16
+    return nn.Sequential(*mods)

@@ -60,14 +60,16 @@ def refuse(model: nn.Module, error: type, match: str, *args, **kwargs) -> Except
 # -- models it cannot handle -------------------------------------------------------------------
 
 def test_model_without_conv_is_refused_unchanged():
+    """An MLP (or a text model) is no CNN: said before anything runs."""
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 4))
-    refuse(model, SurgeryError, "no spatial feature maps", input_size=[3, 8, 8])
+    refuse(model, SurgeryError, "has no Conv2d or Conv3d layer", input_size=[3, 8, 8])
 
 
 def test_model_that_does_not_take_images_is_refused_unchanged():
-    model = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 2))
+    """Convs behind a linear layer: it takes vectors, so one image cannot run it."""
+    model = nn.Sequential(nn.Linear(10, 3 * 8 * 8), nn.Unflatten(1, (3, 8, 8)), nn.Conv2d(3, 4, 3))
     err = refuse(model, SurgeryError, "could not run Sequential")
-    assert "input_size" in str(err)  # says what to change
+    assert "example_inputs=" in str(err)  # says what to pass instead
 
 
 @pytest.mark.parametrize("stages", [[9], [-9], ["layer9"], [{"stage": 7, "block_size": 3}]])

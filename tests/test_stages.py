@@ -259,6 +259,7 @@ def test_a_model_that_cannot_run_on_an_image_is_refused_in_one_line_naming_the_t
     text = str(err.value)
     assert "\n" not in text and len(text) < 400
     assert "target='encoder'" in text and "missing 1 required positional argument" in text
+    assert "example_inputs=" in text
     assert text.count("missing 1 required") == 1  # the three passes' one error, said once
     assert not hasattr(model, "dropblock_plan")
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -318,8 +318,12 @@ def test_nfnet_norm_free_blocks_are_units():
         ref = model(x)
     apply_dropblock(model)
     p = describe(model)
-    assert Counter(r.kind for r in p.rows) == {"conv": 36, "conv_last": 9, "shortcut": 9}
-    assert p.rows[0].anchor == "after conv1 > act2" and any("no norm layers" in n for n in p.notes)
+    # 36 in the blocks, and the head's final_conv -> final_act in the model's own forward
+    assert Counter(r.kind for r in p.rows) == {"conv": 37, "conv_last": 9, "shortcut": 9}
+    rows = {r.path: r for r in p.rows}
+    assert rows["stages.2.0.dropblock_conv1"].anchor == "after conv1 > act2"
+    assert any("no norm layers" in n for n in p.notes)
+    assert rows["dropblock_final_conv"].anchor == "after final_conv > final_act"
     with torch.no_grad():
         assert torch.equal(model(x), ref)
 
