@@ -34,6 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 import dropblock_fx as dbx  # noqa: E402
 from dropblock_fx.op import custom_ops as co  # noqa: E402
 from dropblock_fx.op import functional as fn  # noqa: E402
+from dropblock_fx.op import masks  # noqa: E402
 from dropblock_fx.op import triton_kernels as tk  # noqa: E402
 from dropblock_fx.op.gamma import clip_block, expected_drop_rate, paper_gamma, seed_grid  # noqa: E402
 
@@ -414,11 +415,11 @@ def check_dispatch_rules():
 
     fn.set_backend("auto")
     cuda_like = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)
-    assert fn._pick_backend(cuda_like) == ("triton" if fn._HAS_TRITON else "reference")
-    assert fn._pick_backend(types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64)) != "triton"
-    assert fn._pick_backend(torch.ones(1, 1, 2, 2, device="cpu")) != "triton"
+    assert masks.pick_backend(cuda_like) == ("triton" if masks._HAS_TRITON else "reference")
+    assert masks.pick_backend(types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64)) != "triton"
+    assert masks.pick_backend(torch.ones(1, 1, 2, 2, device="cpu")) != "triton"
     fn.set_backend("reference")
-    assert fn._pick_backend(cuda_like) == "reference"
+    assert masks.pick_backend(cuda_like) == "reference"
     fn.set_backend("triton")
 
 

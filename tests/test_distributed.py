@@ -1,10 +1,12 @@
 """DDP on CPU: two real processes (gloo), a scheduled recipe, per-rank masks, resume, compile.
 
-Each test starts two worker processes (``python -c`` running :func:`_worker` of this file)
-that meet through a ``file://`` rendezvous in ``tmp_path`` (no TCP port to pick, so nothing
-to collide with), with a process-group timeout and a subprocess timeout: a hang fails the
-test instead of blocking CI. Each rank writes what it saw to ``rank<r>.json``; the
-assertions run here.
+One launch serves the DDP, resume, compile and FSDP tests: two worker processes (``python -c``
+running :func:`_worker` of this file) meet through a ``file://`` rendezvous in a temporary
+folder (no TCP port to pick, so nothing to collide with) and run each mode in turn, with a
+process-group timeout and a subprocess timeout: a hang fails the tests instead of blocking
+CI. Each rank writes what it saw in each mode to ``rank<r>_<mode>.json``; the assertions run
+here. (Starting the processes costs more than most modes, hence one launch.) The Lightning
+test is its own launch: Lightning starts its second process itself.
 """
 
 from __future__ import annotations
@@ -88,98 +90,23 @@ def _worker(rank: int, cfg: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    import dropblock_fx as dbx
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=cfg["init"], rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=90))
-    result: dict = {"rank": rank}
     try:
-        mode = cfg["mode"]
-        if mode == "resume":
-            ckpt = torch.load(cfg["ckpt"], weights_only=True)
-            model = _build(dbx.Recipe.from_yaml(ckpt["recipe"]))
-            model.load_state_dict(ckpt["model"])
-        elif cfg.get("wrap_first"):
-            # apply_dropblock on a model already wrapped in DDP: it goes through the wrapper
-            # (the DropBlocks land in ddp.module, the plan on the wrapper)
-            model = _build(apply=False).train()
-            ddp = torch.nn.parallel.DistributedDataParallel(model)
-            before = {k: v.clone() for k, v in ddp.state_dict().items()}
-            dbx.apply_dropblock(ddp, "last-two-stages", **APPLY)
-            after = ddp.state_dict()
-            result["wrapped_state_unchanged"] = list(before) == list(after) and all(
-                torch.equal(before[k], after[k]) for k in before)
-        else:
-            model = _build()
-        model.train()
-        if mode == "fsdp":
-            from torch.distributed.fsdp import fully_shard  # FSDP2
+        for mode_cfg in cfg["modes"]:
+            result: dict = {"rank": rank}
+            try:
+                _run_mode(rank, {**cfg, **mode_cfg}, result)
+            except Exception as e:  # noqa: BLE001 - reported by the test that reads this mode
+                import traceback
 
-            for block in [*model.layer3, *model.layer4]:
-                fully_shard(block)
-            ddp = fully_shard(model)  # the same object, its class swapped for FSDP<cls>
-            result["class"] = type(model).__name__
-        elif not cfg.get("wrap_first"):
-            ddp = torch.nn.parallel.DistributedDataParallel(model)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
-        sched = dbx.attach_schedule(ddp, total_steps=TOTAL, optimizer=opt)
-        start = 0
-        if mode == "resume":
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["schedule"])
-            start = int(sched.count)
-        runner = ddp
-        if mode == "compile":
-            from torch._dynamo.testing import CompileCounterWithBackend
-
-            backend = CompileCounterWithBackend(cfg["backend"])
-            runner = torch.compile(ddp, backend=backend)
-        result["plan"] = [r.path for r in dbx.describe(ddp if cfg.get("wrap_first") else model).rows]
-        result["rates"] = [sched.rates()]
-        for step in range(start, TOTAL):
-            _train_step(runner, opt, rank, step)
-            result["rates"].append(sched.rates())
-            if mode == "compile":
-                result.setdefault("frames_per_step", []).append(backend.frame_count)
-            if mode == "train" and step + 1 == STOP:
-                if rank == 0:
-                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                "schedule": sched.state_dict(),
-                                "recipe": dbx.describe(model).recipe.to_yaml()}, cfg["ckpt"])
-                dist.barrier()  # the checkpoint is complete before anyone goes on
-        result["count"] = sched.count
-        # DDP semantics: gradients are averaged, so every rank holds the same weights.
-        result["checksum"] = float(sum(getattr(p, "full_tensor", lambda p=p: p)().double().sum()
-                                       for p in model.parameters()))
-        gathered: list = [None] * WORLD
-        dist.all_gather_object(gathered, result["rates"])
-        result["rates_equal_across_ranks"] = all(g == result["rates"] for g in gathered)
-        if mode == "compile":
-            from torch._dynamo.utils import counters
-
-            result["frames"] = backend.frame_count
-            result["recompiles"] = dict(counters["recompiles"])
-        if mode == "train":
-            mods = [m for m in model.modules() if isinstance(m, dbx.DropBlockNd)]
-            result["masks_default"] = _probe_masks(mods)
-            # the user's choice 1: the same global seed on every rank (as seed_everything does)
-            torch.manual_seed(1234)
-            result["masks_same_seed"] = _probe_masks(mods)
-            # the user's choice 2: one generator for the DropBlock modules, seeded the same on
-            # every rank (the global RNG, for dropout and augmentation, stays per rank)
-            torch.manual_seed(99 + rank)
-            g = torch.Generator().manual_seed(7)
-            for m in mods:
-                m.generator = g
-            result["masks_generator"] = _probe_masks(mods)
-            for m in mods:
-                m.generator = None
-            # ... and seed + rank (timm's train.py) gives per-rank masks again
-            torch.manual_seed(1234 + rank)
-            result["masks_seed_plus_rank"] = _probe_masks(mods)
+                result["error"] = traceback.format_exc()
+                raise
+            finally:
+                Path(cfg["out"], f"rank{rank}_{mode_cfg['mode']}.json").write_text(json.dumps(result))
+            dist.barrier()
     finally:
-        Path(cfg["out"], f"rank{rank}.json").write_text(json.dumps(result))
         dist.destroy_process_group()
     # Done, results written: leave without the interpreter's teardown, where gloo's threads
     # now and then abort the process ("terminate called without an active exception").
@@ -188,13 +115,108 @@ def _worker(rank: int, cfg: dict) -> None:
     os._exit(0)
 
 
+def _run_mode(rank: int, cfg: dict, result: dict) -> None:
+    import torch
+    import torch.distributed as dist
+
+    import dropblock_fx as dbx
+
+    mode = cfg["mode"]
+    if mode == "resume":
+        ckpt = torch.load(cfg["ckpt"], weights_only=True)
+        model = _build(dbx.Recipe.from_yaml(ckpt["recipe"]))
+        model.load_state_dict(ckpt["model"])
+    elif cfg.get("wrap_first"):
+        # apply_dropblock on a model already wrapped in DDP: it goes through the wrapper
+        # (the DropBlocks land in ddp.module, the plan on the wrapper)
+        model = _build(apply=False).train()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        before = {k: v.clone() for k, v in ddp.state_dict().items()}
+        dbx.apply_dropblock(ddp, "last-two-stages", **APPLY)
+        after = ddp.state_dict()
+        result["wrapped_state_unchanged"] = list(before) == list(after) and all(
+            torch.equal(before[k], after[k]) for k in before)
+    else:
+        model = _build()
+    model.train()
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard  # FSDP2
+
+        for block in [*model.layer3, *model.layer4]:
+            fully_shard(block)
+        ddp = fully_shard(model)  # the same object, its class swapped for FSDP<cls>
+        result["class"] = type(model).__name__
+    elif not cfg.get("wrap_first"):
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    sched = dbx.attach_schedule(ddp, total_steps=TOTAL, optimizer=opt)
+    start = 0
+    if mode == "resume":
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["schedule"])
+        start = int(sched.count)
+    runner = ddp
+    if mode == "compile":
+        from torch._dynamo.testing import CompileCounterWithBackend
+        from torch._dynamo.utils import counters
+
+        torch._dynamo.reset()
+        counters.clear()
+        backend = CompileCounterWithBackend(cfg["backend"])
+        runner = torch.compile(ddp, backend=backend)
+    result["plan"] = [r.path for r in dbx.describe(ddp if cfg.get("wrap_first") else model).rows]
+    result["rates"] = [sched.rates()]
+    for step in range(start, TOTAL):
+        _train_step(runner, opt, rank, step)
+        result["rates"].append(sched.rates())
+        if mode == "compile":
+            result.setdefault("frames_per_step", []).append(backend.frame_count)
+        if mode == "train" and step + 1 == STOP:
+            if rank == 0:
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "schedule": sched.state_dict(),
+                            "recipe": dbx.describe(model).recipe.to_yaml()}, cfg["ckpt"])
+            dist.barrier()  # the checkpoint is complete before anyone goes on
+    result["count"] = sched.count
+    # DDP semantics: gradients are averaged, so every rank holds the same weights.
+    result["checksum"] = float(sum(getattr(p, "full_tensor", lambda p=p: p)().double().sum()
+                                   for p in model.parameters()))
+    gathered: list = [None] * WORLD
+    dist.all_gather_object(gathered, result["rates"])
+    result["rates_equal_across_ranks"] = all(g == result["rates"] for g in gathered)
+    if mode == "compile":
+        from torch._dynamo.utils import counters
+
+        result["frames"] = backend.frame_count
+        result["recompiles"] = dict(counters["recompiles"])
+    if mode == "train":
+        mods = [m for m in model.modules() if isinstance(m, dbx.DropBlockNd)]
+        result["masks_default"] = _probe_masks(mods)
+        # the user's choice 1: the same global seed on every rank (as seed_everything does)
+        torch.manual_seed(1234)
+        result["masks_same_seed"] = _probe_masks(mods)
+        # the user's choice 2: one generator for the DropBlock modules, seeded the same on
+        # every rank (the global RNG, for dropout and augmentation, stays per rank)
+        torch.manual_seed(99 + rank)
+        g = torch.Generator().manual_seed(7)
+        for m in mods:
+            m.generator = g
+        result["masks_generator"] = _probe_masks(mods)
+        for m in mods:
+            m.generator = None
+        # ... and seed + rank (timm's train.py) gives per-rank masks again
+        torch.manual_seed(1234 + rank)
+        result["masks_seed_plus_rank"] = _probe_masks(mods)
+
+
 # -- test side ---------------------------------------------------------------------------------
 
-def _run(tmp_path: Path, name: str, **cfg) -> list[dict]:
-    """Run :func:`_worker` in two processes; returns each rank's result."""
+def _run(tmp_path: Path, name: str, modes: list[dict], **cfg) -> dict[str, list[dict]]:
+    """Run :func:`_worker` in two processes, each mode in turn; returns ``{mode: each rank's
+    result}``."""
     out = tmp_path / name
     out.mkdir()
-    cfg = {"init": f"file://{out / 'rendezvous'}", "out": str(out), **cfg}
+    cfg = {"init": f"file://{out / 'rendezvous'}", "out": str(out), "modes": modes, **cfg}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     procs = []
     for rank in range(WORLD):
@@ -217,22 +239,34 @@ def _run(tmp_path: Path, name: str, **cfg) -> list[dict]:
                 p.wait()
     for rank, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"{name} rank {rank} failed:\n{log[-4000:]}"
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return {m["mode"]: [json.loads((out / f"rank{r}_{m['mode']}.json").read_text()) for r in range(WORLD)]
+            for m in modes}
+
+
+def _has_fsdp2() -> bool:
+    from torch.distributed import fsdp
+
+    return hasattr(fsdp, "fully_shard")  # FSDP2 needs torch >= 2.6
 
 
 EXPECTED_PLAN = [f"layer{s}.0.dropblock_{k}" for s in (3, 4) for k in ("conv1", "conv_last", "shortcut")]
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
+def runs(tmp_path_factory):
+    """The one two-process launch: train (saving a checkpoint), resume from it, compile, FSDP."""
     tmp = tmp_path_factory.mktemp("ddp")
     ckpt = tmp / "ckpt.pt"
-    return _run(tmp, "train", mode="train", ckpt=str(ckpt)), ckpt, tmp
+    modes = [{"mode": "train"}, {"mode": "resume"},
+             # the recipe applied to the model after it was wrapped in DDP (wrap_first)
+             {"mode": "compile", "backend": "aot_eager", "wrap_first": True}]
+    if _has_fsdp2():
+        modes.append({"mode": "fsdp"})
+    return _run(tmp, "all", modes, ckpt=str(ckpt)), ckpt
 
 
-def test_ddp_schedule_identical_across_ranks_and_weights_in_sync(first_run):
-    results, _, _ = first_run
-    r0, r1 = results
+def test_ddp_schedule_identical_across_ranks_and_weights_in_sync(runs):
+    r0, r1 = runs[0]["train"]
     assert r0["plan"] == r1["plan"] == EXPECTED_PLAN
     assert r0["rates_equal_across_ranks"] and r1["rates_equal_across_ranks"]
     assert r0["rates"] == r1["rates"] and len(r0["rates"]) == TOTAL + 1
@@ -245,8 +279,8 @@ def test_ddp_schedule_identical_across_ranks_and_weights_in_sync(first_run):
     assert r0["checksum"] == r1["checksum"]
 
 
-def test_ddp_masks_per_rank_by_default_and_identical_on_request(first_run):
-    r0, r1 = first_run[0]
+def test_ddp_masks_per_rank_by_default_and_identical_on_request(runs):
+    r0, r1 = runs[0]["train"]
     # by default (no seeding: torch seeds each process differently) each rank draws its own masks
     assert r0["masks_default"] != r1["masks_default"]
     assert all(any(mask) for mask in r0["masks_default"])  # something was dropped
@@ -258,10 +292,10 @@ def test_ddp_masks_per_rank_by_default_and_identical_on_request(first_run):
     assert r0["masks_seed_plus_rank"] != r1["masks_seed_plus_rank"]
 
 
-def test_ddp_resume_from_rank0_checkpoint_continues_the_schedule_exactly(first_run):
-    results, ckpt, tmp = first_run
+def test_ddp_resume_from_rank0_checkpoint_continues_the_schedule_exactly(runs):
+    results, ckpt = runs[0]["train"], runs[1]
     assert ckpt.exists()
-    resumed = _run(tmp, "resume", mode="resume", ckpt=str(ckpt))
+    resumed = runs[0]["resume"]
     full = results[0]["rates"]
     for r in resumed:
         assert r["plan"] == results[0]["plan"]  # the same model structure
@@ -270,13 +304,13 @@ def test_ddp_resume_from_rank0_checkpoint_continues_the_schedule_exactly(first_r
     assert resumed[0]["checksum"] == resumed[1]["checksum"]
 
 
-def test_torch_compile_with_ddp_on_cpu(tmp_path):
+def test_torch_compile_with_ddp_on_cpu(runs):
     """torch.compile of a DDP model (dynamo's DDPOptimizer splits the graph at the gradient
     buckets); here the recipe is applied to the model after it was wrapped in DDP. The
     ``aot_eager`` backend runs dynamo and AOTAutograd (forward and backward graphs) without
-    generating C++, which keeps this under ~20 s on 2 cores; inductor's code generation does
-    not depend on DDP and is tested on one process (tests/test_modules.py)."""
-    results = _run(tmp_path, "compile", mode="compile", backend="aot_eager", wrap_first=True)
+    generating C++; inductor's code generation does not depend on DDP and is tested on one
+    process (tests/test_modules.py)."""
+    results = runs[0]["compile"]
     r0, r1 = results
     # this run also applies the recipe to the model *after* wrapping it in DDP, on both ranks:
     # the planning forward goes through DDP, nothing in the state changes, the same 6 sites
@@ -294,15 +328,12 @@ def test_torch_compile_with_ddp_on_cpu(tmp_path):
         assert not r["recompiles"]
 
 
-def test_fsdp2_fully_shard_on_cpu(tmp_path):
+def test_fsdp2_fully_shard_on_cpu(runs):
     """FSDP2 (``fully_shard``) with gloo on CPU: DropBlock applied before sharding (it has no
     parameters, so sharding does not see it), the schedule attached to the sharded model."""
-    pytest.importorskip("torch.distributed.fsdp", reason="needs torch.distributed")
-    from torch.distributed import fsdp
-
-    if not hasattr(fsdp, "fully_shard"):
+    if "fsdp" not in runs[0]:
         pytest.skip("FSDP2 (torch.distributed.fsdp.fully_shard) needs torch >= 2.6")
-    r0, r1 = _run(tmp_path, "fsdp", mode="fsdp")
+    r0, r1 = runs[0]["fsdp"]
     assert r0["class"] == "FSDPResNet"
     assert r0["plan"] == r1["plan"] == EXPECTED_PLAN
     assert r0["rates"] == r1["rates"] and r0["rates_equal_across_ranks"]
@@ -321,7 +352,7 @@ LIGHTNING_SCRIPT = textwrap.dedent(
     import lightning.pytorch as L
     from torch import nn
     from dropblock_fx import DropBlock2d, DropBlockNd
-    from dropblock_fx.schedule.lightning import DropBlockScheduleCallback
+    from dropblock_fx.integrations.lightning import DropBlockScheduleCallback
 
     class Net(L.LightningModule):
         def __init__(self):

@@ -80,12 +80,13 @@ def test_3d_module_drops_cuboids():
     assert (y == 0).any() and y.shape == (2, 4, 6, 8, 8)
 
 
-def test_unscheduled_warning_once(monkeypatch):
-    import dropblock_fx.schedule.pending as pending
+def test_unscheduled_warning_once():
+    from dropblock_fx.modules import Placement
+    from dropblock_fx.surgery.watch import ModelWatch
 
-    monkeypatch.setattr(pending, "_warned_unscheduled", False)
     m = dbx.DropBlock2d(0.1, 3)
-    m.schedule_pending = True
+    m.placement = Placement(4, "conv", 0.1, recipe_schedule=dbx.ScheduleSpec(), watch=ModelWatch((3, 8, 8)))
+    assert m.schedule_pending
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         m(torch.ones(1, 2, 8, 8))

@@ -58,7 +58,7 @@ def test_backend_option_and_env_var() -> None:
     from dropblock_fx.op import functional as fn
 
     assert "triton" in fn.BACKENDS
-    code = "import dropblock_fx.op.functional as f; print(f._backend)"
+    code = "import dropblock_fx.op.masks as f; print(f._backend)"
     proc = _run(["-c", code], {"DROPBLOCK_FX_BACKEND": "reference"}, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "reference"

@@ -24,9 +24,10 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .modes import training_mode
 from .modules import DropBlock3d, DropBlockNd, is_inserted
 from .recipe import resolve_stages
-from .surgery import Plan, apply_dropblock, describe, remove_dropblock
+from .surgery import Plan, apply_dropblock, describe, plan_of, remove_dropblock
 
 __all__ = ["CheckFailed", "check_surgery", "module_state", "output_tensors", "zoo_model"]
 
@@ -157,14 +158,13 @@ def check_surgery(model: nn.Module, x: torch.Tensor, recipe: Any = None, *, runn
         model.load_state_dict(weights, strict=True)
 
         step = "train forward/backward"
-        model.train()
         for m in mods.values():
             m.drop_prob = max(float(m.target_drop_prob), 0.1)
         seen: dict[str, list[tuple[int, ...]]] = {}
         hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.setdefault(n, []).append(tuple(args[0].shape)))
                  for n, m in mods.items()]
         try:
-            with warnings.catch_warnings():  # a check, not a training run: no schedule needed
+            with training_mode(model, True), warnings.catch_warnings():  # a check, not a run: no schedule
                 warnings.filterwarnings("ignore", message=".*no schedule is attached")
                 out = output_tensors(runner(x))
         finally:
@@ -181,7 +181,6 @@ def check_surgery(model: nn.Module, x: torch.Tensor, recipe: Any = None, *, runn
             raise AssertionError("non-finite gradients")
         model.zero_grad(set_to_none=True)
         model.load_state_dict(weights, strict=True)
-        model.eval()
 
         step = "rows run"
         _check_rows_ran(plan, seen, tuple(x.shape), plan_size=tuple(plan.input_shape[1:]))
@@ -190,7 +189,7 @@ def check_surgery(model: nn.Module, x: torch.Tensor, recipe: Any = None, *, runn
         remove_dropblock(model)
         if repr(model) != tree or [type(m) for m in model.modules()] != classes:
             raise AssertionError("remove_dropblock did not restore the module tree")
-        if any(isinstance(m, DropBlockNd) for m in model.modules()) or hasattr(model, "dropblock_plan"):
+        if any(isinstance(m, DropBlockNd) for m in model.modules()) or plan_of(model) is not None:
             raise AssertionError("DropBlock left after remove_dropblock")
         with torch.no_grad():
             if not _same(runner(x), ref):

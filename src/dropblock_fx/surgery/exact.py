@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..graph.preserve import preserved
+from ..modes import training_mode
 from .target import SurgeryError, Target
 
 __all__ = ["VERIFY_MODES", "check_verify", "exact_check"]
@@ -34,14 +35,8 @@ def _tensors(out: Any) -> list[torch.Tensor]:
 
 
 def _forward(model: nn.Module, runner: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with preserved(model, values=True), torch.no_grad():
-            return [t.clone() for t in _tensors(runner(x))]
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    with training_mode(model, False), preserved(model, values=True), torch.no_grad():
+        return [t.clone() for t in _tensors(runner(x))]
 
 
 def exact_check(target: Target, runner: nn.Module, input_shape: tuple[int, ...], apply: Callable[[], None],
