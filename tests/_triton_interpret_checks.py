@@ -338,7 +338,7 @@ def check_fx_sees_one_op():
 
 def check_compile_fullgraph_no_recompile():
     import torch._dynamo
-    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.testing import CompileCounter
 
     dbx.set_backend("triton")
     torch._dynamo.reset()
@@ -348,7 +348,7 @@ def check_compile_fullgraph_no_recompile():
         graphs.append(gm)
         return gm.forward
 
-    counter = CompileCounterWithBackend("aot_eager")
+    counter = CompileCounter()  # counts graphs (recompiles), runs them as traced
     m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), dbx.DropBlock2d(0.1, 3), torch.nn.ReLU())
     cm = torch.compile(m, fullgraph=True, backend=counter)
     x = torch.randn(2, 3, 9, 11, requires_grad=True)
@@ -370,11 +370,11 @@ def check_compile_fullgraph_no_recompile():
 
 def check_compile_dynamic_batch_one_graph():
     import torch._dynamo
-    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.testing import CompileCounter
 
     dbx.set_backend("triton")
     torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
+    counter = CompileCounter()
     cm = torch.compile(dbx.DropBlock2d(0.1, 3), backend=counter, fullgraph=True, dynamic=True)
     for n in (2, 3, 5):
         x = torch.randn(n, 4, 9, 11, requires_grad=True)

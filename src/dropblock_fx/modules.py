@@ -156,14 +156,16 @@ class DropBlockNd(nn.Module):
     @classmethod
     def from_options(cls, drop_prob: float, options: DropBlockOptions,
                      generator: Optional[torch.Generator] = None) -> "DropBlockNd":
-        """A module with these (already validated) options.
+        """A module with these options (validated when they were built: not again).
 
         Example:
             >>> from dropblock_fx.op.options import DropBlockOptions
             >>> DropBlock2d.from_options(0.1, DropBlockOptions(5, mask="shared"))
             DropBlock2d(drop_prob=0.1, block_size=5, mask='shared')
         """
-        return cls(drop_prob, **options._asdict(), generator=generator)
+        m = cls(drop_prob, generator=generator)
+        m.options = options
+        return m
 
     block_size = _option("block_size")
     mask = _option("mask")

@@ -167,6 +167,11 @@ def attach_for_run(
     it yourself in a loop that builds its schedulers another way.
 
     Without ``updates_per_epoch`` the schedule moves once per epoch (``lr_scheduler.step``).
+
+    Example:
+        >>> opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+        >>> attach_for_run(opt, num_epochs=10, updates_per_epoch=100)   # it trains no watched model
+        []
     """
     out = []
     for model in _trained_by(optimizer):
@@ -209,7 +214,14 @@ def _wrap(create_scheduler_v2: Callable[..., Any]) -> Callable[..., Any]:
 def install() -> None:
     """Wrap timm's ``create_scheduler_v2`` where a script finds it: ``timm.scheduler``, its
     factory module, and a running script's own binding (``train.py`` imports the name before
-    it may import ``dropblock_fx.timm``). Idempotent; the wrapper passes everything through."""
+    it may import ``dropblock_fx.timm``). Idempotent; the wrapper passes everything through.
+
+    Example:
+        >>> import timm.scheduler
+        >>> install(); install()
+        >>> timm.scheduler.create_scheduler_v2.__dropblock_fx__
+        True
+    """
     import timm.scheduler
     import timm.scheduler.scheduler_factory as factory
 

@@ -68,7 +68,14 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def under_functorch(x: torch.Tensor) -> bool:
     """Is ``x`` a ``torch.func`` transform's tensor (``vmap``, ``grad``, ``jvp``)? Those need
     the dense path: no host reads, no strides asked, random numbers drawn out of place.
-    (Compiled code never is: dynamo traces transforms itself.)"""
+    (Compiled code never is: dynamo traces transforms itself.)
+
+    Example:
+        >>> seen = []
+        >>> _ = torch.func.vmap(lambda t: seen.append(under_functorch(t)) or t)(torch.ones(2, 3))
+        >>> under_functorch(torch.ones(2)), seen
+        (False, [True])
+    """
     return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 
