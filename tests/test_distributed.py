@@ -5,17 +5,18 @@ running :func:`_worker` of this file) meet through a ``file://`` rendezvous in a
 folder (no TCP port to pick, so nothing to collide with) and run each mode in turn, with a
 process-group timeout and a subprocess timeout: a hang fails the tests instead of blocking
 CI. Each rank writes what it saw in each mode to ``rank<r>_<mode>.json``; the assertions run
-here. (Starting the processes costs more than most modes, hence one launch.) The Lightning
-test is its own launch: Lightning starts its second process itself.
+here. (Starting the processes costs more than most modes, hence one launch.) Lightning's
+``Trainer`` runs last in the same two processes: it finds the process group made and starts no
+process of its own.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -97,7 +98,10 @@ def _worker(rank: int, cfg: dict) -> None:
         for mode_cfg in cfg["modes"]:
             result: dict = {"rank": rank}
             try:
-                _run_mode(rank, {**cfg, **mode_cfg}, result)
+                if mode_cfg["mode"] == "lightning":
+                    _run_lightning(rank, result)
+                else:
+                    _run_mode(rank, {**cfg, **mode_cfg}, result)
             except Exception as e:  # noqa: BLE001 - reported by the test that reads this mode
                 import traceback
 
@@ -107,7 +111,8 @@ def _worker(rank: int, cfg: dict) -> None:
                 Path(cfg["out"], f"rank{rank}_{mode_cfg['mode']}.json").write_text(json.dumps(result))
             dist.barrier()
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     # Done, results written: leave without the interpreter's teardown, where gloo's threads
     # now and then abort the process ("terminate called without an active exception").
     sys.stdout.flush()
@@ -209,6 +214,51 @@ def _run_mode(rank: int, cfg: dict, result: dict) -> None:
         result["masks_seed_plus_rank"] = _probe_masks(mods)
 
 
+def _run_lightning(rank: int, result: dict) -> None:
+    """Lightning's ``Trainer(devices=2, strategy="ddp")`` with the callback, in the process
+    group this launch made: with ``LOCAL_RANK`` set, Lightning starts no processes of its own
+    and takes the group as it finds it."""
+    import warnings
+
+    import lightning.pytorch as L
+    import torch
+    from torch import nn
+
+    from dropblock_fx import DropBlock2d
+    from dropblock_fx.integrations.lightning import DropBlockScheduleCallback
+
+    warnings.simplefilter("ignore")
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="1")  # the group exists: never dialled
+
+    class Net(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), DropBlock2d(0.2, 3),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1))
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(self.body[1].drop_prob)
+            return self.body(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.randn(32, 3, 8, 8), batch_size=2)
+
+    net = Net()
+    cb = DropBlockScheduleCallback()
+    trainer = L.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp", max_epochs=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        callbacks=[cb])
+    trainer.fit(net)
+    result.update(world=trainer.world_size, seen=trainer.strategy.all_gather(torch.tensor(net.seen)).tolist(),
+                  length=cb.schedule.length, count=cb.schedule.count, final=net.body[1].drop_prob)
+
+
 # -- test side ---------------------------------------------------------------------------------
 
 def _run(tmp_path: Path, name: str, modes: list[dict], **cfg) -> dict[str, list[dict]]:
@@ -262,6 +312,8 @@ def runs(tmp_path_factory):
              {"mode": "compile", "backend": "aot_eager", "wrap_first": True}]
     if _has_fsdp2():
         modes.append({"mode": "fsdp"})
+    if importlib.util.find_spec("lightning") is not None:
+        modes.append({"mode": "lightning"})  # last: it sets the launcher's environment variables
     return _run(tmp, "all", modes, ckpt=str(ckpt)), ckpt
 
 
@@ -344,66 +396,11 @@ def test_fsdp2_fully_shard_on_cpu(runs):
 
 # -- Lightning: Trainer(devices=2, strategy="ddp") on CPU ------------------------------------------
 
-LIGHTNING_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, warnings
-    warnings.simplefilter("ignore")
-    import torch
-    import lightning.pytorch as L
-    from torch import nn
-    from dropblock_fx import DropBlock2d, DropBlockNd
-    from dropblock_fx.integrations.lightning import DropBlockScheduleCallback
 
-    class Net(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), DropBlock2d(0.2, 3),
-                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1))
-            self.seen = []
-        def training_step(self, batch, batch_idx):
-            self.seen.append(self.body[1].drop_prob)
-            return self.body(batch).pow(2).mean()
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01)
-        def train_dataloader(self):
-            return torch.utils.data.DataLoader(torch.randn(32, 3, 8, 8), batch_size=2)
-
-    if __name__ == "__main__":
-        torch.set_num_threads(1)
-        net = Net()
-        cb = DropBlockScheduleCallback()
-        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
-                            enable_progress_bar=False, enable_model_summary=False,
-                            enable_checkpointing=False, callbacks=[cb])
-        trainer.fit(net)
-        seen = trainer.strategy.all_gather(torch.tensor(net.seen)).tolist()
-        if trainer.global_rank == 0:
-            out = {"world": trainer.world_size, "seen": seen, "length": cb.schedule.length,
-                   "count": cb.schedule.count, "final": net.body[1].drop_prob}
-            open(sys.argv[1], "w").write(json.dumps(out))
-        # tear the gloo group down before interpreter exit: left to atexit, its threads can
-        # abort the process ("terminate called without an active exception") after a good run
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-    """
-)
-
-
-def test_lightning_trainer_ddp_two_cpu_processes(tmp_path):
-    pytest.importorskip("lightning")
-    script = tmp_path / "train_lightning.py"
-    script.write_text(LIGHTNING_SCRIPT)
-    out = tmp_path / "out.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1"}
-    env.pop("LOCAL_RANK", None)
-    # Lightning's "ddp" strategy starts rank 1 by re-running this script, so it runs as a file
-    # in its own process (not inside pytest). Lightning picks a free port itself.
-    proc = subprocess.run([sys.executable, str(script), str(out)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads(out.read_text())
+def test_lightning_trainer_ddp_two_cpu_processes(runs):
+    if "lightning" not in runs[0]:
+        pytest.skip("needs lightning")
+    res = runs[0]["lightning"][0]
     assert res["world"] == 2
     steps = 32 // 2 // 2  # 32 samples, batch 2, split over 2 ranks: 8 steps each
     assert res["length"] == steps and res["count"] == steps

@@ -113,6 +113,13 @@ class DropBlockNd(nn.Module):
     # reads its options as a named tuple.
     _options: OptionFields
     n_spatial: int = 2
+    placement: Optional[Placement]
+    schedule: Optional[Any]  # a DropBlockSchedule (the schedule layer, above this one)
+    seen_resolution: Optional[tuple[int, ...]]
+    generator: Optional[torch.Generator]
+    _target_drop_prob: Optional[float]
+    # Attributes TorchScript does not read (it would try to type them from the annotations).
+    __jit_ignored_attributes__ = ["placement", "schedule", "seen_resolution", "generator", "_target_drop_prob"]
     # Module properties TorchScript must not compile.
     __jit_unused_properties__ = [
         "options", "drop_prob", "target_drop_prob", "schedule_pending", "block_size", "mask", "seed_region",
@@ -141,12 +148,11 @@ class DropBlockNd(nn.Module):
         self.options = options
         self.generator = generator
         self._drop_prob = p
-        # (No annotations here: TorchScript would try to type them.)
-        self.placement = None  # Optional[Placement]
-        self.schedule = None  # Optional[DropBlockSchedule]
-        self.seen_resolution = None  # Optional[tuple[int, ...]]
+        self.placement = None
+        self.schedule = None
+        self.seen_resolution = None
         # The rate at full strength of a module built by hand (an inserted one reads its placement).
-        self._target_drop_prob = None  # Optional[float]
+        self._target_drop_prob = None
         # Non-persistent: invisible to state_dict(), so weights load strictly both ways.
         self.register_buffer("drop_prob_tensor", torch.tensor(p, dtype=torch.float32), persistent=False)
         # The buffer the drop_prob setter fills: a drop_prob_tensor passed in from outside

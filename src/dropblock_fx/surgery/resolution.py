@@ -54,13 +54,13 @@ def with_seen_resolutions(p: Plan, model: nn.Module) -> Plan:
 
     Example:
         >>> import torch, torchvision
-        >>> from dropblock_fx import apply_dropblock, describe
+        >>> from dropblock_fx import apply_dropblock, plan_of
         >>> m = apply_dropblock(torchvision.models.resnet18(), stages=[4], schedule=None)
         >>> with warnings.catch_warnings():
         ...     warnings.simplefilter("ignore")
         ...     _ = m.train()(torch.randn(2, 3, 32, 32))
-        >>> p = with_seen_resolutions(m.dropblock_plan, m)
-        >>> p.rows[-1].resolution, p.rows[-1].seen_resolution, m.dropblock_plan.rows[-1].seen_resolution
+        >>> p = with_seen_resolutions(plan_of(m), m)
+        >>> p.rows[-1].resolution, p.rows[-1].seen_resolution, plan_of(m).rows[-1].seen_resolution
         ((7, 7), (1, 1), ())
     """
     seen: dict[str, tuple[int, ...]] = {}
