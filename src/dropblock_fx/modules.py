@@ -263,7 +263,7 @@ class DropBlockNd(nn.Module):
         else:
             placement = self.placement
             if placement is not None and placement.watch is not None:
-                placement.watch(self, tuple(x.shape[2:]))
+                placement.watch(self, x.shape[2:])  # a torch.Size: a tuple, compared as one
             rate = self.drop_prob_tensor
             if rate is not self._own_rate:  # functional_call: a rate from outside
                 p = rate
