@@ -34,13 +34,6 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("top", ("dropblock_fx.timm", "dropblock_fx.torchvision", "dropblock_fx")),
 ]
 
-# Circles that exist today in code outside this rule's owners' reach, each with why it is
-# allowed for now. The test fails when one disappears, so the entry is removed with it.
-KNOWN_CIRCLES = {
-    frozenset({"dropblock_fx.cli.commands", "dropblock_fx.cli.demo"}),  # the demo is being split into cli/demo/
-}
-
-
 def layer_of(module: str) -> int:
     best, level = -1, -1
     for i, (_, prefixes) in enumerate(LAYERS):
@@ -130,9 +123,7 @@ def _circles(graph: dict[str, set[str]]) -> list[frozenset[str]]:
 
 
 def test_no_import_circle():
-    circles = set(_circles(GRAPH))
-    assert circles - KNOWN_CIRCLES == set(), [sorted(c) for c in circles - KNOWN_CIRCLES]
-    assert KNOWN_CIRCLES <= circles, "a known circle is gone: remove it from KNOWN_CIRCLES"
+    assert [sorted(c) for c in _circles(GRAPH)] == []
 
 
 def test_the_checks_see_an_upward_import_and_a_circle():

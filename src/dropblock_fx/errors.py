@@ -1,9 +1,9 @@
 """Errors that point at a key path (``stages[1].block_size``), shared by the schedule and the
 recipe layers.
 
-Validators raise :class:`KeyedError` to say where below their own field a value is wrong;
-:func:`issues_from_validation` turns a pydantic ``ValidationError`` (of a recipe, a stage or a
-schedule) into :class:`RecipeIssue` s, and :class:`RecipeError` carries them with the file and
+Validators raise `KeyedError` to say where below their own field a value is wrong;
+`issues_from_validation` turns a pydantic ``ValidationError`` (of a recipe, a stage or a
+schedule) into `RecipeIssue` s, and [`RecipeError`][dropblock_fx.RecipeError] carries them with the file and
 line. This module depends on nothing else in the package, so neither layer imports the other
 to report an error.
 """
@@ -29,7 +29,7 @@ MISSING: Any = object()
 def format_path(path: Sequence[Any]) -> str:
     """``("stages", 1, "block_size")`` -> ``"stages[1].block_size"``.
 
-    Example:
+    Examples:
         >>> format_path(("stages", 1, "block_size"))
         'stages[1].block_size'
     """
@@ -46,7 +46,7 @@ def format_path(path: Sequence[Any]) -> str:
 class KeyedError(ValueError):
     """Raised inside validators to point below the field the validator is attached to.
 
-    Example:
+    Examples:
         >>> str(KeyedError("must be >= 1", path=("steps",), value=0))
         'must be >= 1'
     """
@@ -64,7 +64,7 @@ class KeyedError(ValueError):
 def closest_name(word: Any, choices: Sequence[str]) -> Optional[str]:
     """The choice closest to ``word`` (the one place "did you mean" is decided), or None.
 
-    Example:
+    Examples:
         >>> closest_name("cosin", ["linear", "cosine"])
         'cosine'
     """
@@ -77,7 +77,7 @@ def closest_name(word: Any, choices: Sequence[str]) -> Optional[str]:
 def closest(word: Any, choices: Sequence[str]) -> str:
     """A ``"; did you mean 'x'?"`` suffix, or ``""``.
 
-    Example:
+    Examples:
         >>> closest("optimiser", ["optimizer", "manual"])
         "; did you mean 'optimizer'?"
     """
@@ -100,7 +100,7 @@ def _short(value: Any, limit: int = 80) -> str:
 class RecipeIssue:
     """One problem in a recipe: where (``path``, ``line``), what (``value``), why (``reason``).
 
-    Example:
+    Examples:
         >>> RecipeIssue(("stages", 1, "block_size"), "must be >= 1", 0).describe()
         'stages[1].block_size: must be >= 1 (got 0)'
     """
@@ -133,10 +133,10 @@ class RecipeError(ValueError):
 
     Attributes:
         file: the recipe file, or ``None`` for dicts and built-in objects.
-        issues: every problem found (:class:`RecipeIssue`); the first one is also exposed as
+        issues: every problem found (`RecipeIssue`); the first one is also exposed as
             ``path`` (key path string), ``value``, ``allowed``, ``line`` and ``reason``.
 
-    Example:
+    Examples:
         >>> from dropblock_fx import load_recipe
         >>> load_recipe({"stages": [3, {"stage": 4, "block_size": 0}]})
         Traceback (most recent call last):
@@ -201,10 +201,10 @@ def _tab_indented(text: str, line: Optional[int]) -> bool:
 
 
 def parse_yaml(text: Any, file: Optional[str] = None) -> Any:
-    """``yaml.safe_load(text)``; a failure is a :class:`RecipeError` with the line (and a word
+    """``yaml.safe_load(text)``; a failure is a [`RecipeError`][dropblock_fx.RecipeError] with the line (and a word
     on tabs, YAML's most common trap).
 
-    Example:
+    Examples:
         >>> parse_yaml("stages: [3, 4]")
         {'stages': [3, 4]}
     """
@@ -261,7 +261,7 @@ def yaml_line(text: Optional[str], path: Sequence[Any]) -> Optional[int]:
     """The 1-based line of key ``path`` in YAML ``text`` (the nearest enclosing key's when the
     key is absent), or ``None``.
 
-    Example:
+    Examples:
         >>> yaml_line("name: x\\nstages:\\n  - 3\\n  - 4\\n", ("stages", 1))
         4
     """
@@ -341,13 +341,13 @@ _ALLOWED_BY_TYPE = {
 
 def issues_from_validation(err: Any, data: Any, model: Any, text: Optional[str] = None,
                            prefix: Sequence[Any] = ()) -> list[RecipeIssue]:
-    """One :class:`RecipeIssue` per key of ``data`` that the pydantic ``ValidationError`` ``err``
+    """One `RecipeIssue` per key of ``data`` that the pydantic ``ValidationError`` ``err``
     of ``model`` names: the key path in the input (pydantic's union tags dropped, a
-    :class:`KeyedError` 's own path appended), the value found there, what is allowed, and the
+    `KeyedError` 's own path appended), the value found there, what is allowed, and the
     line in ``text`` (the YAML it came from). ``prefix`` goes before every path
     (``("schedule",)`` for a schedule given on its own).
 
-    Example:
+    Examples:
         >>> from pydantic import BaseModel, ValidationError
         >>> class Spec(BaseModel):
         ...     steps: int = 1

@@ -20,7 +20,7 @@ def training_mode(module: nn.Module, mode: Optional[bool] = None) -> Iterator[nn
     """Run the body with ``module.train(mode)`` (unless ``mode`` is None: the body sets modes
     itself), then give every submodule its own training flag back, also on errors.
 
-    Example:
+    Examples:
         >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
         >>> _ = net[1].eval()   # a frozen norm inside a training model
         >>> with training_mode(net, False):

@@ -1,4 +1,4 @@
-"""``DropBlock2d`` / ``DropBlock3d``: parameter-free modules around :func:`drop_block`.
+"""``DropBlock2d`` / ``DropBlock3d``: parameter-free modules around [`drop_block`][dropblock_fx.drop_block].
 
 Properties the rest of the library relies on:
 
@@ -12,7 +12,7 @@ Properties the rest of the library relies on:
 * They script (``torch.jit.script``), and work under ``torch.func`` (``grad``, ``jvp``,
   ``vmap``, ``functional_call`` with a ``drop_prob_tensor`` of your own).
 
-What surgery tells a module it inserts is one object, its :class:`Placement`; what drives its
+What surgery tells a module it inserts is one object, its `Placement`; what drives its
 rate is the schedule at ``module.schedule`` (set by ``attach_schedule``).
 """
 
@@ -57,12 +57,12 @@ class Placement:
         path: its path in the model.
         resolution: the spatial size of its input at the recipe's ``input_size`` (``()``:
             none, or several: nothing is compared).
-        recipe_schedule: the recipe's schedule (a :class:`~dropblock_fx.ScheduleSpec`), the
+        recipe_schedule: the recipe's schedule (a `dropblock_fx.ScheduleSpec`), the
             default of ``attach_schedule``; ``None``: the recipe has none (a constant rate).
-        watch: called by each eager training forward (see :class:`TrainWatch`); shared by
+        watch: called by each eager training forward (see `TrainWatch`); shared by
             the modules of one ``apply_dropblock`` call.
 
-    Example:
+    Examples:
         >>> Placement(4, "conv", 0.1, path="layer4.0.dropblock_conv1", resolution=(7, 7)).resolution
         (7, 7)
     """
@@ -79,7 +79,7 @@ class Placement:
 def is_inserted(m: object) -> bool:
     """Was ``m`` inserted by ``apply_dropblock`` (and so removed by ``remove_dropblock``)?
 
-    Example:
+    Examples:
         >>> is_inserted(DropBlock2d(0.1, 3))
         False
     """
@@ -97,12 +97,12 @@ def _option(name: str) -> property:
 
 
 class DropBlockNd(nn.Module):
-    """Base class of :class:`DropBlock2d` and :class:`DropBlock3d`; see :func:`drop_block`.
+    """Base class of [`DropBlock2d`][dropblock_fx.DropBlock2d] and [`DropBlock3d`][dropblock_fx.DropBlock3d]; see [`drop_block`][dropblock_fx.drop_block].
 
     Attributes:
-        options: the op options (:class:`~dropblock_fx.op.options.DropBlockOptions`); each one
+        options: the op options (`dropblock_fx.op.options.DropBlockOptions`); each one
             also reads as an attribute (``module.mask``).
-        placement: the :class:`Placement` surgery gave it; ``None`` for a module built by hand.
+        placement: the `Placement` surgery gave it; ``None`` for a module built by hand.
         schedule: the ``DropBlockSchedule`` that drives its rate, or ``None``.
         seen_resolution: the last training feature map that differed from
             ``placement.resolution`` (``None``: none did); ``describe`` reads it.
@@ -164,7 +164,7 @@ class DropBlockNd(nn.Module):
                      generator: Optional[torch.Generator] = None) -> "DropBlockNd":
         """A module with these options (validated when they were built: not again).
 
-        Example:
+        Examples:
             >>> from dropblock_fx.op.options import DropBlockOptions
             >>> DropBlock2d.from_options(0.1, DropBlockOptions(5, mask="shared"))
             DropBlock2d(drop_prob=0.1, block_size=5, mask='shared')
@@ -184,7 +184,7 @@ class DropBlockNd(nn.Module):
 
     @property
     def options(self) -> DropBlockOptions:
-        """The op options (frozen); set a new :class:`DropBlockOptions` to change them."""
+        """The op options (frozen); set a new [`DropBlockOptions`][dropblock_fx.DropBlockOptions] to change them."""
         return self._options  # type: ignore[return-value]
 
     @options.setter
@@ -322,9 +322,9 @@ class DropBlockNd(nn.Module):
 
 
 class DropBlock2d(DropBlockNd):
-    """DropBlock for ``(N, C, H, W)`` feature maps (paper defaults; options as :func:`drop_block`).
+    """DropBlock for ``(N, C, H, W)`` feature maps (paper defaults; options as [`drop_block`][dropblock_fx.drop_block]).
 
-    Example:
+    Examples:
         >>> m = DropBlock2d(drop_prob=0.1, block_size=7)
         >>> m
         DropBlock2d(drop_prob=0.1, block_size=7)
@@ -339,7 +339,7 @@ class DropBlock2d(DropBlockNd):
 class DropBlock3d(DropBlockNd):
     """DropBlock for ``(N, C, D, H, W)`` feature maps (video / volumetric CNNs).
 
-    Example:
+    Examples:
         >>> m = DropBlock3d(drop_prob=0.1, block_size=3)
         >>> m(torch.randn(2, 4, 8, 14, 14)).shape
         torch.Size([2, 4, 8, 14, 14])

@@ -3,7 +3,7 @@
 A registry maps names to values that other code looks up by name: ``register`` by decorator or
 call, ``get`` with an error that lists the known names and suggests the closest one. A lower
 layer that needs something a higher layer provides (the Lightning hook, timm's slot finder)
-names the module that registers it with :meth:`Registry.lazy`: the module is imported the
+names the module that registers it with `Registry.lazy`: the module is imported the
 first time the name is asked for, so nothing is imported upward at start-up.
 """
 
@@ -31,7 +31,7 @@ class Registry(Generic[T]):
         normalize: maps a name to its key (schedules: case and ``_`` / ``-`` do not matter).
         error: the exception type ``get`` raises for an unknown name.
 
-    Example:
+    Examples:
         >>> colours = Registry("colour", normalize=str.lower)
         >>> colours.register("Red", 0xFF0000)
         16711680

@@ -1,6 +1,6 @@
 """``dropblock_fx.timm``: the timm integration (``create_model``, the ``<arch>_dropblock`` names).
 
-A plain re-export of :mod:`dropblock_fx.integrations.timm`; importing either registers the
+A plain re-export of `dropblock_fx.integrations.timm`; importing either registers the
 ``<arch>_dropblock`` models with timm.
 """
 

@@ -1,5 +1,5 @@
 """``python -m dropblock_fx.timm_train path/to/train.py ...``: the older spelling of
-``dropblock-fx timm-train path/to/train.py ...`` (see :mod:`dropblock_fx.cli.timm_train`)."""
+``dropblock-fx timm-train path/to/train.py ...`` (see `dropblock_fx.cli.timm_train`)."""
 
 import sys
 

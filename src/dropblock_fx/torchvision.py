@@ -1,6 +1,6 @@
 """``dropblock_fx.torchvision``: torchvision's ``get_model`` with a recipe.
 
-A plain re-export of :mod:`dropblock_fx.integrations.torchvision`.
+A plain re-export of `dropblock_fx.integrations.torchvision`.
 """
 
 from .integrations.torchvision import default_target, get_model, model_task

@@ -1,6 +1,6 @@
 """``dropblock-fx timm-train path/to/train.py [train.py arguments...]``: run a copy of timm's
 ``train.py`` with the ``<arch>_dropblock`` models registered and the recipe's schedule
-following the run (``--resume`` included); see :mod:`dropblock_fx.integrations.timm_train`.
+following the run (``--resume`` included); see `dropblock_fx.integrations.timm_train`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def run_script(script: str, args: Sequence[str] = ()) -> None:
     timm models and wrapping timm's scheduler factory (what ``import dropblock_fx.timm`` does,
     done before the script imports anything).
 
-    Example:
+    Examples:
         >>> run_script("no/such/train.py")
         Traceback (most recent call last):
         ...

@@ -14,7 +14,7 @@ def require(modules: Union[str, Sequence[str]], *, extra: str, needed_by: str, l
     that names what needs it, the library (``library``, default the module names) and the
     extra that installs it.
 
-    Example:
+    Examples:
         >>> require("json", extra="none", needed_by="this example").__name__
         'json'
         >>> require("no_such_library_here", extra="demo", needed_by="this example")

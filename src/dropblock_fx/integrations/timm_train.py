@@ -48,7 +48,7 @@ def watch(model: nn.Module) -> nn.Module:
     """Attach ``model``'s recipe schedule when timm's ``create_scheduler_v2`` is called with an
     optimizer over its parameters (done for you by the ``<arch>_dropblock`` models).
 
-    Example:
+    Examples:
         >>> from dropblock_fx import DropBlock2d
         >>> plain = torch.nn.Sequential(DropBlock2d(0.1, 3))   # no recipe schedule: not watched
         >>> watch(plain) is plain, plain in watched()
@@ -62,7 +62,7 @@ def watch(model: nn.Module) -> nn.Module:
 def watched() -> list[nn.Module]:
     """The models still waiting for a run to attach their schedule to.
 
-    Example:
+    Examples:
         >>> isinstance(watched(), list)
         True
     """
@@ -168,7 +168,7 @@ def attach_for_run(
 
     Without ``updates_per_epoch`` the schedule moves once per epoch (``lr_scheduler.step``).
 
-    Example:
+    Examples:
         >>> opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
         >>> attach_for_run(opt, num_epochs=10, updates_per_epoch=100)   # it trains no watched model
         []
@@ -216,7 +216,7 @@ def install() -> None:
     factory module, and a running script's own binding (``train.py`` imports the name before
     it may import ``dropblock_fx.timm``). Idempotent; the wrapper passes everything through.
 
-    Example:
+    Examples:
         >>> import timm.scheduler
         >>> install(); install()
         >>> timm.scheduler.create_scheduler_v2.__dropblock_fx__

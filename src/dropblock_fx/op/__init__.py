@@ -1,4 +1,4 @@
-"""The op layer: :func:`drop_block`, :class:`DropBlockOptions` and the gamma / calibration helpers.
+"""The op layer: [`drop_block`][dropblock_fx.drop_block], [`DropBlockOptions`][dropblock_fx.DropBlockOptions] and the gamma / calibration helpers.
 
 ``dropblock_fx.op.options`` imports no torch, and neither does this package until one of the
 torch names below is asked for (the command line lists recipes without loading torch).
@@ -7,9 +7,14 @@ torch names below is asked for (the command line lists recipes without loading t
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .options import MASK_MODES, SCALE_MODES, SEED_REGIONS, DropBlockOptions
+
+if TYPE_CHECKING:  # what type checkers and the API reference see: the eager imports
+    from .functional import drop_block
+    from .gamma import calibrated_gamma, expected_drop_rate, paper_gamma
+    from .masks import BACKENDS, set_backend
 
 __all__ = [
     "drop_block",

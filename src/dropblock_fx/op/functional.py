@@ -139,7 +139,7 @@ def drop_block(
     Returns:
         A tensor of the shape, dtype and memory format of ``x``.
 
-    Example:
+    Examples:
         >>> x = torch.randn(2, 8, 14, 14)
         >>> y = drop_block(x, 0.1, 7)
         >>> y.shape
@@ -182,7 +182,7 @@ def drop_block_train(
     generator: Optional[torch.Generator],
 ) -> torch.Tensor:
     """The training-mode op on validated arguments (``block_req`` one size per spatial dim):
-    what :func:`drop_block` and the modules call."""
+    what [`drop_block`][dropblock_fx.drop_block] and the modules call."""
     if x.numel() == 0:
         return x
     spatial = tuple([int(s) for s in x.shape[2:]])

@@ -229,7 +229,7 @@ def seed_rate(
     the gamma whose expected drop rate is ``drop_prob * gamma_scale`` exactly. A float for a
     float rate; a 0-d tensor for a tensor rate (compiled code, no host read).
 
-    Example:
+    Examples:
         >>> round(seed_rate(0.1, (14, 14), (7, 7), 1.0, False, "valid"), 6)
         0.00625
     """
@@ -249,7 +249,7 @@ def expected_scale(
     """``1 / expected kept fraction`` at seed rate ``gamma``: the normaliser of ``scale="expected"``
     (a float for a float gamma, a 0-d tensor for a tensor one).
 
-    Example:
+    Examples:
         >>> round(expected_scale(paper_gamma(0.1, (7, 7), (3, 3)), (7, 7), (3, 3), "valid"), 4)
         1.1046
     """

@@ -1,7 +1,7 @@
 """Drawing DropBlock's keep-mask and its normaliser: seed sampling, block expansion, backends.
 
-Three ways to build the mask, picked by :func:`pick_backend` (or forced with
-:func:`set_backend` / ``DROPBLOCK_FX_BACKEND``):
+Three ways to build the mask, picked by `pick_backend` (or forced with
+[`set_backend`][dropblock_fx.set_backend] / ``DROPBLOCK_FX_BACKEND``):
 
 * ``"reference"``: dense, plain torch ops (a separable sliding max over the seed grid),
   the official algorithm as written; traceable by ``torch.compile`` and ``torch.func``.
@@ -43,7 +43,7 @@ def set_backend(name: str) -> None:
 
     The environment variable ``DROPBLOCK_FX_BACKEND`` sets the same at import time.
 
-    Example:
+    Examples:
         >>> set_backend("reference"); set_backend("auto")
     """
     global _backend
@@ -70,7 +70,7 @@ def under_functorch(x: torch.Tensor) -> bool:
     the dense path: no host reads, no strides asked, random numbers drawn out of place.
     (Compiled code never is: dynamo traces transforms itself.)
 
-    Example:
+    Examples:
         >>> seen = []
         >>> _ = torch.func.vmap(lambda t: seen.append(under_functorch(t)) or t)(torch.ones(2, 3))
         >>> under_functorch(torch.ones(2)), seen
@@ -82,7 +82,7 @@ def under_functorch(x: torch.Tensor) -> bool:
 def pick_backend(x: torch.Tensor) -> str:
     """The backend that builds ``x``'s mask (``set_backend`` wins over the choice by device).
 
-    Example:
+    Examples:
         >>> pick_backend(torch.ones(1, 1, 4, 4))
         'sparse'
     """
@@ -127,7 +127,7 @@ def sample_seed_positions(count: int, gamma: float, device: torch.device, genera
     cost is proportional to the number of seeds: ~150x fewer random numbers at the paper's
     settings. Exact, not an approximation: gaps of iid Bernoulli trials are iid geometric.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> sample_seed_positions(10, 1.0, torch.device("cpu"), g).tolist()
         [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
@@ -232,7 +232,7 @@ def round_to(v: float, dtype: torch.dtype) -> float:
     quotient (double has more than twice fp32's precision), so this reproduces
     ``torch.div`` on fp32 tensors without launching a kernel.
 
-    Example:
+    Examples:
         >>> round_to(0.1, torch.bfloat16)
         0.10009765625
     """
@@ -265,7 +265,7 @@ def keep_mask(
     ``gamma`` is the seed rate (a float in eager code, a 0-d tensor under ``torch.compile``);
     ``block`` is already clipped to the map. Runs without autograd: the mask is data.
 
-    Example:
+    Examples:
         >>> keep, s = keep_mask(torch.ones(2, 3, 8, 8), 0.0, (3, 3), "channel", "valid", "count")
         >>> keep.shape, bool(keep.all()), s
         (torch.Size([2, 3, 8, 8]), True, 1.0)

@@ -1,6 +1,6 @@
 """``DropBlockOptions``: the op's options, validated once, used everywhere they are needed.
 
-The op (:func:`~dropblock_fx.drop_block`), the modules (``module.options``), the recipe schema
+The op (`dropblock_fx.drop_block`), the modules (``module.options``), the recipe schema
 (its option fields take their types and defaults from here) and plan rows (``row.options``)
 all hold this one frozen value. Imports no torch: the recipe layer and the command line read
 it without loading torch.
@@ -41,7 +41,7 @@ SCALE_MODES: tuple[str, ...] = ("count", "expected", "none")
 def check_drop_prob(drop_prob: Any) -> float:
     """Validate a drop probability and return it as a float.
 
-    Example:
+    Examples:
         >>> check_drop_prob(0.1)
         0.1
     """
@@ -77,7 +77,7 @@ def _block_size(block_size: Any) -> BlockSize:
 def normalize_block_size(block_size: Any, n_spatial: int) -> tuple[int, ...]:
     """Validate ``block_size`` (an int, or one int per spatial dim) and return one per dim.
 
-    Example:
+    Examples:
         >>> normalize_block_size(7, 2), normalize_block_size((3, 5), 2)
         ((7, 7), (3, 5))
     """
@@ -105,7 +105,7 @@ def _flag(name: str, value: Any) -> bool:
 
 
 class OptionFields(NamedTuple):
-    """The fields of :class:`DropBlockOptions` (build that one: it validates)."""
+    """The fields of [`DropBlockOptions`][dropblock_fx.DropBlockOptions] (build that one: it validates)."""
 
     block_size: BlockSize = 7
     mask: str = "channel"
@@ -120,12 +120,12 @@ class OptionFields(NamedTuple):
 class DropBlockOptions(OptionFields):
     """The options of a DropBlock op or module, validated when built; frozen and hashable.
 
-    Fields (see :func:`~dropblock_fx.drop_block` for what each does): ``block_size`` (an int,
+    Fields (see `dropblock_fx.drop_block` for what each does): ``block_size`` (an int,
     or one per spatial dim), ``mask`` (``"channel"``, ``"shared"``, ``"batch"``),
     ``seed_region`` (``"valid"``, ``"full"``), ``gamma_scale`` (a finite number >= 0),
     ``scale`` (``"count"``, ``"expected"``, ``"none"``), ``noise``, ``calibrate``, ``inplace``.
 
-    Example:
+    Examples:
         >>> opts = DropBlockOptions(5, mask="shared")
         >>> opts.block_size, opts.mask
         (5, 'shared')
@@ -181,7 +181,7 @@ class DropBlockOptions(OptionFields):
     def changed(self) -> dict[str, Any]:
         """The options that differ from the defaults (what a repr shows).
 
-        Example:
+        Examples:
             >>> DropBlockOptions(7, scale="none").changed()
             {'scale': 'none'}
         """

@@ -2,7 +2,7 @@
 
 A message names the file (and line, for YAML files), the key path (``stages[1].block_size``),
 the bad value and what is allowed, so a user can fix the recipe without reading the schema.
-The classes live in :mod:`dropblock_fx.errors` (the schedule layer raises them too); this
+The classes live in `dropblock_fx.errors` (the schedule layer raises them too); this
 module is their name inside the recipe layer.
 """
 

@@ -1,6 +1,6 @@
 """Loading recipes: built-in names, YAML files (``yaml.safe_load`` only), dicts, ``Recipe``s.
 
-Every failure is a :class:`RecipeError` naming file, line, key path, value and what is
+Every failure is a [`RecipeError`][dropblock_fx.RecipeError] naming file, line, key path, value and what is
 allowed; nothing else escapes (the loader is fuzzed for it).
 """
 
@@ -62,7 +62,7 @@ def _builtin_files() -> dict[str, Path]:
 def list_recipes() -> list[str]:
     """Names of the built-in recipes (``load_recipe(name)`` loads one).
 
-    Example:
+    Examples:
         >>> "paper-resnet50" in list_recipes()
         True
     """
@@ -89,7 +89,7 @@ def load_recipe(source: RecipeLike = None) -> Recipe:
     Raises:
         RecipeError: with file, line, key path, bad value and allowed values.
 
-    Example:
+    Examples:
         >>> r = load_recipe("paper-resnet50")
         >>> r.stages, r.block_size, r.keep_prob
         ([3, 4], 7, 0.9)
@@ -139,9 +139,9 @@ def _load_file(path: Path) -> Recipe:
 
 
 def recipe_from_yaml(text: str, *, file: Optional[str] = None) -> Recipe:
-    """Parse YAML text with ``yaml.safe_load`` and validate it (:meth:`Recipe.from_yaml`).
+    """Parse YAML text with ``yaml.safe_load`` and validate it (`Recipe.from_yaml`).
 
-    Example:
+    Examples:
         >>> recipe_from_yaml("stages: [4]").stages
         [4]
     """
@@ -149,9 +149,9 @@ def recipe_from_yaml(text: str, *, file: Optional[str] = None) -> Recipe:
 
 
 def recipe_to_yaml(recipe: Recipe, *, header: Optional[str] = None) -> str:
-    """YAML for ``recipe`` (:meth:`Recipe.to_yaml`).
+    """YAML for ``recipe`` (`Recipe.to_yaml`).
 
-    Example:
+    Examples:
         >>> recipe_to_yaml(load_recipe("paper-resnet50")).splitlines()[0]
         'name: paper-resnet50'
     """

@@ -1,7 +1,7 @@
 """The recipe schema: where DropBlock goes, how strongly, and on what schedule.
 
 This is the contract between the recipe layer (loading, validation, built-ins) and the
-surgery layer (which reads a validated :class:`Recipe`). Field names are public API.
+surgery layer (which reads a validated [`Recipe`][dropblock_fx.Recipe]). Field names are public API.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class Recipe(_Strict):
     at output stride ``2 ** (k + 1)`` (ResNet-50: ``3`` = layer3, ``4`` = layer4);
     negative indices count from the deepest stage; strings are stage names.
 
-    Example:
+    Examples:
         >>> r = Recipe(stages=[3, 4], block_size=7, keep_prob=0.9, stage_multiplier="paper")
         >>> r.rate
         0.1
@@ -184,7 +184,7 @@ class Recipe(_Strict):
         ``"paper"``: ``1 / 4 ** (deepest - stage)`` with ``deepest`` the deepest selected stage
         (the official TF code), else the table entry for the stage's index or name, else 1.
 
-        Example:
+        Examples:
             >>> Recipe(stages=[3, 4], keep_prob=0.9, stage_multiplier="paper").stage_rate(3, 4)
             0.025
         """
@@ -207,7 +207,7 @@ class Recipe(_Strict):
         """The op options of a stage: the recipe's, with the stage's own overrides
         (``block_size`` included).
 
-        Example:
+        Examples:
             >>> r = Recipe(block_size=7, stages=[3, {"stage": 4, "block_size": 3, "mask": "shared"}])
             >>> r.stage_options(r.stages[1])
             DropBlockOptions(block_size=3, mask='shared', seed_region='valid', gamma_scale=1.0, scale='count', noise=False, calibrate=False, inplace=False)
@@ -219,10 +219,10 @@ class Recipe(_Strict):
         return DropBlockOptions(**{name: pick(name) for name in DropBlockOptions.RECIPE_FIELDS})
 
     def to_yaml(self, *, header: Optional[str] = None) -> str:
-        """The recipe as YAML that :func:`load_recipe` reads back to an equal recipe: every
+        """The recipe as YAML that [`load_recipe`][dropblock_fx.load_recipe] reads back to an equal recipe: every
         setting (unset overrides left out), in schema order; ``header`` as ``#`` comments.
 
-        Example:
+        Examples:
             >>> Recipe(stages=[4]).to_yaml().splitlines()[:2]
             ['stages: [4]', 'missing_stages: error']
         """
@@ -234,10 +234,10 @@ class Recipe(_Strict):
 
     @classmethod
     def from_yaml(cls, text: str, *, file: Optional[str] = None) -> "Recipe":
-        """Parse and validate YAML text (``yaml.safe_load``); errors are :class:`RecipeError`
+        """Parse and validate YAML text (``yaml.safe_load``); errors are [`RecipeError`][dropblock_fx.RecipeError]
         naming the file and line.
 
-        Example:
+        Examples:
             >>> Recipe.from_yaml("stages: [4]\\nblock_size: 5").block_size
             5
         """
@@ -248,9 +248,9 @@ class Recipe(_Strict):
 
 
 def validate_recipe(data: Any, *, file: Optional[str] = None, text: Optional[str] = None) -> Recipe:
-    """Validate a mapping as a :class:`Recipe`; ``text`` (the YAML it came from) adds line numbers.
+    """Validate a mapping as a [`Recipe`][dropblock_fx.Recipe]; ``text`` (the YAML it came from) adds line numbers.
 
-    Example:
+    Examples:
         >>> validate_recipe({"stages": [4], "block_size": 5}).block_size
         5
     """
@@ -277,7 +277,7 @@ _SOURCES: dict[int, tuple["weakref.ref[Recipe]", Optional[str], str]] = {}
 def recipe_source(recipe: Recipe) -> Optional[tuple[Optional[str], str]]:
     """``(file, yaml_text)`` the recipe was loaded from, or ``None``.
 
-    Example:
+    Examples:
         >>> recipe_source(Recipe.from_yaml("stages: [4]", file="mine.yaml"))
         ('mine.yaml', 'stages: [4]')
     """
@@ -290,7 +290,7 @@ def recipe_source(recipe: Recipe) -> Optional[tuple[Optional[str], str]]:
 def line_of(recipe: Recipe, path: tuple[Any, ...]) -> Optional[int]:
     """The line of ``path`` in the YAML the recipe was loaded from, or ``None``.
 
-    Example:
+    Examples:
         >>> line_of(Recipe.from_yaml("name: x\\nstages: [3, 4]"), ("stages",))
         2
     """

@@ -7,7 +7,7 @@ per-group rates are the official code's ``(1 - kp_t) / 4 ** (4 - g)``. Setting `
 fills a buffer in place, so compiled models are not recompiled.
 
 Each driven module links back to its schedule (``module.schedule``): that link answers
-"which schedule drives this model" (:func:`schedule_of`), lets attaching again replace the
+"which schedule drives this model" ([`schedule_of`][dropblock_fx.schedule_of]), lets attaching again replace the
 old schedule, and lets ``remove_dropblock`` unhook it. Copies of a model carry the link.
 """
 
@@ -36,7 +36,7 @@ class DropBlockSchedule:
     ``progress = count / length`` clamped to ``[0, 1]``; every rate is a pure function of it.
 
     Attributes:
-        spec: the :class:`ScheduleSpec` (name, params, length).
+        spec: the [`ScheduleSpec`][dropblock_fx.ScheduleSpec] (name, params, length).
         length: the schedule's length in ``unit`` s (``None``: not known yet (Lightning reads it
             at fit start) or not needed (constant); it then runs at progress 0).
         unit: ``"step"`` or ``"epoch"``.
@@ -44,7 +44,7 @@ class DropBlockSchedule:
         hook: the installed hook's handle (``None`` once detached).
         callback: the Lightning callback (``hook="lightning"`` only).
 
-    Example:
+    Examples:
         >>> from dropblock_fx import DropBlock2d, attach_schedule
         >>> model = torch.nn.Sequential(DropBlock2d(0.1, 3))
         >>> sched = attach_schedule(model, total_steps=10)
@@ -107,7 +107,7 @@ class DropBlockSchedule:
     # -- advancing -----------------------------------------------------------------------
     def step(self, n: float = 1, *, epoch: Optional[float] = None) -> float:
         """Advance by ``n`` units, or jump to ``epoch`` (epochs done; converted to steps when
-        the unit is steps and ``steps_per_epoch`` is known). Returns :attr:`value`."""
+        the unit is steps and ``steps_per_epoch`` is known). Returns `value`."""
         if epoch is not None:
             if self.unit == "epoch":
                 self.set_count(epoch)
@@ -216,7 +216,7 @@ def schedule_length(
     spec's own ``steps`` / ``epochs`` / ``fraction`` win. ``None``: a constant schedule on a
     run of unknown length.
 
-    Example:
+    Examples:
         >>> schedule_length(ScheduleSpec(fraction=0.5), "step", 1000, None, None)
         500.0
     """
@@ -289,18 +289,18 @@ def attach_schedule(
         optimizer: with it, the default hook is ``"optimizer"``: each ``optimizer.step()``
             advances the schedule once; without, ``"manual"``.
         hook: what advances the schedule: ``"optimizer"``, ``"manual"``, ``"epoch"``,
-            ``"forward"``, ``"lightning"`` or one you registered (:func:`register_hook`).
-        schedule: overrides the recipe's schedule (a name, dict or :class:`ScheduleSpec`);
+            ``"forward"``, ``"lightning"`` or one you registered ([`register_hook`][dropblock_fx.register_hook]).
+        schedule: overrides the recipe's schedule (a name, dict or [`ScheduleSpec`][dropblock_fx.ScheduleSpec]);
             default: the schedule of the recipe ``apply_dropblock`` applied; ``constant``
             when that recipe has none; the paper's ``linear`` for modules placed by hand.
         hook_options: extra options for a custom hook (``HookContext.options``).
 
     Returns:
-        The :class:`DropBlockSchedule`, already applied at step 0; each module links to it
+        The [`DropBlockSchedule`][dropblock_fx.DropBlockSchedule], already applied at step 0; each module links to it
         (``module.schedule``). Attaching again replaces the previous schedule of these
         modules (unhooked once it drives none).
 
-    Example:
+    Examples:
         >>> from dropblock_fx import DropBlock2d
         >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), DropBlock2d(0.1, 3))
         >>> sched = attach_schedule(model, total_steps=100)
@@ -353,7 +353,7 @@ def schedule_of(model: torch.nn.Module) -> Optional[DropBlockSchedule]:
     Raises:
         ValueError: parts of the model follow different schedules (ask each part).
 
-    Example:
+    Examples:
         >>> from dropblock_fx import DropBlock2d
         >>> model = torch.nn.Sequential(DropBlock2d(0.1, 3))
         >>> schedule_of(model) is None
@@ -373,7 +373,7 @@ def detach_schedule(model: torch.nn.Module) -> Optional[DropBlockSchedule]:
     """Unhook the schedule of the model's modules (rates stay where they are); returns it, or
     ``None`` when none is attached.
 
-    Example:
+    Examples:
         >>> from dropblock_fx import DropBlock2d
         >>> model = torch.nn.Sequential(DropBlock2d(0.1, 3))
         >>> sched = attach_schedule(model, total_steps=10)

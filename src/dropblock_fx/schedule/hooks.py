@@ -45,7 +45,7 @@ class HookHandle:
     """A removable hook handle; ``remove()`` is idempotent. Extra keyword arguments become
     attributes (the Lightning hook's handle has ``callback``).
 
-    Example:
+    Examples:
         >>> calls = []
         >>> h = HookHandle(lambda: calls.append(1))
         >>> h.remove(); h.remove(); calls
@@ -114,7 +114,7 @@ def register_hook(
 def list_hooks() -> list[str]:
     """Names of the registered hooks.
 
-    Example:
+    Examples:
         >>> {"optimizer", "forward", "lightning"} <= set(list_hooks())
         True
     """
@@ -124,7 +124,7 @@ def list_hooks() -> list[str]:
 def get_hook(name: str) -> HookDef:
     """The registered hook ``name`` (its plug-in module imported if need be).
 
-    Example:
+    Examples:
         >>> get_hook("epoch").unit
         'epoch'
     """

@@ -1,4 +1,4 @@
-"""Old name of :mod:`dropblock_fx.integrations.lightning` (a plain re-export; import that one)."""
+"""Old name of `dropblock_fx.integrations.lightning` (a plain re-export; import that one)."""
 
 from ..integrations.lightning import DropBlockScheduleCallback
 

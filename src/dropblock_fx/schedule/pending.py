@@ -2,7 +2,7 @@
 its final rate.
 
 A module whose recipe has a schedule and that no schedule drives yet is pending
-(``module.schedule_pending``). Surgery's watch warns with :func:`unscheduled_message` from the
+(``module.schedule_pending``). Surgery's watch warns with `unscheduled_message` from the
 first training forward of such a module, once per model; the text names the fix for the training
 loop it recognises (timm's ``train.py``, the Hugging Face ``Trainer``, Lightning, a plain loop).
 """
@@ -36,7 +36,7 @@ def detect_loop() -> str:
     """Which training loop is running this forward: ``"hf"``, ``"lightning"``, ``"timm"`` or
     ``"plain"`` (from the call stack and the main script).
 
-    Example:
+    Examples:
         >>> detect_loop()
         'plain'
     """
@@ -69,9 +69,9 @@ _FIXES = {
 
 
 def unscheduled_message(loop: str = "plain") -> str:
-    """The warning's text, with the fix for ``loop`` (see :func:`detect_loop`).
+    """The warning's text, with the fix for ``loop`` (see `detect_loop`).
 
-    Example:
+    Examples:
         >>> "attach_schedule" in unscheduled_message("plain")
         True
     """

@@ -50,7 +50,7 @@ class ScheduleDef:
 def canonical_name(name: Any) -> str:
     """Schedule names are case-insensitive and ``_`` / ``-`` are the same (``warmup_hold``).
 
-    Example:
+    Examples:
         >>> canonical_name("Warmup_Hold")
         'warmup-hold'
     """
@@ -97,7 +97,7 @@ def register_schedule(name: str, *, overwrite: bool = False) -> Callable[[Schedu
 def list_schedules() -> list[str]:
     """Names of the registered schedules.
 
-    Example:
+    Examples:
         >>> "linear" in list_schedules()
         True
     """
@@ -107,7 +107,7 @@ def list_schedules() -> list[str]:
 def get_schedule(name: str) -> ScheduleDef:
     """The registered schedule ``name``; ``KeyError`` names the known ones.
 
-    Example:
+    Examples:
         >>> get_schedule("Warmup_Hold").name
         'warmup-hold'
     """
@@ -126,7 +126,7 @@ def check_schedule(name: str, params: Mapping[str, Any]) -> None:
     """Validate ``params`` for schedule ``name``: known keys, and factors in ``[0, 1]`` over
     the whole run. Raises a ``ValueError`` whose ``path`` points below ``params``.
 
-    Example:
+    Examples:
         >>> check_schedule("linear", {"end": 2.0})
         Traceback (most recent call last):
         ...
@@ -166,7 +166,7 @@ def check_schedule(name: str, params: Mapping[str, Any]) -> None:
 def schedule_value(name: str, progress: float, params: Mapping[str, Any] | None = None) -> float:
     """Factor of schedule ``name`` at ``progress`` (clamped to ``[0, 1]``).
 
-    Example:
+    Examples:
         >>> schedule_value("linear", 0.25)
         0.25
     """

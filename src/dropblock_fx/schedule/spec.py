@@ -80,7 +80,7 @@ def validate_schedule(data: Any) -> ScheduleSpec:
     """Validate a schedule mapping; errors are ``RecipeError`` s whose key paths start at
     ``schedule`` (``schedule.params.x``).
 
-    Example:
+    Examples:
         >>> validate_schedule({"name": "cosine", "fraction": 0.5}).fraction
         0.5
     """
@@ -93,9 +93,9 @@ def validate_schedule(data: Any) -> ScheduleSpec:
 
 
 def as_schedule_spec(schedule: ScheduleLike) -> Optional[ScheduleSpec]:
-    """``schedule`` as a :class:`ScheduleSpec`: a name, a mapping or a spec (``None`` stays).
+    """``schedule`` as a [`ScheduleSpec`][dropblock_fx.ScheduleSpec]: a name, a mapping or a spec (``None`` stays).
 
-    Example:
+    Examples:
         >>> as_schedule_spec("warmup_hold").name
         'warmup-hold'
     """

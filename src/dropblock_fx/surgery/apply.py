@@ -1,9 +1,9 @@
 """``apply_dropblock``, ``remove_dropblock``, ``describe``, ``plan_of``: the plan, applied atomically.
 
-Each module apply inserts gets its contract in one object, its :class:`Placement`: the row's
-stage, site, rate and planned map, the recipe's schedule, and the one :class:`ModelWatch` the
+Each module apply inserts gets its contract in one object, its `Placement`: the row's
+stage, site, rate and planned map, the recipe's schedule, and the one `ModelWatch` the
 modules of this call share. The applied plan is kept at ``model.dropblock_plan``
-(:func:`plan_of` reads it).
+([`plan_of`][dropblock_fx.plan_of] reads it).
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ def _make(row: PlanRow, p: Plan, watch: ModelWatch, parent: nn.Module, varying: 
 
 
 def plan_of(model: nn.Module) -> Optional[Plan]:
-    """The plan :func:`apply_dropblock` applied to ``model``, or ``None`` (use :func:`describe`
+    """The plan [`apply_dropblock`][dropblock_fx.apply_dropblock] applied to ``model``, or ``None`` (use [`describe`][dropblock_fx.describe]
     for what training saw, too).
 
-    Example:
+    Examples:
         >>> import torchvision
         >>> m = torchvision.models.resnet18()
         >>> plan_of(m) is None
@@ -82,7 +82,7 @@ def apply_dropblock(model: nn.Module, recipe: RecipeLike = None, *, replace: boo
     Raises:
         SurgeryError: naming the module and the reason; the model is then unchanged.
 
-    Example:
+    Examples:
         >>> import torchvision, dropblock_fx as dbx
         >>> m = dbx.apply_dropblock(torchvision.models.resnet50(), "paper-resnet50")
         >>> len(dbx.describe(m).rows)
@@ -138,11 +138,11 @@ def _apply_actions(model: nn.Module, p: Plan, actions: list[Action]) -> None:
 
 
 def remove_dropblock(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_dropblock`: no DropBlock left, original module classes, same outputs.
+    """Undo [`apply_dropblock`][dropblock_fx.apply_dropblock]: no DropBlock left, original module classes, same outputs.
     The schedule that drove the removed modules lets them go, and is unhooked once it drives
     none (its optimizer or forward hook stops counting).
 
-    Example:
+    Examples:
         >>> import torchvision
         >>> m = remove_dropblock(torchvision.models.resnet18())   # nothing to undo: no-op
     """
@@ -165,7 +165,7 @@ def remove_dropblock(model: nn.Module) -> nn.Module:
 
 
 def describe(model: nn.Module) -> Plan:
-    """The plan of a model modified by :func:`apply_dropblock` (``print`` it for a table).
+    """The plan of a model modified by [`apply_dropblock`][dropblock_fx.apply_dropblock] (``print`` it for a table).
 
     When the model trained on feature maps of another size than the plan's (images of
     another size than the recipe's ``input_size``), the rows of the modules concerned also
@@ -175,7 +175,7 @@ def describe(model: nn.Module) -> Plan:
     Raises:
         SurgeryError: the model has no DropBlock plan.
 
-    Example:
+    Examples:
         >>> import torchvision
         >>> m = apply_dropblock(torchvision.models.resnet18(), stages=[4])
         >>> p = describe(m)

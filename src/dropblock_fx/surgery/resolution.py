@@ -3,7 +3,7 @@
 A plan is made at the recipe's ``input_size``: every row's block size and expected rate hold
 for the feature maps of that size. Each inserted module knows its planned map
 (``placement.resolution``); the model's watch (``watch.py``) records the maps a module trains
-on when they differ, and :func:`with_seen_resolutions` gives ``describe`` the rates there.
+on when they differ, and `with_seen_resolutions` gives ``describe`` the rates there.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def row_at(row: PlanRow, seen: tuple[int, ...]) -> PlanRow:
     """``row`` with the block size clipped to a ``seen`` map and the expected rate there
     (the same maths as the plan's own columns).
 
-    Example:
+    Examples:
         >>> import torchvision
         >>> from dropblock_fx import plan
         >>> row = plan(torchvision.models.resnet18(), stages=[4]).rows[-1]
@@ -52,7 +52,7 @@ def with_seen_resolutions(p: Plan, model: nn.Module) -> Plan:
     than planned, that size and the block size and expected rate there; ``p`` itself when no
     module did (the stored plan is never changed).
 
-    Example:
+    Examples:
         >>> import torch, torchvision
         >>> from dropblock_fx import apply_dropblock, plan_of
         >>> m = apply_dropblock(torchvision.models.resnet18(), stages=[4], schedule=None)

@@ -1,6 +1,6 @@
 """``ModelWatch``: what the modules of one ``apply_dropblock`` call report from training.
 
-Surgery gives every module it inserts the same watch, in its :class:`~dropblock_fx.modules.Placement`.
+Surgery gives every module it inserts the same watch, in its `dropblock_fx.modules.Placement`.
 Each eager training forward calls ``watch(module, spatial_size)``; the watch warns, once for
 the whole model:
 
@@ -10,7 +10,7 @@ the whole model:
   another size than the recipe's ``input_size``); the module then records the map in
   ``seen_resolution``, which ``describe`` reads;
 * when a rewritten block runs its original forward for a call it could not be traced for,
-  so its DropBlock modules do not run (``graph.splice`` reports it with :meth:`ModelWatch.skipped`).
+  so its DropBlock modules do not run (``graph.splice`` reports it with `ModelWatch.skipped`).
 
 The watch is plain data: it pickles and deep-copies with the model, and a copy's modules
 share the copy's watch.
@@ -36,7 +36,7 @@ def resolution_message(path: str, planned: tuple[int, ...], seen: tuple[int, ...
     """The one-line warning for a module at ``path`` planned for a ``planned`` map that
     trains on a ``seen`` one, in a plan made for ``input_size``.
 
-    Example:
+    Examples:
         >>> resolution_message("layer4.0.dropblock_conv1", (7, 7), (1, 1), (3, 224, 224))[:80]
         'dropblock_fx: training feature maps differ from the plan (layer4.0.dropblock_con'
     """
@@ -70,7 +70,7 @@ class ModelWatch:
     Args:
         input_size: the recipe's ``input_size``, for the message.
 
-    Example:
+    Examples:
         >>> from dropblock_fx import DropBlock2d
         >>> from dropblock_fx.modules import Placement
         >>> watch = ModelWatch((3, 224, 224))
