@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..modules import DropBlockNd
-from ..schedule.core import DropBlockSchedule, attach_schedule, schedule_of
+from ..schedule.core import DropBlockSchedule, attach_schedule
 
 __all__ = ["install", "watch", "watched", "attach_for_run"]
 

@@ -9,7 +9,7 @@ modules of this call share. The applied plan is kept at ``model.dropblock_plan``
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from torch import nn
 
