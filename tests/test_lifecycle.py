@@ -108,6 +108,7 @@ def test_a_copy_of_an_optimizer_scheduled_model_is_detached():
 
 @pytest.mark.parametrize("options", [{}, {"mask": "shared", "block_size": (3, 5)}, {"noise": True}])
 def test_torchscript(options):
+    torch.manual_seed(0)
     m = dbx.DropBlock2d(0.3, **{"block_size": 3, **options})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated upstream
@@ -146,6 +147,7 @@ def test_torch_func_grad_and_jvp():
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_vmap(channels_last):
+    torch.manual_seed(0)
     m = dbx.DropBlock2d(0.3, 3).train()
     x = torch.randn(3, 2, 8, 12, 12).abs() + 1
     if channels_last:  # each entry a channels-last (2, 8, 12, 12) map
@@ -159,6 +161,7 @@ def test_vmap(channels_last):
 
 
 def test_functional_call_with_a_rate_of_its_own():
+    torch.manual_seed(0)
     m = dbx.DropBlock2d(0.0, 3).train()
     x = torch.ones(8, 8, 12, 12)
     assert torch.equal(m(x), x)
@@ -168,3 +171,19 @@ def test_functional_call_with_a_rate_of_its_own():
     m.drop_prob = 0.5
     y = torch.func.functional_call(m, {"drop_prob_tensor": torch.tensor(0.0)}, (x,))
     assert torch.equal(y, x)
+
+
+def test_a_module_pickled_with_the_old_loose_attributes_loads():
+    """0.1.0 modules kept their options, target rate and schedule mark as loose attributes."""
+    m = dbx.DropBlock2d(0.1, 3)
+    state = {k: v for k, v in m.__dict__.items() if k not in ("_options", "placement", "schedule", "seen_resolution",
+                                                              "_target_drop_prob", "_own_rate")}
+    state.update(block_size=5, mask="shared", seed_region="full", gamma_scale=0.25, scale="count", noise=False,
+                 calibrate=False, inplace=False, target_drop_prob=0.2, schedule_pending=False, resolution_watch=None)
+    old = dbx.DropBlock2d.__new__(dbx.DropBlock2d)
+    old.__setstate__(state)
+    assert old.options == dbx.DropBlockOptions(5, "shared", "full", 0.25)
+    assert old.target_drop_prob == 0.2 and old.placement is None and not old.schedule_pending
+    old.drop_prob = 0.3
+    torch.manual_seed(0)
+    assert old.drop_prob_tensor.item() == pytest.approx(0.3) and (old.train()(torch.ones(8, 4, 16, 16)) == 0).any()
