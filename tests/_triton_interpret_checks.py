@@ -34,6 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 import dropblock_fx as dbx  # noqa: E402
 from dropblock_fx.op import custom_ops as co  # noqa: E402
 from dropblock_fx.op import functional as fn  # noqa: E402
+from dropblock_fx.op import masks  # noqa: E402
 from dropblock_fx.op import triton_kernels as tk  # noqa: E402
 from dropblock_fx.op.gamma import clip_block, expected_drop_rate, paper_gamma, seed_grid  # noqa: E402
 
@@ -337,7 +338,7 @@ def check_fx_sees_one_op():
 
 def check_compile_fullgraph_no_recompile():
     import torch._dynamo
-    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.testing import CompileCounter
 
     dbx.set_backend("triton")
     torch._dynamo.reset()
@@ -347,7 +348,7 @@ def check_compile_fullgraph_no_recompile():
         graphs.append(gm)
         return gm.forward
 
-    counter = CompileCounterWithBackend("aot_eager")
+    counter = CompileCounter()  # counts graphs (recompiles), runs them as traced
     m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), dbx.DropBlock2d(0.1, 3), torch.nn.ReLU())
     cm = torch.compile(m, fullgraph=True, backend=counter)
     x = torch.randn(2, 3, 9, 11, requires_grad=True)
@@ -369,11 +370,11 @@ def check_compile_fullgraph_no_recompile():
 
 def check_compile_dynamic_batch_one_graph():
     import torch._dynamo
-    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.testing import CompileCounter
 
     dbx.set_backend("triton")
     torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
+    counter = CompileCounter()
     cm = torch.compile(dbx.DropBlock2d(0.1, 3), backend=counter, fullgraph=True, dynamic=True)
     for n in (2, 3, 5):
         x = torch.randn(n, 4, 9, 11, requires_grad=True)
@@ -414,11 +415,11 @@ def check_dispatch_rules():
 
     fn.set_backend("auto")
     cuda_like = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)
-    assert fn._pick_backend(cuda_like) == ("triton" if fn._HAS_TRITON else "reference")
-    assert fn._pick_backend(types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64)) != "triton"
-    assert fn._pick_backend(torch.ones(1, 1, 2, 2, device="cpu")) != "triton"
+    assert masks.pick_backend(cuda_like) == ("triton" if masks._HAS_TRITON else "reference")
+    assert masks.pick_backend(types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64)) != "triton"
+    assert masks.pick_backend(torch.ones(1, 1, 2, 2, device="cpu")) != "triton"
     fn.set_backend("reference")
-    assert fn._pick_backend(cuda_like) == "reference"
+    assert masks.pick_backend(cuda_like) == "reference"
     fn.set_backend("triton")
 
 

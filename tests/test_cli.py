@@ -60,7 +60,7 @@ def test_public_names_load_on_first_use():
         import importlib, sys
         import dropblock_fx as dbx
         assert "torch" not in sys.modules
-        assert set(dbx.__all__) <= set(dir(dbx)) and len(dbx.__all__) == len(set(dbx.__all__)) == 30
+        assert set(dbx.__all__) <= set(dir(dbx)) and len(dbx.__all__) == len(set(dbx.__all__)) == 33
         ns = {}
         exec("from dropblock_fx import *", ns)
         for name in dbx.__all__:

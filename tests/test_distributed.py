@@ -1,19 +1,22 @@
 """DDP on CPU: two real processes (gloo), a scheduled recipe, per-rank masks, resume, compile.
 
-Each test starts two worker processes (``python -c`` running :func:`_worker` of this file)
-that meet through a ``file://`` rendezvous in ``tmp_path`` (no TCP port to pick, so nothing
-to collide with), with a process-group timeout and a subprocess timeout: a hang fails the
-test instead of blocking CI. Each rank writes what it saw to ``rank<r>.json``; the
-assertions run here.
+One launch serves the DDP, resume, compile and FSDP tests: two worker processes (``python -c``
+running :func:`_worker` of this file) meet through a ``file://`` rendezvous in a temporary
+folder (no TCP port to pick, so nothing to collide with) and run each mode in turn, with a
+process-group timeout and a subprocess timeout: a hang fails the tests instead of blocking
+CI. Each rank writes what it saw in each mode to ``rank<r>_<mode>.json``; the assertions run
+here. (Starting the processes costs more than most modes, hence one launch.) Lightning's
+``Trainer`` runs last in the same two processes: it finds the process group made and starts no
+process of its own.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -88,99 +91,28 @@ def _worker(rank: int, cfg: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    import dropblock_fx as dbx
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=cfg["init"], rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=90))
-    result: dict = {"rank": rank}
     try:
-        mode = cfg["mode"]
-        if mode == "resume":
-            ckpt = torch.load(cfg["ckpt"], weights_only=True)
-            model = _build(dbx.Recipe.from_yaml(ckpt["recipe"]))
-            model.load_state_dict(ckpt["model"])
-        elif cfg.get("wrap_first"):
-            # apply_dropblock on a model already wrapped in DDP: it goes through the wrapper
-            # (the DropBlocks land in ddp.module, the plan on the wrapper)
-            model = _build(apply=False).train()
-            ddp = torch.nn.parallel.DistributedDataParallel(model)
-            before = {k: v.clone() for k, v in ddp.state_dict().items()}
-            dbx.apply_dropblock(ddp, "last-two-stages", **APPLY)
-            after = ddp.state_dict()
-            result["wrapped_state_unchanged"] = list(before) == list(after) and all(
-                torch.equal(before[k], after[k]) for k in before)
-        else:
-            model = _build()
-        model.train()
-        if mode == "fsdp":
-            from torch.distributed.fsdp import fully_shard  # FSDP2
+        for mode_cfg in cfg["modes"]:
+            result: dict = {"rank": rank}
+            try:
+                if mode_cfg["mode"] == "lightning":
+                    _run_lightning(rank, result)
+                else:
+                    _run_mode(rank, {**cfg, **mode_cfg}, result)
+            except Exception as e:  # noqa: BLE001 - reported by the test that reads this mode
+                import traceback
 
-            for block in [*model.layer3, *model.layer4]:
-                fully_shard(block)
-            ddp = fully_shard(model)  # the same object, its class swapped for FSDP<cls>
-            result["class"] = type(model).__name__
-        elif not cfg.get("wrap_first"):
-            ddp = torch.nn.parallel.DistributedDataParallel(model)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
-        sched = dbx.attach_schedule(ddp, total_steps=TOTAL, optimizer=opt)
-        start = 0
-        if mode == "resume":
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["schedule"])
-            start = int(sched.count)
-        runner = ddp
-        if mode == "compile":
-            from torch._dynamo.testing import CompileCounterWithBackend
-
-            backend = CompileCounterWithBackend(cfg["backend"])
-            runner = torch.compile(ddp, backend=backend)
-        result["plan"] = [r.path for r in dbx.describe(ddp if cfg.get("wrap_first") else model).rows]
-        result["rates"] = [sched.rates()]
-        for step in range(start, TOTAL):
-            _train_step(runner, opt, rank, step)
-            result["rates"].append(sched.rates())
-            if mode == "compile":
-                result.setdefault("frames_per_step", []).append(backend.frame_count)
-            if mode == "train" and step + 1 == STOP:
-                if rank == 0:
-                    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                "schedule": sched.state_dict(),
-                                "recipe": dbx.describe(model).recipe.to_yaml()}, cfg["ckpt"])
-                dist.barrier()  # the checkpoint is complete before anyone goes on
-        result["count"] = sched.count
-        # DDP semantics: gradients are averaged, so every rank holds the same weights.
-        result["checksum"] = float(sum(getattr(p, "full_tensor", lambda p=p: p)().double().sum()
-                                       for p in model.parameters()))
-        gathered: list = [None] * WORLD
-        dist.all_gather_object(gathered, result["rates"])
-        result["rates_equal_across_ranks"] = all(g == result["rates"] for g in gathered)
-        if mode == "compile":
-            from torch._dynamo.utils import counters
-
-            result["frames"] = backend.frame_count
-            result["recompiles"] = dict(counters["recompiles"])
-        if mode == "train":
-            mods = [m for m in model.modules() if isinstance(m, dbx.DropBlockNd)]
-            result["masks_default"] = _probe_masks(mods)
-            # the user's choice 1: the same global seed on every rank (as seed_everything does)
-            torch.manual_seed(1234)
-            result["masks_same_seed"] = _probe_masks(mods)
-            # the user's choice 2: one generator for the DropBlock modules, seeded the same on
-            # every rank (the global RNG, for dropout and augmentation, stays per rank)
-            torch.manual_seed(99 + rank)
-            g = torch.Generator().manual_seed(7)
-            for m in mods:
-                m.generator = g
-            result["masks_generator"] = _probe_masks(mods)
-            for m in mods:
-                m.generator = None
-            # ... and seed + rank (timm's train.py) gives per-rank masks again
-            torch.manual_seed(1234 + rank)
-            result["masks_seed_plus_rank"] = _probe_masks(mods)
+                result["error"] = traceback.format_exc()
+                raise
+            finally:
+                Path(cfg["out"], f"rank{rank}_{mode_cfg['mode']}.json").write_text(json.dumps(result))
+            dist.barrier()
     finally:
-        Path(cfg["out"], f"rank{rank}.json").write_text(json.dumps(result))
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     # Done, results written: leave without the interpreter's teardown, where gloo's threads
     # now and then abort the process ("terminate called without an active exception").
     sys.stdout.flush()
@@ -188,13 +120,153 @@ def _worker(rank: int, cfg: dict) -> None:
     os._exit(0)
 
 
+def _run_mode(rank: int, cfg: dict, result: dict) -> None:
+    import torch
+    import torch.distributed as dist
+
+    import dropblock_fx as dbx
+
+    mode = cfg["mode"]
+    if mode == "resume":
+        ckpt = torch.load(cfg["ckpt"], weights_only=True)
+        model = _build(dbx.Recipe.from_yaml(ckpt["recipe"]))
+        model.load_state_dict(ckpt["model"])
+    elif cfg.get("wrap_first"):
+        # apply_dropblock on a model already wrapped in DDP: it goes through the wrapper
+        # (the DropBlocks land in ddp.module, the plan on the wrapper)
+        model = _build(apply=False).train()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        before = {k: v.clone() for k, v in ddp.state_dict().items()}
+        dbx.apply_dropblock(ddp, "last-two-stages", **APPLY)
+        after = ddp.state_dict()
+        result["wrapped_state_unchanged"] = list(before) == list(after) and all(
+            torch.equal(before[k], after[k]) for k in before)
+    else:
+        model = _build()
+    model.train()
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard  # FSDP2
+
+        for block in [*model.layer3, *model.layer4]:
+            fully_shard(block)
+        ddp = fully_shard(model)  # the same object, its class swapped for FSDP<cls>
+        result["class"] = type(model).__name__
+    elif not cfg.get("wrap_first"):
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    sched = dbx.attach_schedule(ddp, total_steps=TOTAL, optimizer=opt)
+    start = 0
+    if mode == "resume":
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["schedule"])
+        start = int(sched.count)
+    runner = ddp
+    if mode == "compile":
+        from torch._dynamo.testing import CompileCounterWithBackend
+        from torch._dynamo.utils import counters
+
+        torch._dynamo.reset()
+        counters.clear()
+        backend = CompileCounterWithBackend(cfg["backend"])
+        runner = torch.compile(ddp, backend=backend)
+    result["plan"] = [r.path for r in dbx.describe(ddp if cfg.get("wrap_first") else model).rows]
+    result["rates"] = [sched.rates()]
+    for step in range(start, TOTAL):
+        _train_step(runner, opt, rank, step)
+        result["rates"].append(sched.rates())
+        if mode == "compile":
+            result.setdefault("frames_per_step", []).append(backend.frame_count)
+        if mode == "train" and step + 1 == STOP:
+            if rank == 0:
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "schedule": sched.state_dict(),
+                            "recipe": dbx.describe(model).recipe.to_yaml()}, cfg["ckpt"])
+            dist.barrier()  # the checkpoint is complete before anyone goes on
+    result["count"] = sched.count
+    # DDP semantics: gradients are averaged, so every rank holds the same weights.
+    result["checksum"] = float(sum(getattr(p, "full_tensor", lambda p=p: p)().double().sum()
+                                   for p in model.parameters()))
+    gathered: list = [None] * WORLD
+    dist.all_gather_object(gathered, result["rates"])
+    result["rates_equal_across_ranks"] = all(g == result["rates"] for g in gathered)
+    if mode == "compile":
+        from torch._dynamo.utils import counters
+
+        result["frames"] = backend.frame_count
+        result["recompiles"] = dict(counters["recompiles"])
+    if mode == "train":
+        mods = [m for m in model.modules() if isinstance(m, dbx.DropBlockNd)]
+        result["masks_default"] = _probe_masks(mods)
+        # the user's choice 1: the same global seed on every rank (as seed_everything does)
+        torch.manual_seed(1234)
+        result["masks_same_seed"] = _probe_masks(mods)
+        # the user's choice 2: one generator for the DropBlock modules, seeded the same on
+        # every rank (the global RNG, for dropout and augmentation, stays per rank)
+        torch.manual_seed(99 + rank)
+        g = torch.Generator().manual_seed(7)
+        for m in mods:
+            m.generator = g
+        result["masks_generator"] = _probe_masks(mods)
+        for m in mods:
+            m.generator = None
+        # ... and seed + rank (timm's train.py) gives per-rank masks again
+        torch.manual_seed(1234 + rank)
+        result["masks_seed_plus_rank"] = _probe_masks(mods)
+
+
+def _run_lightning(rank: int, result: dict) -> None:
+    """Lightning's ``Trainer(devices=2, strategy="ddp")`` with the callback, in the process
+    group this launch made: with ``LOCAL_RANK`` set, Lightning starts no processes of its own
+    and takes the group as it finds it."""
+    import warnings
+
+    import lightning.pytorch as L
+    import torch
+    from torch import nn
+
+    from dropblock_fx import DropBlock2d
+    from dropblock_fx.integrations.lightning import DropBlockScheduleCallback
+
+    warnings.simplefilter("ignore")
+    os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="1")  # the group exists: never dialled
+
+    class Net(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), DropBlock2d(0.2, 3),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1))
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(self.body[1].drop_prob)
+            return self.body(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.randn(32, 3, 8, 8), batch_size=2)
+
+    net = Net()
+    cb = DropBlockScheduleCallback()
+    trainer = L.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp", max_epochs=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        callbacks=[cb])
+    trainer.fit(net)
+    result.update(world=trainer.world_size, seen=trainer.strategy.all_gather(torch.tensor(net.seen)).tolist(),
+                  length=cb.schedule.length, count=cb.schedule.count, final=net.body[1].drop_prob)
+
+
 # -- test side ---------------------------------------------------------------------------------
 
-def _run(tmp_path: Path, name: str, **cfg) -> list[dict]:
-    """Run :func:`_worker` in two processes; returns each rank's result."""
+def _run(tmp_path: Path, name: str, modes: list[dict], **cfg) -> dict[str, list[dict]]:
+    """Run :func:`_worker` in two processes, each mode in turn; returns ``{mode: each rank's
+    result}``."""
     out = tmp_path / name
     out.mkdir()
-    cfg = {"init": f"file://{out / 'rendezvous'}", "out": str(out), **cfg}
+    cfg = {"init": f"file://{out / 'rendezvous'}", "out": str(out), "modes": modes, **cfg}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     procs = []
     for rank in range(WORLD):
@@ -217,22 +289,36 @@ def _run(tmp_path: Path, name: str, **cfg) -> list[dict]:
                 p.wait()
     for rank, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"{name} rank {rank} failed:\n{log[-4000:]}"
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return {m["mode"]: [json.loads((out / f"rank{r}_{m['mode']}.json").read_text()) for r in range(WORLD)]
+            for m in modes}
+
+
+def _has_fsdp2() -> bool:
+    from torch.distributed import fsdp
+
+    return hasattr(fsdp, "fully_shard")  # FSDP2 needs torch >= 2.6
 
 
 EXPECTED_PLAN = [f"layer{s}.0.dropblock_{k}" for s in (3, 4) for k in ("conv1", "conv_last", "shortcut")]
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory):
+def runs(tmp_path_factory):
+    """The one two-process launch: train (saving a checkpoint), resume from it, compile, FSDP."""
     tmp = tmp_path_factory.mktemp("ddp")
     ckpt = tmp / "ckpt.pt"
-    return _run(tmp, "train", mode="train", ckpt=str(ckpt)), ckpt, tmp
+    modes = [{"mode": "train"}, {"mode": "resume"},
+             # the recipe applied to the model after it was wrapped in DDP (wrap_first)
+             {"mode": "compile", "backend": "aot_eager", "wrap_first": True}]
+    if _has_fsdp2():
+        modes.append({"mode": "fsdp"})
+    if importlib.util.find_spec("lightning") is not None:
+        modes.append({"mode": "lightning"})  # last: it sets the launcher's environment variables
+    return _run(tmp, "all", modes, ckpt=str(ckpt)), ckpt
 
 
-def test_ddp_schedule_identical_across_ranks_and_weights_in_sync(first_run):
-    results, _, _ = first_run
-    r0, r1 = results
+def test_ddp_schedule_identical_across_ranks_and_weights_in_sync(runs):
+    r0, r1 = runs[0]["train"]
     assert r0["plan"] == r1["plan"] == EXPECTED_PLAN
     assert r0["rates_equal_across_ranks"] and r1["rates_equal_across_ranks"]
     assert r0["rates"] == r1["rates"] and len(r0["rates"]) == TOTAL + 1
@@ -245,8 +331,8 @@ def test_ddp_schedule_identical_across_ranks_and_weights_in_sync(first_run):
     assert r0["checksum"] == r1["checksum"]
 
 
-def test_ddp_masks_per_rank_by_default_and_identical_on_request(first_run):
-    r0, r1 = first_run[0]
+def test_ddp_masks_per_rank_by_default_and_identical_on_request(runs):
+    r0, r1 = runs[0]["train"]
     # by default (no seeding: torch seeds each process differently) each rank draws its own masks
     assert r0["masks_default"] != r1["masks_default"]
     assert all(any(mask) for mask in r0["masks_default"])  # something was dropped
@@ -258,10 +344,10 @@ def test_ddp_masks_per_rank_by_default_and_identical_on_request(first_run):
     assert r0["masks_seed_plus_rank"] != r1["masks_seed_plus_rank"]
 
 
-def test_ddp_resume_from_rank0_checkpoint_continues_the_schedule_exactly(first_run):
-    results, ckpt, tmp = first_run
+def test_ddp_resume_from_rank0_checkpoint_continues_the_schedule_exactly(runs):
+    results, ckpt = runs[0]["train"], runs[1]
     assert ckpt.exists()
-    resumed = _run(tmp, "resume", mode="resume", ckpt=str(ckpt))
+    resumed = runs[0]["resume"]
     full = results[0]["rates"]
     for r in resumed:
         assert r["plan"] == results[0]["plan"]  # the same model structure
@@ -270,13 +356,13 @@ def test_ddp_resume_from_rank0_checkpoint_continues_the_schedule_exactly(first_r
     assert resumed[0]["checksum"] == resumed[1]["checksum"]
 
 
-def test_torch_compile_with_ddp_on_cpu(tmp_path):
+def test_torch_compile_with_ddp_on_cpu(runs):
     """torch.compile of a DDP model (dynamo's DDPOptimizer splits the graph at the gradient
     buckets); here the recipe is applied to the model after it was wrapped in DDP. The
     ``aot_eager`` backend runs dynamo and AOTAutograd (forward and backward graphs) without
-    generating C++, which keeps this under ~20 s on 2 cores; inductor's code generation does
-    not depend on DDP and is tested on one process (tests/test_modules.py)."""
-    results = _run(tmp_path, "compile", mode="compile", backend="aot_eager", wrap_first=True)
+    generating C++; inductor's code generation does not depend on DDP and is tested on one
+    process (tests/test_modules.py)."""
+    results = runs[0]["compile"]
     r0, r1 = results
     # this run also applies the recipe to the model *after* wrapping it in DDP, on both ranks:
     # the planning forward goes through DDP, nothing in the state changes, the same 6 sites
@@ -294,15 +380,12 @@ def test_torch_compile_with_ddp_on_cpu(tmp_path):
         assert not r["recompiles"]
 
 
-def test_fsdp2_fully_shard_on_cpu(tmp_path):
+def test_fsdp2_fully_shard_on_cpu(runs):
     """FSDP2 (``fully_shard``) with gloo on CPU: DropBlock applied before sharding (it has no
     parameters, so sharding does not see it), the schedule attached to the sharded model."""
-    pytest.importorskip("torch.distributed.fsdp", reason="needs torch.distributed")
-    from torch.distributed import fsdp
-
-    if not hasattr(fsdp, "fully_shard"):
+    if "fsdp" not in runs[0]:
         pytest.skip("FSDP2 (torch.distributed.fsdp.fully_shard) needs torch >= 2.6")
-    r0, r1 = _run(tmp_path, "fsdp", mode="fsdp")
+    r0, r1 = runs[0]["fsdp"]
     assert r0["class"] == "FSDPResNet"
     assert r0["plan"] == r1["plan"] == EXPECTED_PLAN
     assert r0["rates"] == r1["rates"] and r0["rates_equal_across_ranks"]
@@ -313,66 +396,11 @@ def test_fsdp2_fully_shard_on_cpu(tmp_path):
 
 # -- Lightning: Trainer(devices=2, strategy="ddp") on CPU ------------------------------------------
 
-LIGHTNING_SCRIPT = textwrap.dedent(
-    """
-    import json, sys, warnings
-    warnings.simplefilter("ignore")
-    import torch
-    import lightning.pytorch as L
-    from torch import nn
-    from dropblock_fx import DropBlock2d, DropBlockNd
-    from dropblock_fx.schedule.lightning import DropBlockScheduleCallback
 
-    class Net(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), DropBlock2d(0.2, 3),
-                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1))
-            self.seen = []
-        def training_step(self, batch, batch_idx):
-            self.seen.append(self.body[1].drop_prob)
-            return self.body(batch).pow(2).mean()
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01)
-        def train_dataloader(self):
-            return torch.utils.data.DataLoader(torch.randn(32, 3, 8, 8), batch_size=2)
-
-    if __name__ == "__main__":
-        torch.set_num_threads(1)
-        net = Net()
-        cb = DropBlockScheduleCallback()
-        trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
-                            enable_progress_bar=False, enable_model_summary=False,
-                            enable_checkpointing=False, callbacks=[cb])
-        trainer.fit(net)
-        seen = trainer.strategy.all_gather(torch.tensor(net.seen)).tolist()
-        if trainer.global_rank == 0:
-            out = {"world": trainer.world_size, "seen": seen, "length": cb.schedule.length,
-                   "count": cb.schedule.count, "final": net.body[1].drop_prob}
-            open(sys.argv[1], "w").write(json.dumps(out))
-        # tear the gloo group down before interpreter exit: left to atexit, its threads can
-        # abort the process ("terminate called without an active exception") after a good run
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-    """
-)
-
-
-def test_lightning_trainer_ddp_two_cpu_processes(tmp_path):
-    pytest.importorskip("lightning")
-    script = tmp_path / "train_lightning.py"
-    script.write_text(LIGHTNING_SCRIPT)
-    out = tmp_path / "out.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1"}
-    env.pop("LOCAL_RANK", None)
-    # Lightning's "ddp" strategy starts rank 1 by re-running this script, so it runs as a file
-    # in its own process (not inside pytest). Lightning picks a free port itself.
-    proc = subprocess.run([sys.executable, str(script), str(out)], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=RUN_TIMEOUT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads(out.read_text())
+def test_lightning_trainer_ddp_two_cpu_processes(runs):
+    if "lightning" not in runs[0]:
+        pytest.skip("needs lightning")
+    res = runs[0]["lightning"][0]
     assert res["world"] == 2
     steps = 32 // 2 // 2  # 32 samples, batch 2, split over 2 ranks: 8 steps each
     assert res["length"] == steps and res["count"] == steps

@@ -40,8 +40,7 @@ def _import(name: str):
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
     module = _import(name)
-    if module.__name__ != name:  # an alias of another module (dropblock_fx.timm): tested there
-        pytest.skip(f"{name} is {module.__name__}")
+    assert module.__name__ == name, f"{name} swapped itself into sys.modules ({module.__name__})"
     result = doctest.testmod(module, optionflags=FLAGS)
     assert result.failed == 0, f"{result.failed} failing docstring example(s) in {name}"
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import dropblock_fx as dbx
 from dropblock_fx.op import functional as fn
+from dropblock_fx.op import masks
 from dropblock_fx.op.gamma import calibrated_gamma, coverage_histogram, expected_drop_rate, paper_gamma
 
 from tf_reference import tf_drop_block
@@ -201,10 +202,10 @@ def test_sparse_and_reference_expansions_are_bit_identical():
         for region in ("valid", "full"):
             for k in [(1, 1, 1), (2, 3, 2), (4, 4, 4), (5, 9, 11)]:
                 k = k[: len(shape) - 2]
-                grid = fn.seed_grid(shape[2:], k, region)
+                grid = masks.seed_grid(shape[2:], k, region)
                 seeds = torch.rand(shape[:2] + grid) < 0.05
-                a = fn._expand_dense(seeds.contiguous(memory_format=fmt), shape[2:], k, region, fmt)
-                b = fn._expand_sparse(fn._seeds_to_positions(seeds), shape[:2], grid, shape[2:], k, region,
+                a = masks.expand_dense(seeds.contiguous(memory_format=fmt), shape[2:], k, region, fmt)
+                b = masks.expand_sparse(masks.seeds_to_positions(seeds), shape[:2], grid, shape[2:], k, region,
                                       fmt, torch.device("cpu"))
                 assert torch.equal(a, b), (fmt, region, k)
 
@@ -212,7 +213,7 @@ def test_sparse_and_reference_expansions_are_bit_identical():
 def test_geometric_seed_sampler_is_bernoulli():
     g = torch.Generator().manual_seed(0)
     count, gamma = 200_000, 0.01
-    pos = fn._sample_seed_positions(count, gamma, torch.device("cpu"), g)
+    pos = masks.sample_seed_positions(count, gamma, torch.device("cpu"), g)
     assert pos.unique().numel() == pos.numel() and pos.min() >= 0 and pos.max() < count
     n = pos.numel()
     assert abs(n - count * gamma) <= Z * math.sqrt(count * gamma * (1 - gamma))

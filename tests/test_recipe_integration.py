@@ -65,12 +65,9 @@ def test_paper_resnet50_schedule_after_50_of_100_steps(paper_tv_resnet50):
     sched.detach()
 
 
-def test_paper_resnet50_optimizer_hook_and_warning_on_timm_resnet50(monkeypatch):
-    import dropblock_fx.schedule.pending as pending
-
+def test_paper_resnet50_optimizer_hook_and_warning_on_timm_resnet50():
     model = apply_dropblock(timm.create_model("resnet50"), "paper-resnet50")
     assert len(dropblocks(model)) == 36
-    monkeypatch.setattr(pending, "_warned_unscheduled", False)
     x = torch.randn(2, 3, 32, 32)
     with pytest.warns(UserWarning, match="no schedule is attached"):
         model.train()(x)

@@ -15,48 +15,43 @@ import torch
 from torch import nn
 
 import dropblock_fx as dbx
-import dropblock_fx.schedule.pending as dbx_pending
 from dropblock_fx import DropBlock2d, DropBlockNd, attach_schedule, load_recipe, register_schedule
+from dropblock_fx.modules import Placement
 from dropblock_fx.recipe import RecipeError, ScheduleSpec
 from dropblock_fx.schedule import detach_schedule, get_schedule, list_hooks, register_hook, schedule_value
+from dropblock_fx.surgery.watch import ModelWatch
 
 
-class Plan:
-    """What ``apply_dropblock`` leaves at ``model.dropblock_plan`` (the part schedules read)."""
-
-    def __init__(self, recipe):
-        self.recipe = recipe
-
-
-def dropblock(stage: int, target: float, pending: bool = True, block: int = 3) -> DropBlock2d:
+def dropblock(stage: int, target: float, recipe_schedule, watch, block: int = 3) -> DropBlock2d:
+    """A module as apply_dropblock hands it over: its rate and its contract (Placement)."""
     m = DropBlock2d(target, block)
-    m.dropblock_stage = stage
-    m.dropblock_site = "conv"
-    m.target_drop_prob = target
-    m.schedule_pending = pending
+    m.placement = Placement(stage, "conv", target, recipe_schedule=recipe_schedule, watch=watch)
     return m
 
 
-def paper_model(recipe_name: str = "paper-resnet50") -> nn.Module:
+def paper_model(recipe_name: str = "paper-resnet50", recipe=None) -> nn.Module:
     """Two 'groups' as apply_dropblock would leave them with the paper recipe: group 3 at a
-    quarter of group 4's rate."""
-    recipe = load_recipe(recipe_name)
+    quarter of group 4's rate, one watch for the model."""
+    recipe = load_recipe(recipe_name) if recipe is None else recipe
+    watch = ModelWatch((3, 12, 12))
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), dropblock(3, recipe.stage_rate(3, 4)), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1), dropblock(3, recipe.stage_rate(3, 4)), nn.ReLU(),
-        nn.Conv2d(8, 8, 3, padding=1, stride=2), dropblock(4, recipe.stage_rate(4, 4)),
+
+    def db(stage):
+        return dropblock(stage, recipe.stage_rate(stage, 4), recipe.schedule, watch)
+
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), db(3), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), db(3), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, stride=2), db(4),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
     )
-    model.dropblock_plan = Plan(recipe)
-    return model
 
 
 def by_stage(model: nn.Module) -> dict[int, set[float]]:
     out: dict[int, set[float]] = {}
     for m in model.modules():
         if isinstance(m, DropBlockNd):
-            out.setdefault(m.dropblock_stage, set()).add(round(m.drop_prob, 12))
+            out.setdefault(m.placement.stage, set()).add(round(m.drop_prob, 12))
     return out
 
 
@@ -110,8 +105,7 @@ def test_register_custom_schedule_used_by_recipe():
         return end * p * p
 
     recipe = load_recipe({"stages": [4], "schedule": {"name": "test_square", "params": {"end": 0.5}}})
-    model = nn.Sequential(dropblock(4, 0.2))
-    model.dropblock_plan = Plan(recipe)
+    model = nn.Sequential(dropblock(4, 0.2, recipe.schedule, ModelWatch((3, 8, 8))))
     sched = attach_schedule(model, total_steps=10)
     sched.step(5)
     assert model[0].drop_prob == pytest.approx(0.2 * 0.5 * 0.25)
@@ -154,8 +148,7 @@ def test_paper_formula_per_group():
     assert by_stage(model) == {3: {0.025}, 4: {0.1}}
 
 
-def test_attach_clears_pending_and_missing_schedule_warns_once(monkeypatch):
-    monkeypatch.setattr(dbx_pending, "_warned_unscheduled", False)
+def test_attach_clears_pending_and_missing_schedule_warns_once():
     model = paper_model().train()
     x = torch.randn(2, 3, 12, 12)
     with pytest.warns(UserWarning, match="attach_schedule"):
@@ -163,9 +156,10 @@ def test_attach_clears_pending_and_missing_schedule_warns_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(x)  # once only
-    monkeypatch.setattr(dbx_pending, "_warned_unscheduled", False)
+    model = paper_model().train()
+    assert all(m.schedule_pending for m in model.modules() if isinstance(m, DropBlockNd))
     attach_schedule(model, total_steps=10)
-    assert not any(getattr(m, "schedule_pending", False) for m in model.modules())
+    assert not any(m.schedule_pending for m in model.modules() if isinstance(m, DropBlockNd))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(x)
@@ -188,14 +182,12 @@ def test_schedule_sources_explicit_over_recipe_over_default():
 
 
 def test_recipe_schedule_found_through_wrappers():
-    inner = paper_model()
-    inner.dropblock_plan = Plan(load_recipe({"stages": [3, 4], "schedule": {"name": "cosine"}}))
+    inner = paper_model(recipe=load_recipe({"stages": [3, 4], "schedule": {"name": "cosine"}}))
     wrapper = nn.Sequential()
     wrapper.module = inner  # like DistributedDataParallel(model).module
     sched = attach_schedule(wrapper, total_steps=10)
     assert sched.spec.name == "cosine" and len(sched.modules) == 3
-    other = paper_model()
-    other.dropblock_plan = Plan(load_recipe({"stages": [3], "schedule": {"name": "step"}}))
+    other = paper_model(recipe=load_recipe({"stages": [3], "schedule": {"name": "step"}}))
     both = nn.ModuleList([inner, other])
     with pytest.raises(ValueError, match="different schedules"):
         attach_schedule(both, total_steps=10)
@@ -352,9 +344,13 @@ def test_custom_hook_registry():
 
 
 def test_lightning_hook_without_lightning_is_clear(monkeypatch):
-    """Lightning is hidden (None in sys.modules makes its import fail), installed or not."""
+    """Lightning is hidden (None in sys.modules makes its import fail), installed or not, and
+    its hook is not registered yet (as in a process that never imported it)."""
     import sys
 
+    from dropblock_fx.schedule.hooks import HOOKS
+
+    monkeypatch.setattr(HOOKS, "_values", {k: v for k, v in HOOKS._values.items() if k != "lightning"})
     for name in ("lightning", "lightning.pytorch", "lightning.pytorch.callbacks", "pytorch_lightning",
                  "pytorch_lightning.callbacks"):
         monkeypatch.setitem(sys.modules, name, None)
@@ -376,11 +372,10 @@ RESUME_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
     sys.path.insert(0, {tests_dir!r})
-    from test_schedule import paper_model, train_step, Plan
+    from test_schedule import paper_model, train_step
     import dropblock_fx as dbx
     ckpt = torch.load({path!r}, weights_only=True)
-    model = paper_model("last-two-stages")          # a fresh model of the same architecture
-    model.dropblock_plan = Plan(dbx.Recipe.from_yaml(ckpt["recipe"]))
+    model = paper_model(recipe=dbx.Recipe.from_yaml(ckpt["recipe"]))  # a fresh model of the same architecture
     model.load_state_dict(ckpt["model"])
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     opt.load_state_dict(ckpt["optimizer"])

@@ -102,7 +102,7 @@ def test_stage_selection_names_negative_fraction_and_overrides():
         [f"layer3.{i}.dropblock_shortcut" for i in range(6)] or sorted(r.stage for r in p.rows) == [3] * 6 + [4] * 3
     p = plan(m, "paper-resnet50", stages=[{"stage": 3, "block_fraction": 0.5, "block_size": 5, "mask": "shared"}, 4])
     assert sorted({r.path.rsplit(".", 1)[0] for r in p.rows if r.stage == 3}) == ["layer3.3", "layer3.4", "layer3.5"]
-    assert {dict(r.options)["mask"] for r in p.rows if r.stage == 3} == {"shared"}
+    assert {r.options.mask for r in p.rows if r.stage == 3} == {"shared"}
     assert {r.block_size for r in p.rows if r.stage == 3} == {(5, 5)}
     p = plan(m, "paper-resnet50", drop_prob=0.2, stage_multiplier="none")
     assert {r.target_drop_prob for r in p.rows} == {0.2}

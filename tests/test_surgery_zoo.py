@@ -23,10 +23,12 @@ tv = pytest.importorskip("torchvision")
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:.*no schedule is attached")]
 
-TV = ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "regnet_y_400mf", "efficientnet_b0",
-      "mobilenet_v3_large", "densenet121", "convnext_tiny", "vgg11_bn"]
-TIMM = ["resnet50", "resnet50d", "efficientnet_b0", "mobilenetv3_large_100", "convnext_atto", "regnetx_002",
-        "cspresnet50", "repvgg_a2", "dla34"]
+# Planned at 224 and run at 32 (test_guarantees). Families the zoo sample (tests/test_zoo_sample.py)
+# already checks at their own size are left to it: timm's EfficientNet, MobileNetV3, ConvNeXt,
+# RegNetX, CSPNet, RepVGG and DLA, torchvision's EfficientNet and MobileNetV3; a wide ResNet is
+# a ResNet-50.
+TV = ["resnet18", "resnet50", "resnext50_32x4d", "regnet_y_400mf", "densenet121", "convnext_tiny", "vgg11_bn"]
+TIMM = ["resnet50d"]
 MODELS = {f"tv_{n}": (lambda n=n: tv.models.get_model(n, weights=None)) for n in TV}
 MODELS.update({f"timm_{n}": (lambda n=n: timm.create_model(n, pretrained=False)) for n in TIMM})
 MODELS["small_cnn"] = SmallCNN
@@ -159,13 +161,14 @@ def test_detector_without_target_is_planned_on_its_backbone_whatever_the_weights
     import dropblock_fx.torchvision as dbtv
 
     plans = []
-    for seed in range(3):
+    for seed in range(2):
         torch.manual_seed(seed)
-        model = tv.models.get_model(name, weights=None, weights_backbone=None)
+        # small images for the detector's own transform: the whole-model pass that planning
+        # tries first runs it (the backbone is planned at the recipe's input_size either way)
+        model = tv.models.get_model(name, weights=None, weights_backbone=None, min_size=64, max_size=64)
         plans.append(apply_dropblock(model).dropblock_plan)
         assert plans[-1].target == dbtv.default_target(model, "detection") == "backbone.body"
         assert plans[-1].notes[0].endswith("planned on its image backbone 'backbone.body' "
                                            "(pass target= to choose another)")
-    assert len(plans[0].rows) > 0
-    assert [r.as_dict() for r in plans[0].rows] == [r.as_dict() for r in plans[1].rows] == \
-        [r.as_dict() for r in plans[2].rows]
+    assert len(plans[0].rows) > 0 and plans[0].input_shape == (1, 3, 224, 224)
+    assert [r.as_dict() for r in plans[0].rows] == [r.as_dict() for r in plans[1].rows]

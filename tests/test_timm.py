@@ -9,7 +9,8 @@ from timm.layers import DropBlock2d as TimmDropBlock2d
 from torch import nn
 
 import dropblock_fx.timm as dbt
-from dropblock_fx import DropBlockNd, expected_drop_rate, paper_gamma
+from dropblock_fx.integrations import timm as timm_integration
+from dropblock_fx import DropBlock2d, DropBlockNd, expected_drop_rate, paper_gamma
 from dropblock_fx.surgery import SurgeryError, apply_dropblock, describe, remove_dropblock
 
 SMALL = dict(input_size=[3, 64, 64])  # plan at 64 px: cheap
@@ -132,7 +133,7 @@ def _call_sequence(model: nn.Module) -> list[tuple]:
     handles = []
     for name, m in model.named_modules():
         if isinstance(m, TimmDropBlock2d):
-            s = dbt._settings(m)
+            s = timm_integration._settings(m)
             entry = ("dropblock", name, s["block_size"], s["gamma_scale"], s["drop_prob"], s["mask"],
                      s["seed_region"], s["scale"], s["noise"])
         elif isinstance(m, DropBlockNd):
@@ -191,7 +192,7 @@ def test_convert_falls_back_to_one_for_one_swap():
 def test_converted_modules_drop_what_timm_drops(size, block, gamma_scale):
     torch.manual_seed(0)
     timm_mod = TimmDropBlock2d(0.1, block, gamma_scale).train()
-    ours = dbt.DropBlock2d(**dbt._settings(timm_mod)).train()
+    ours = DropBlock2d(**timm_integration._settings(timm_mod)).train()
     x = torch.ones(2048, 1, size, size)
     exp = expected_drop_rate(paper_gamma(0.1, (size, size), (block, block), gamma_scale),
                              (size, size), (block, block), "full")

@@ -133,7 +133,7 @@ def test_hand_attached_schedule_wins_and_unwatched_models_are_left_alone(tmp_pat
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     mine = dropblock_fx.attach_schedule(model, total_steps=7, optimizer=opt)
     lr_scheduler, _ = create_scheduler_v2(opt, sched="cosine", num_epochs=2, updates_per_epoch=3)
-    assert dropblock_fx.schedule.core._ATTACHED[model] is mine
+    assert dropblock_fx.schedule_of(model) is mine
     lr_scheduler.step(1)
     assert mine.count == 0
     # a model without a scheduled recipe is not watched
@@ -175,18 +175,34 @@ SCRIPT = """
 
 
 def test_launcher_runs_a_script_with_the_schedule(tmp_path):
+    """``dropblock-fx timm-train`` in a fresh process, as torchrun starts it (``-m``)."""
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(SCRIPT))
     env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "dropblock_fx.timm_train", str(script), "resnet10t_dropblock"],
+    proc = subprocess.run([sys.executable, "-m", "dropblock_fx.cli", "timm-train", str(script), "resnet10t_dropblock"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == pytest.approx([0, 0.25, 0.5, 0.75])
 
 
-def test_launcher_usage():
+def test_launcher_usage_and_the_older_spelling(tmp_path, monkeypatch, capsys):
+    import runpy
+
+    from dropblock_fx.cli import main
+
     with pytest.raises(SystemExit):
-        timm_train.main([])
+        main(["timm-train"])  # no script: usage
+    assert main(["timm-train", str(tmp_path / "missing.py")]) == 1
+    assert "no such script" in capsys.readouterr().err
+    script = tmp_path / "train.py"
+    script.write_text("import sys, timm\nprint('args', sys.argv[1:], timm.is_model('resnet10t_dropblock'))\n")
+    monkeypatch.setattr(sys, "argv", ["dropblock_fx.timm_train", str(script), "--epochs", "3"])
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "dropblock_fx.timm_train", raising=False)  # run afresh, as -m does
+    with pytest.raises(SystemExit) as done:  # python -m dropblock_fx.timm_train train.py ...
+        runpy.run_module("dropblock_fx.timm_train", run_name="__main__")
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "args ['--epochs', '3'] True"
 
 
 def test_unscheduled_warning_in_timm_train_script_names_the_fix(monkeypatch):
@@ -196,7 +212,7 @@ def test_unscheduled_warning_in_timm_train_script_names_the_fix(monkeypatch):
     script.__file__ = "/somewhere/pytorch-image-models/train.py"
     monkeypatch.setitem(sys.modules, "__main__", script)
     assert pending.detect_loop() == "timm"
-    assert "python -m dropblock_fx.timm_train train.py" in pending.unscheduled_message("timm")
+    assert "dropblock-fx timm-train train.py" in pending.unscheduled_message("timm")
     model = create_model("resnet10t_dropblock", num_classes=3, **MODEL_KWARGS).train()
     with pytest.warns(UserWarning, match="import dropblock_fx.timm"):
         model(torch.randn(2, 3, 32, 32))
@@ -215,6 +231,6 @@ def test_followed_lr_scheduler_keeps_its_state_and_pickles():
     assert isinstance(lr_scheduler, CosineLRScheduler) and type(plain) is CosineLRScheduler
     assert set(lr_scheduler.state_dict()) == set(plain.state_dict())
     lr_scheduler.step(1)
-    assert dropblock_fx.schedule.core._ATTACHED[model].count == 3
+    assert dropblock_fx.schedule_of(model).count == 3
     clone = pickle.loads(pickle.dumps(lr_scheduler))
     assert type(clone) is CosineLRScheduler and clone.state_dict().keys() == lr_scheduler.state_dict().keys()

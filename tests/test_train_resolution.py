@@ -18,7 +18,8 @@ from torch import nn
 
 import dropblock_fx as dbx
 from dropblock_fx.modules import Placement, is_inserted
-from dropblock_fx.surgery.resolution import ResolutionWatch
+from dropblock_fx.op.options import DropBlockOptions
+from dropblock_fx.surgery.watch import ModelWatch
 from dropblock_fx.surgery.settings import StageSettings, small_map_note
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,11 +123,11 @@ def test_placement_knows_the_planned_map():
 
 def test_hand_made_modules_compare_nothing():
     m = dbx.DropBlock2d(0.1, 3)
-    m.placement = Placement(4, "conv", 0.1)  # no path, no resolution: the defaults
-    assert m.placement.resolution == () and m.resolution_watch is None
+    m.placement = Placement(4, "conv", 0.1)  # no path, no resolution, no watch: the defaults
+    assert m.placement.resolution == () and m.placement.watch is None
     m.train()(torch.randn(2, 4, 8, 8))
     assert m.seen_resolution is None
-    m.resolution_watch = ResolutionWatch((3, 224, 224))  # a watch without a planned map: silent
+    m.placement = Placement(4, "conv", 0.1, watch=ModelWatch((3, 224, 224)))  # a watch, no planned map: silent
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         m(torch.randn(2, 4, 8, 8))
@@ -149,8 +150,9 @@ def test_a_module_shared_across_sizes_is_not_compared():
 
     model = dbx.apply_dropblock(SharedHead(), stages=[0, 1], input_size=[3, 32, 32], schedule=None)
     assert "head.dropblock_0" in inserted(model)
-    assert inserted(model)["head.dropblock_0"].resolution_watch is None
-    assert inserted(model)["stem.dropblock_0"].resolution_watch is not None
+    assert inserted(model)["head.dropblock_0"].placement.resolution == ()  # several maps: none to compare
+    assert inserted(model)["stem.dropblock_0"].placement.resolution == (16, 16)
+    assert inserted(model)["head.dropblock_0"].placement.watch is inserted(model)["stem.dropblock_0"].placement.watch
     model.train()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -169,8 +171,8 @@ def test_describe_gives_the_rates_at_the_seen_maps(size):
     p = dbx.describe(model)
     assert p is not stored and len(p.rows) == len(stored.rows)
     for row, old in zip(p.rows, stored.rows):
-        opts = dict(row.options)
-        assert (opts["seed_region"], opts["gamma_scale"], opts["calibrate"]) == ("valid", 1.0, False)
+        opts = row.options
+        assert (opts.seed_region, opts.gamma_scale, opts.calibrate) == ("valid", 1.0, False)
         scale = size / 224
         expect = tuple(max(1, round(s * scale)) for s in row.resolution)
         assert row.seen_resolution == expect, row
@@ -212,7 +214,7 @@ def test_small_map_note_cases():
     from dropblock_fx.graph.stages import Stage
 
     def note(res, block=7, **opts):
-        options = tuple({"mask": "channel", "seed_region": "valid", **opts}.items())
+        options = DropBlockOptions(block, **opts)
         return small_map_note(StageSettings(Stage(4, "s4", 32, res), 0.1, block, frozenset({"conv"}), 1.0, options),
                               (3, 32, 32))
 
@@ -238,7 +240,7 @@ def test_pickle_and_copy_after_the_warning():
         assert train_steps(clone, 32, steps=1) == []  # that model has warned
         p = dbx.describe(clone)
         assert p.rows[-1].seen_resolution == (1, 1)
-        watches = {id(m.resolution_watch) for m in inserted(clone).values()}
+        watches = {id(m.placement.watch) for m in inserted(clone).values()}
         assert len(watches) == 1  # still one watch for the whole model
     assert pickle.loads(pickle.dumps(dbx.describe(model))).rows[-1].seen_resolution == (1, 1)
 

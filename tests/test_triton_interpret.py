@@ -54,26 +54,33 @@ def test_kernels_under_interpreter(name: str, interpreter_results: dict[str, dic
     assert result["ok"], result["error"]
 
 
-def test_backend_option_and_env_var() -> None:
-    from dropblock_fx.op import functional as fn
-
-    assert "triton" in fn.BACKENDS
-    code = "import dropblock_fx.op.functional as f; print(f._backend)"
-    proc = _run(["-c", code], {"DROPBLOCK_FX_BACKEND": "reference"}, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1] == "reference"
-
-
-def test_kernels_refuse_cpu_tensors_without_interpreter() -> None:
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        pytest.skip("this process runs the interpreter")
+@pytest.fixture(scope="module")
+def plain_process() -> list[str]:
+    """One process without the interpreter and with ``DROPBLOCK_FX_BACKEND=reference``: the
+    backend it picked, and whether the kernels refuse CPU tensors there."""
     code = (
         "import torch\n"
+        "import dropblock_fx.op.masks as masks\n"
+        "print('backend', masks._backend)\n"
         "from dropblock_fx.op import triton_kernels as tk\n"
         "try:\n"
         "    tk.seed_uniforms(torch.tensor([1]), (4,))\n"
         "except RuntimeError as e:\n"
         "    print('refused', 'TRITON_INTERPRET' in str(e))\n"
     )
-    proc = _run(["-c", code], {"TRITON_INTERPRET": "0"}, timeout=120)
-    assert proc.stdout.strip().splitlines()[-1] == "refused True", proc.stdout + proc.stderr
+    proc = _run(["-c", code], {"DROPBLOCK_FX_BACKEND": "reference", "TRITON_INTERPRET": "0"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()
+
+
+def test_backend_option_and_env_var(plain_process) -> None:
+    from dropblock_fx.op import functional as fn
+
+    assert "triton" in fn.BACKENDS
+    assert "backend reference" in plain_process
+
+
+def test_kernels_refuse_cpu_tensors_without_interpreter(plain_process) -> None:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("this process runs the interpreter")
+    assert plain_process[-1] == "refused True", plain_process

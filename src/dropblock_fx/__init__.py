@@ -14,7 +14,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 # public name -> the module that defines it (relative to this package)
 _SOURCES: dict[str, str] = {
@@ -22,6 +22,7 @@ _SOURCES: dict[str, str] = {
     "remove_dropblock": ".surgery",
     "describe": ".surgery",
     "plan": ".surgery",
+    "plan_of": ".surgery",
     "Plan": ".surgery",
     "PlanRow": ".surgery",
     "SurgeryError": ".surgery",
@@ -30,6 +31,7 @@ _SOURCES: dict[str, str] = {
     "DropBlock2d": ".modules",
     "DropBlock3d": ".modules",
     "DropBlockNd": ".modules",
+    "DropBlockOptions": ".op",
     "paper_gamma": ".op",
     "calibrated_gamma": ".op",
     "expected_drop_rate": ".op",
@@ -47,6 +49,7 @@ _SOURCES: dict[str, str] = {
     "list_hooks": ".schedule",
     "attach_schedule": ".schedule",
     "detach_schedule": ".schedule",
+    "schedule_of": ".schedule",
     "DropBlockSchedule": ".schedule",
 }
 
@@ -55,7 +58,7 @@ __all__ = list(_SOURCES)
 if TYPE_CHECKING:  # what type checkers and the API reference see: the eager imports
     from .graph import register_norm
     from .modules import DropBlock2d, DropBlock3d, DropBlockNd
-    from .op import calibrated_gamma, drop_block, expected_drop_rate, paper_gamma, set_backend
+    from .op import DropBlockOptions, calibrated_gamma, drop_block, expected_drop_rate, paper_gamma, set_backend
     from .recipe import Recipe, RecipeError, StageSpec, list_recipes, load_recipe, resolve_stage
     from .schedule import (
         DropBlockSchedule,
@@ -66,8 +69,9 @@ if TYPE_CHECKING:  # what type checkers and the API reference see: the eager imp
         list_schedules,
         register_hook,
         register_schedule,
+        schedule_of,
     )
-    from .surgery import Plan, PlanRow, SurgeryError, apply_dropblock, describe, remove_dropblock
+    from .surgery import Plan, PlanRow, SurgeryError, apply_dropblock, describe, plan_of, remove_dropblock
     from .surgery.plan import plan  # the function (static analysis would take the module of its name)
 
 

@@ -1,6 +1,6 @@
 """``DropBlock2d`` / ``DropBlock3d``: parameter-free modules around [`drop_block`][dropblock_fx.drop_block].
 
-Two properties the rest of the library relies on:
+Properties the rest of the library relies on:
 
 * ``drop_prob`` can change every step (schedules do) without recompiling under
   ``torch.compile``: it lives in a non-persistent 0-d buffer that the setter updates
@@ -9,41 +9,58 @@ Two properties the rest of the library relies on:
   record themselves as one ``call_module`` node, so the traced model still obeys
   ``train()`` / ``eval()`` (timm's DropBlock breaks tracing; torchvision's freezes
   ``training=True`` into the trace).
+* They script (``torch.jit.script``), and work under ``torch.func`` (``grad``, ``jvp``,
+  ``vmap``, ``functional_call`` with a ``drop_prob_tensor`` of your own).
+
+What surgery tells a module it inserts is one object, its `Placement`; what drives its
+rate is the schedule at ``module.schedule`` (set by ``attach_schedule``).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: TorchScript reads the class annotation of
+# ``_options`` as a type, not as a string.
 import sys
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 import torch.fx
 from torch import nn
 
-from .op.functional import (
-    BlockSize,
-    _drop_block_train,
-    check_drop_prob,
-    check_options,
-    normalize_block_size,
-)
+from .op.functional import drop_block_train
+from .op.options import BlockSize, DropBlockOptions, OptionFields, check_drop_prob, normalize_block_size
 
-__all__ = ["DropBlock2d", "DropBlock3d", "DropBlockNd", "Placement", "OP_OPTIONS", "is_inserted"]
+__all__ = ["DropBlock2d", "DropBlock3d", "DropBlockNd", "Placement", "TrainWatch", "is_inserted"]
 
-# The op options a recipe sets and a DropBlock module takes, by keyword (see drop_block).
-OP_OPTIONS = ("mask", "seed_region", "gamma_scale", "scale", "noise", "calibrate")
+
+@runtime_checkable
+class TrainWatch(Protocol):
+    """What an inserted module reports from each eager training forward: ``watch(module,
+    spatial_size)``. Surgery gives the modules of one ``apply_dropblock`` call one shared watch
+    (``dropblock_fx.surgery.watch.ModelWatch``), which warns once for the whole model."""
+
+    def __call__(self, module: "DropBlockNd", spatial: tuple[int, ...]) -> None: ...
+
+    def skipped(self, modules: list["DropBlockNd"], spatial: tuple[int, ...]) -> None:
+        """``modules`` did not run in a training call: their rewritten block ran its original
+        forward for an input of ``spatial`` size (``graph.splice`` reports it)."""
 
 
 @dataclass(frozen=True)
 class Placement:
-    """Where surgery put a DropBlock module: its stage, site kind and rate at full strength,
-    its path in the model and the feature map it was planned for.
+    """What ``apply_dropblock`` hands each module it inserts (``module.placement``).
 
-    The contract between surgery (which sets ``module.placement``), schedules (which scale
-    ``target_drop_prob``) and ``remove_dropblock`` (which removes what [`is_inserted`][dropblock_fx.modules.is_inserted]).
-    ``resolution`` is the spatial size of the module's input at the recipe's ``input_size``
-    (``()``: unknown, nothing is compared).
+    Attributes:
+        stage: the stage the module is in.
+        site: its site kind (``conv``, ``conv_last``, ``shortcut``, ``block``, ``timm``).
+        target_drop_prob: its rate at full schedule strength (the recipe's rate times the
+            stage multiplier); schedules scale it.
+        path: its path in the model.
+        resolution: the spatial size of its input at the recipe's ``input_size`` (``()``:
+            none, or several: nothing is compared).
+        recipe_schedule: the recipe's schedule (a `dropblock_fx.ScheduleSpec`), the
+            default of ``attach_schedule``; ``None``: the recipe has none (a constant rate).
+        watch: called by each eager training forward (see `TrainWatch`); shared by
+            the modules of one ``apply_dropblock`` call.
 
     Examples:
         >>> Placement(4, "conv", 0.1, path="layer4.0.dropblock_conv1", resolution=(7, 7)).resolution
@@ -55,6 +72,8 @@ class Placement:
     target_drop_prob: float
     path: str = ""
     resolution: tuple[int, ...] = ()
+    recipe_schedule: Any = None
+    watch: Optional[TrainWatch] = field(default=None, compare=False, repr=False)
 
 
 def is_inserted(m: object) -> bool:
@@ -64,43 +83,48 @@ def is_inserted(m: object) -> bool:
         >>> is_inserted(DropBlock2d(0.1, 3))
         False
     """
-    return isinstance(m, DropBlockNd) and getattr(m, "placement", None) is not None
+    return isinstance(m, DropBlockNd) and m.placement is not None
 
 
-# What a scheduled module does when it trains with no schedule attached: the schedule layer
-# installs it (dropblock_fx.schedule.pending owns the warning and its once-per-model state).
-_unscheduled_handler: Optional[Callable[[object], None]] = None
+def _option(name: str) -> property:
+    def get(self: "DropBlockNd") -> Any:
+        return getattr(self._options, name)
 
+    def set_(self: "DropBlockNd", value: Any) -> None:
+        self.options = self._options.replace(**{name: value})
 
-def set_unscheduled_handler(handler: Optional[Callable[[object], None]]) -> None:
-    """Install ``handler(mark)``, called by a module marked ``schedule_pending`` when it runs a
-    training forward (``mark`` is the module's ``schedule_pending`` value)."""
-    global _unscheduled_handler
-    _unscheduled_handler = handler
-
-
-# What an inserted module calls when a training forward's feature map differs from its
-# planned one: surgery gives the modules of one apply_dropblock call one shared watch, which
-# warns once for the whole model.
-ResolutionHandler = Callable[["DropBlockNd", tuple[int, ...]], None]
-
-
-def __getattr__(name: str) -> Any:
-    # The marker moved to the schedule layer; this path still resolves (and old pickles load).
-    if name == "PendingSchedule":
-        from .schedule.pending import PendingSchedule
-
-        return PendingSchedule
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return property(get, set_, doc=f"``options.{name}`` (setting it replaces ``options``, validated).")
 
 
 class DropBlockNd(nn.Module):
-    """Base class of [`DropBlock2d`][dropblock_fx.DropBlock2d] and [`DropBlock3d`][dropblock_fx.DropBlock3d]; see [`drop_block`][dropblock_fx.drop_block]."""
+    """Base class of [`DropBlock2d`][dropblock_fx.DropBlock2d] and [`DropBlock3d`][dropblock_fx.DropBlock3d]; see [`drop_block`][dropblock_fx.drop_block].
 
+    Attributes:
+        options: the op options (`dropblock_fx.op.options.DropBlockOptions`); each one
+            also reads as an attribute (``module.mask``).
+        placement: the `Placement` surgery gave it; ``None`` for a module built by hand.
+        schedule: the ``DropBlockSchedule`` that drives its rate, or ``None``.
+        seen_resolution: the last training feature map that differed from
+            ``placement.resolution`` (``None``: none did); ``describe`` reads it.
+        generator: the random generator of its masks (``None``: the global one).
+    """
+
+    # TorchScript reads this annotation (and nothing else of the class): a scripted module
+    # reads its options as a named tuple.
+    _options: OptionFields
     n_spatial: int = 2
-    # Class defaults too: modules pickled before these attributes existed still run.
-    resolution_watch: Optional[ResolutionHandler] = None
-    seen_resolution: Optional[tuple[int, ...]] = None
+    placement: Optional[Placement]
+    schedule: Optional[Any]  # a DropBlockSchedule (the schedule layer, above this one)
+    seen_resolution: Optional[tuple[int, ...]]
+    generator: Optional[torch.Generator]
+    _target_drop_prob: Optional[float]
+    # Attributes TorchScript does not read (it would try to type them from the annotations).
+    __jit_ignored_attributes__ = ["placement", "schedule", "seen_resolution", "generator", "_target_drop_prob"]
+    # Module properties TorchScript must not compile.
+    __jit_unused_properties__ = [
+        "options", "drop_prob", "target_drop_prob", "schedule_pending", "block_size", "mask", "seed_region",
+        "gamma_scale", "scale", "noise", "calibrate", "inplace",
+    ]
 
     def __init__(
         self,
@@ -114,36 +138,61 @@ class DropBlockNd(nn.Module):
         noise: bool = False,
         calibrate: bool = False,
         inplace: bool = False,
-        generator: torch.Generator | None = None,
+        generator: Optional[torch.Generator] = None,
     ) -> None:
         super().__init__()
         _register_timm_leaves()
         p = check_drop_prob(drop_prob)
-        normalize_block_size(block_size, self.n_spatial)
-        check_options(mask, seed_region, scale, gamma_scale, noise, calibrate, inplace)
-        self.block_size = block_size
-        self.mask = mask
-        self.seed_region = seed_region
-        self.gamma_scale = float(gamma_scale)
-        self.scale = scale
-        self.noise = noise
-        self.calibrate = calibrate
-        self.inplace = inplace
+        options = DropBlockOptions(block_size, mask, seed_region, gamma_scale, scale, noise, calibrate, inplace)
+        normalize_block_size(options.block_size, self.n_spatial)
+        self.options = options
         self.generator = generator
         self._drop_prob = p
-        self.placement: Optional[Placement] = None  # set by surgery (see is_inserted)
-        # The rate at full strength, which schedules scale (surgery sets it from the recipe;
-        # attach_schedule takes drop_prob for a module built by hand).
-        self.target_drop_prob: Optional[float] = None
-        # Set by surgery when the recipe has a schedule, cleared by attach_schedule: a
-        # scheduled recipe must never silently train at its final rate.
-        self.schedule_pending = False
-        # Set by surgery: called when a training forward's map differs from
-        # placement.resolution, which is then recorded in seen_resolution (describe reads it).
-        self.resolution_watch: Optional[ResolutionHandler] = None
-        self.seen_resolution: Optional[tuple[int, ...]] = None
+        self.placement = None
+        self.schedule = None
+        self.seen_resolution = None
+        # The rate at full strength of a module built by hand (an inserted one reads its placement).
+        self._target_drop_prob = None
         # Non-persistent: invisible to state_dict(), so weights load strictly both ways.
         self.register_buffer("drop_prob_tensor", torch.tensor(p, dtype=torch.float32), persistent=False)
+        # The buffer the drop_prob setter fills: a drop_prob_tensor passed in from outside
+        # (torch.func.functional_call) is another tensor, and the forward then reads that one.
+        self._own_rate = self.drop_prob_tensor
+
+    @classmethod
+    def from_options(cls, drop_prob: float, options: DropBlockOptions,
+                     generator: Optional[torch.Generator] = None) -> "DropBlockNd":
+        """A module with these options (validated when they were built: not again).
+
+        Examples:
+            >>> from dropblock_fx.op.options import DropBlockOptions
+            >>> DropBlock2d.from_options(0.1, DropBlockOptions(5, mask="shared"))
+            DropBlock2d(drop_prob=0.1, block_size=5, mask='shared')
+        """
+        m = cls(drop_prob, generator=generator)
+        m.options = options
+        return m
+
+    block_size = _option("block_size")
+    mask = _option("mask")
+    seed_region = _option("seed_region")
+    gamma_scale = _option("gamma_scale")
+    scale = _option("scale")
+    noise = _option("noise")
+    calibrate = _option("calibrate")
+    inplace = _option("inplace")
+
+    @property
+    def options(self) -> DropBlockOptions:
+        """The op options (frozen); set a new [`DropBlockOptions`][dropblock_fx.DropBlockOptions] to change them."""
+        return self._options  # type: ignore[return-value]
+
+    @options.setter
+    def options(self, value: DropBlockOptions) -> None:
+        if not isinstance(value, DropBlockOptions):
+            raise TypeError(f"options must be a DropBlockOptions, not {type(value).__name__}")
+        normalize_block_size(value.block_size, self.n_spatial)
+        self._options = value
 
     @property
     def drop_prob(self) -> float:
@@ -155,7 +204,31 @@ class DropBlockNd(nn.Module):
         p = check_drop_prob(value)
         self._drop_prob = p
         with torch.no_grad():
-            self.drop_prob_tensor.fill_(p)
+            self._own_rate.fill_(p)
+
+    @property
+    def target_drop_prob(self) -> Optional[float]:
+        """The rate at full schedule strength: the placement's for an inserted module; for one
+        built by hand, what was set (``attach_schedule`` takes its current rate)."""
+        if self.placement is not None:
+            return self.placement.target_drop_prob
+        return self._target_drop_prob
+
+    @target_drop_prob.setter
+    def target_drop_prob(self, value: Optional[float]) -> None:
+        value = None if value is None else check_drop_prob(value)
+        if self.placement is not None:
+            if value is None:
+                raise ValueError("an inserted module's target_drop_prob cannot be None")
+            self.placement = replace(self.placement, target_drop_prob=value)
+        else:
+            self._target_drop_prob = value
+
+    @property
+    def schedule_pending(self) -> bool:
+        """Its recipe has a schedule and none drives it yet (a training forward then warns)."""
+        p = self.placement
+        return p is not None and p.recipe_schedule is not None and self.schedule is None
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         # model.half() / .to(bfloat16) would round the rate (0.1 -> 0.10009765625 in bf16);
@@ -163,10 +236,17 @@ class DropBlockNd(nn.Module):
         super()._apply(fn, recurse)
         t = self.drop_prob_tensor
         if t.dtype != torch.float32:
-            self.drop_prob_tensor = torch.tensor(self._drop_prob, dtype=torch.float32, device=t.device)
+            self.drop_prob_tensor = t = torch.tensor(self._drop_prob, dtype=torch.float32, device=t.device)
+        self._own_rate = t
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted(x)
+        else:  # TorchScript compiles only the branch above
+            return self._eager(x)
+
+    def _eager(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(x, torch.fx.Proxy):
             # Any FX tracer: appear as one leaf call so train()/eval() still applies to the trace.
             tracer = x.tracer
@@ -175,44 +255,70 @@ class DropBlockNd(nn.Module):
             raise ValueError(
                 f"{type(self).__name__} expects a {self.n_spatial + 2}-D input, got shape {tuple(x.shape)}"
             )
+        if not self.training:
+            return x
+        p: float | torch.Tensor
         if torch.compiler.is_compiling():
-            if not self.training:
-                return x
-            p: float | torch.Tensor = self.drop_prob_tensor
+            p = self.drop_prob_tensor
         else:
-            if not self.training:
+            placement = self.placement
+            if placement is not None and placement.watch is not None:
+                placement.watch(self, x.shape[2:])  # a torch.Size: a tuple, compared as one
+            rate = self.drop_prob_tensor
+            if rate is not self._own_rate:  # functional_call: a rate from outside
+                p = rate
+            elif self._drop_prob == 0.0:
                 return x
-            watch = self.resolution_watch
-            if watch is not None and x.shape[2:] != self.placement.resolution:  # type: ignore[union-attr]
-                self._saw_resolution(tuple(x.shape[2:]), watch)
-            if self._drop_prob == 0.0:
-                return x
-            if self.schedule_pending and _unscheduled_handler is not None:
-                _unscheduled_handler(self.schedule_pending)
-            p = self._drop_prob
-        return _drop_block_train(
-            x, p, normalize_block_size(self.block_size, self.n_spatial), self.mask, self.seed_region,
-            self.gamma_scale, self.scale, self.noise, self.calibrate, self.inplace, self.generator,
+            else:
+                p = self._drop_prob
+        o = self._options
+        return drop_block_train(
+            x, p, normalize_block_size(o.block_size, self.n_spatial), o.mask, o.seed_region, o.gamma_scale,
+            o.scale, o.noise, o.calibrate, o.inplace, self.generator,
         )
 
-    def _saw_resolution(self, seen: tuple[int, ...], watch: ResolutionHandler) -> None:
-        # Only on a mismatch; the matching path above allocates nothing beyond the compare.
-        if not self.placement.resolution or seen == self.seen_resolution:  # type: ignore[union-attr]
-            return
-        self.seen_resolution = seen
-        watch(self, seen)
+    def _scripted(self, x: torch.Tensor) -> torch.Tensor:
+        # The TorchScript forward: the mask comes from the op the eager code uses (one
+        # custom op call), the multiply is differentiated by TorchScript's autograd.
+        if not self.training:
+            return x
+        o = self._options
+        bs = o.block_size
+        n = x.dim() - 2
+        if isinstance(bs, int):
+            block = [bs] * n
+        elif isinstance(bs, Tuple[int, int]):
+            block = [bs[0], bs[1]]
+        else:
+            block = [bs[0], bs[1], bs[2]]
+        keep, factor = torch.ops.dropblock_fx.keep_mask(
+            x.detach(), self.drop_prob_tensor, block, o.mask, o.seed_region, o.gamma_scale, o.scale, o.calibrate
+        )
+        out = x * keep.to(x.dtype) * factor.to(x.dtype)
+        if o.noise:
+            out = out + torch.randn_like(x).masked_fill(keep, 0.0)
+        return out
 
     def extra_repr(self) -> str:
-        parts = [f"drop_prob={self._drop_prob:g}", f"block_size={self.block_size}"]
-        defaults: dict[str, Any] = dict(
-            mask="channel", seed_region="valid", gamma_scale=1.0, scale="count",
-            noise=False, calibrate=False, inplace=False,
-        )
-        for name, default in defaults.items():
-            value = getattr(self, name)
-            if value != default:
-                parts.append(f"{name}={value!r}")
+        parts = [f"drop_prob={self._drop_prob:g}", f"block_size={self._options.block_size}"]
+        parts += [f"{name}={value!r}" for name, value in self._options.changed().items()]
         return ", ".join(parts)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Modules pickled before the options / placement contract: their loose attributes.
+        if "_options" not in state:
+            names = ("block_size", "mask", "seed_region", "gamma_scale", "scale", "noise", "calibrate", "inplace")
+            old = {k: state.pop(k) for k in names if k in state}
+            state["_options"] = DropBlockOptions(**old)
+            target = state.pop("target_drop_prob", None)
+            state.pop("schedule_pending", None)
+            state.pop("resolution_watch", None)
+            state.setdefault("placement", None)
+            state.setdefault("schedule", None)
+            state.setdefault("seen_resolution", None)
+            state["_target_drop_prob"] = None if state["placement"] is not None else target
+            state["_own_rate"] = state["_buffers"]["drop_prob_tensor"]
+        super().__setstate__(state)
 
 
 class DropBlock2d(DropBlockNd):

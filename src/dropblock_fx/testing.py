@@ -24,11 +24,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .graph.shapes import input_shape_of
 from .graph.splice import original_class
+from .modes import training_mode
 from .modules import DropBlock3d, DropBlockNd, is_inserted
 from .recipe import resolve_stages
-from .graph.shapes import input_shape_of
-from .surgery import Plan, apply_dropblock, describe, remove_dropblock
+from .surgery import Plan, apply_dropblock, describe, plan_of, remove_dropblock
 from .surgery.target import as_inputs
 
 __all__ = ["CheckFailed", "check_surgery", "module_state", "output_tensors", "zoo_model"]
@@ -121,13 +122,8 @@ def check_surgery(model: nn.Module, x: Any, recipe: Any = None, *, runner: Optio
         overrides.setdefault("input_size", list(x.shape[1:]))
     else:
         overrides.setdefault("example_inputs", x)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
+    with training_mode(model, False):  # the eval checks in eval mode; every module's mode restored
         return _check(model, x, recipe, runner, require_sites, overrides)
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _check(model: nn.Module, x: Any, recipe: Any, runner: nn.Module, require_sites: bool,
@@ -187,14 +183,13 @@ def _check(model: nn.Module, x: Any, recipe: Any, runner: nn.Module, require_sit
         model.load_state_dict(weights, strict=True)
 
         step = "train forward/backward"
-        model.train()
         for m in mods.values():
             m.drop_prob = max(float(m.target_drop_prob), 0.1)
         seen: dict[str, list[tuple[int, ...]]] = {}
         hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.setdefault(n, []).append(tuple(args[0].shape)))
                  for n, m in mods.items()]
         try:
-            with warnings.catch_warnings():  # a check, not a training run: no schedule needed
+            with training_mode(model, True), warnings.catch_warnings():  # a check, not a run: no schedule
                 warnings.filterwarnings("ignore", message=".*no schedule is attached")
                 out = output_tensors(run())
         finally:
@@ -211,7 +206,6 @@ def _check(model: nn.Module, x: Any, recipe: Any, runner: nn.Module, require_sit
             raise AssertionError("non-finite gradients")
         model.zero_grad(set_to_none=True)
         model.load_state_dict(weights, strict=True)
-        model.eval()
 
         step = "rows run"
         _check_rows_ran(plan, seen, tuple(x_shape or ()), plan_size=tuple(plan.input_shape[1:]))
@@ -220,7 +214,7 @@ def _check(model: nn.Module, x: Any, recipe: Any, runner: nn.Module, require_sit
         remove_dropblock(model)
         if repr(model) != tree or [type(m) for m in model.modules()] != classes:
             raise AssertionError("remove_dropblock did not restore the module tree")
-        if any(isinstance(m, DropBlockNd) for m in model.modules()) or hasattr(model, "dropblock_plan"):
+        if any(isinstance(m, DropBlockNd) for m in model.modules()) or plan_of(model) is not None:
             raise AssertionError("DropBlock left after remove_dropblock")
         with torch.no_grad():
             if not _same(run(), ref):

@@ -1,14 +1,9 @@
-"""``python -m dropblock_fx.timm_train path/to/train.py ...``: run timm's ``train.py`` with the
-DropBlock models registered and the recipe's schedule following the run.
-
-Imported, this is `dropblock_fx.integrations.timm_train` (the same module object).
-"""
+"""``python -m dropblock_fx.timm_train path/to/train.py ...``: the older spelling of
+``dropblock-fx timm-train path/to/train.py ...`` (see `dropblock_fx.cli.timm_train`)."""
 
 import sys
 
-from .integrations import timm_train as _impl
+from .cli.main import main
 
 if __name__ == "__main__":
-    _impl.main()
-else:
-    sys.modules[__name__] = _impl
+    sys.exit(main(["timm-train", *sys.argv[1:]]))

@@ -1,7 +1,8 @@
-"""Public name of `dropblock_fx.integrations.torchvision` (the same module object)."""
+"""``dropblock_fx.torchvision``: torchvision's ``get_model`` with a recipe.
 
-import sys
+A plain re-export of `dropblock_fx.integrations.torchvision`.
+"""
 
-from .integrations import torchvision as _impl
+from .integrations.torchvision import default_target, get_model, model_task
 
-sys.modules[__name__] = _impl
+__all__ = ["get_model", "default_target", "model_task"]

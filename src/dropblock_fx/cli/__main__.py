@@ -1,3 +1,5 @@
+"""``python -m dropblock_fx.cli``: the ``dropblock-fx`` command."""
+
 import sys
 
 from .main import main

@@ -12,7 +12,7 @@ from .format import format_plan, plan_json, stage_summary
 from .format import table as format_table
 
 __all__ = [
-    "cmd_plan", "cmd_recipes", "cmd_validate", "cmd_schedule", "cmd_masks", "cmd_demo",
+    "cmd_plan", "cmd_recipes", "cmd_validate", "cmd_schedule", "cmd_masks", "cmd_demo", "cmd_timm_train",
     "parse_overrides", "parse_input_size", "with_overrides", "stage_summary", "schedule_table",
     "format_plan", "plan_json",
 ]
@@ -250,4 +250,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(args)
+    return 0
+
+
+def cmd_timm_train(args: argparse.Namespace) -> int:
+    from .timm_train import run_script
+
+    run_script(args.script, args.args)
     return 0

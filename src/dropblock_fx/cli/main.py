@@ -19,6 +19,7 @@ examples:
   dropblock-fx validate my-recipe.yaml
   dropblock-fx masks --out masks.png
   dropblock-fx schedule paper-resnet50 --steps 1000 --out schedule.png
+  dropblock-fx timm-train path/to/train.py --model resnet50_dropblock ...
 
 run 'dropblock-fx COMMAND --help' for the options and examples of each command;
 add --debug before the command to see a traceback instead of a one-line error.
@@ -122,6 +123,21 @@ examples:
   dropblock-fx demo --quick
 """,
     ),
+    "timm-train": (
+        "run timm's train.py with DropBlock models and the recipe's schedule",
+        """\
+Run a copy of timm's train.py (its arguments after SCRIPT) with this library's timm models
+registered: --model resnet50_dropblock (any <arch>_dropblock), --model-kwargs
+recipe=paper-resnet50 for another recipe. The recipe's DropBlock schedule follows the run: its
+length is the run's epochs times updates per epoch, each optimizer step advances it, and
+--resume continues it from the checkpoint's epoch. Works under torchrun.""",
+        """\
+examples:
+  dropblock-fx timm-train train.py --data-dir /data/imagenet --model resnet50_dropblock --epochs 90
+  dropblock-fx timm-train train.py --model resnet50_dropblock --model-kwargs recipe=paper-resnet50
+  torchrun --nproc_per_node=8 -m dropblock_fx.cli timm-train train.py ...
+""",
+    ),
 }
 
 
@@ -137,7 +153,7 @@ def _recipe_args(p: argparse.ArgumentParser, default_help: str = "default: last-
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .. import __version__
+    from .._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="dropblock-fx",
@@ -241,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="a seconds-long smoke test: 1 epoch on a few batches, tiny model, one process")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON")
+
+    p = command("timm-train")
+    p.add_argument("script", metavar="SCRIPT", help="your copy of timm's train.py")
+    p.add_argument("args", metavar="...", nargs=argparse.REMAINDER, help="train.py's own arguments")
     return parser
 
 
@@ -269,7 +289,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     from . import commands
 
-    run = getattr(commands, "cmd_" + args.command)
+    run = getattr(commands, "cmd_" + args.command.replace("-", "_"))
     try:
         return int(run(args) or 0)
     except KeyboardInterrupt:

@@ -9,7 +9,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ..keypath import closest
+from ..errors import closest
 
 if TYPE_CHECKING:
     from torch import nn

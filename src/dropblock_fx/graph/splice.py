@@ -183,7 +183,7 @@ def _skipped(self: nn.Module, orig: type, guard: dict[str, Any], bound: dict[str
     watch = None
     for c in mine:
         c.__dict__.setdefault("skipped_at", set()).add(seen)
-        watch = watch or getattr(c, "resolution_watch", None)
+        watch = watch or (c.placement.watch if c.placement is not None else None)
     if not self.training or not mine:
         return
     if watch is not None and hasattr(watch, "skipped"):

@@ -18,18 +18,12 @@ Example::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
-try:
-    from transformers import TrainerCallback
-except ImportError as e:  # pragma: no cover - depends on what is installed
-    raise ImportError(
-        "the Hugging Face Trainer callback needs transformers (the hf extra; in a clone of "
-        "dropblock-fx: pip install -e '.[hf]')"
-    ) from e
+from ..schedule.core import DropBlockSchedule, attach_schedule
+from ._optional import require
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..schedule.core import DropBlockSchedule
+TrainerCallback = require("transformers", extra="hf", needed_by="the Hugging Face Trainer callback").TrainerCallback
 
 __all__ = ["DropBlockScheduleCallback"]
 
@@ -53,11 +47,9 @@ class DropBlockScheduleCallback(TrainerCallback):
         if schedule is not None:
             attach_kwargs["schedule"] = schedule
         self.attach_kwargs = attach_kwargs
-        self.schedule: Optional["DropBlockSchedule"] = None
+        self.schedule: Optional[DropBlockSchedule] = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        from ..schedule.core import attach_schedule
-
         if model is None:
             raise ValueError("DropBlockScheduleCallback: the Trainer passed no model to on_train_begin")
         options = dict(self.attach_kwargs)

@@ -7,21 +7,15 @@ accumulation, multiple devices and resuming from a Lightning checkpoint need not
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
-try:  # Lightning 2.x, then the older package name
-    from lightning.pytorch.callbacks import Callback
-except ImportError:  # pragma: no cover - depends on what is installed
-    try:
-        from pytorch_lightning.callbacks import Callback
-    except ImportError as e:
-        raise ImportError(
-            "hook='lightning' needs Lightning (the lightning extra; in a clone of dropblock-fx: "
-            "pip install -e '.[lightning]')"
-        ) from e
+from ..schedule.core import DropBlockSchedule, attach_schedule, schedule_length
+from ..schedule.hooks import HookContext, HookHandle, register_hook
+from ._optional import require
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..schedule.core import DropBlockSchedule
+# Lightning 2.x, then the older package name.
+Callback = require(("lightning.pytorch.callbacks", "pytorch_lightning.callbacks"), extra="lightning",
+                   needed_by="hook='lightning'", library="Lightning").Callback
 
 __all__ = ["DropBlockScheduleCallback"]
 
@@ -40,8 +34,6 @@ class DropBlockScheduleCallback(Callback):
     """
 
     def __init__(self, schedule: Any = None, **attach_kwargs: Any) -> None:
-        from ..schedule.core import DropBlockSchedule
-
         super().__init__()
         if schedule is not None and not isinstance(schedule, DropBlockSchedule):
             # A schedule spec (name, dict, ScheduleSpec) for the schedule attached at fit start.
@@ -52,8 +44,6 @@ class DropBlockScheduleCallback(Callback):
         self._pending_state: Optional[dict[str, Any]] = None
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        from ..schedule.core import attach_schedule, schedule_length
-
         total = int(trainer.estimated_stepping_batches)
         if self.schedule is None:
             kwargs = dict(self.attach_kwargs)
@@ -83,3 +73,9 @@ class DropBlockScheduleCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:
             self._pending_state = dict(state_dict)
+
+
+@register_hook("lightning")
+def _install(schedule: DropBlockSchedule, ctx: HookContext) -> HookHandle:
+    """``attach_schedule(..., hook="lightning")``: the callback is at ``schedule.callback``."""
+    return HookHandle(callback=DropBlockScheduleCallback(schedule))

@@ -30,7 +30,7 @@ from timm.models import _registry as timm_registry
 from torch import nn
 
 from ..modules import DropBlock2d, DropBlockNd
-from ..recipe import Recipe, load_recipe
+from ..recipe import Recipe, RecipeLike, load_recipe
 from . import timm_train as _timm_train
 
 __all__ = [
@@ -56,8 +56,6 @@ CNN_MODULES: tuple[str, ...] = (
     "repghost", "repvit", "fastvit", "mobileone", "ghostnetv3", "efficientvit_mit",
     "edgenext", "inception_next", "rdnet", "starnet", "mambaout", "csatv2", "shvit",
 )
-
-RecipeLike = Union[None, str, Mapping[str, Any], Recipe]
 
 # variant name -> (base architecture, recipe); the timm registry holds the entrypoints.
 _REGISTERED: dict[str, tuple[str, RecipeLike]] = {}

@@ -16,41 +16,56 @@ to fast-forward after ``--resume``) set the DropBlock schedule to the same posit
 
 Installed by ``import dropblock_fx.timm``; the launcher installs it before the script runs::
 
-    python -m dropblock_fx.timm_train path/to/train.py --model resnet50_dropblock ...
+    dropblock-fx timm-train path/to/train.py --model resnet50_dropblock ...
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import os
-import runpy
 import sys
 import weakref
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
-from ..schedule.core import _ATTACHED, DropBlockSchedule, attach_schedule
+from ..modules import DropBlockNd
+from ..schedule.core import DropBlockSchedule, attach_schedule
 
-__all__ = ["install", "watch", "watched", "attach_for_run", "main"]
+__all__ = ["install", "watch", "watched", "attach_for_run"]
 
 # Models waiting for the run's length; they leave the set when a schedule is attached.
 _WATCHED: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 _ORIGINAL: dict[str, Callable[..., Any]] = {}
 
 
+def _pending(model: nn.Module) -> bool:
+    return any(isinstance(m, DropBlockNd) and m.schedule_pending for m in model.modules())
+
+
 def watch(model: nn.Module) -> nn.Module:
     """Attach ``model``'s recipe schedule when timm's ``create_scheduler_v2`` is called with an
-    optimizer over its parameters (done for you by the ``<arch>_dropblock`` models)."""
-    if any(getattr(m, "schedule_pending", False) for m in model.modules()):
+    optimizer over its parameters (done for you by the ``<arch>_dropblock`` models).
+
+    Examples:
+        >>> from dropblock_fx import DropBlock2d
+        >>> plain = torch.nn.Sequential(DropBlock2d(0.1, 3))   # no recipe schedule: not watched
+        >>> watch(plain) is plain, plain in watched()
+        (True, False)
+    """
+    if _pending(model):
         _WATCHED.add(model)
     return model
 
 
 def watched() -> list[nn.Module]:
-    """The models still waiting for a run to attach their schedule to."""
+    """The models still waiting for a run to attach their schedule to.
+
+    Examples:
+        >>> isinstance(watched(), list)
+        True
+    """
     return list(_WATCHED)
 
 
@@ -61,7 +76,7 @@ def _trained_by(optimizer: Any) -> list[nn.Module]:
     ids = {id(p) for g in groups for p in g.get("params", ())}
     out = []
     for model in list(_WATCHED):
-        if not any(getattr(m, "schedule_pending", False) for m in model.modules()):
+        if not _pending(model):
             _WATCHED.discard(model)  # a schedule was attached by hand: leave it alone
         elif any(id(p) in ids for p in model.parameters()):
             out.append(model)
@@ -91,7 +106,7 @@ def _sync(lr_scheduler: Any, *, epoch: Optional[float] = None, updates: Optional
         return
     model_ref, sched, steps_per_epoch = entry
     model = model_ref()
-    if model is None or _ATTACHED.get(model) is not sched:
+    if model is None or not any(m.schedule is sched for m in sched.modules.values()):
         return  # a schedule attached by hand later replaced this one: stop following
     if epoch is not None:
         sched.set_count(epoch * steps_per_epoch if sched.unit == "step" else epoch)
@@ -152,6 +167,11 @@ def attach_for_run(
     it yourself in a loop that builds its schedulers another way.
 
     Without ``updates_per_epoch`` the schedule moves once per epoch (``lr_scheduler.step``).
+
+    Examples:
+        >>> opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+        >>> attach_for_run(opt, num_epochs=10, updates_per_epoch=100)   # it trains no watched model
+        []
     """
     out = []
     for model in _trained_by(optimizer):
@@ -194,7 +214,14 @@ def _wrap(create_scheduler_v2: Callable[..., Any]) -> Callable[..., Any]:
 def install() -> None:
     """Wrap timm's ``create_scheduler_v2`` where a script finds it: ``timm.scheduler``, its
     factory module, and a running script's own binding (``train.py`` imports the name before
-    it may import ``dropblock_fx.timm``). Idempotent; the wrapper passes everything through."""
+    it may import ``dropblock_fx.timm``). Idempotent; the wrapper passes everything through.
+
+    Examples:
+        >>> import timm.scheduler
+        >>> install(); install()
+        >>> timm.scheduler.create_scheduler_v2.__dropblock_fx__
+        True
+    """
     import timm.scheduler
     import timm.scheduler.scheduler_factory as factory
 
@@ -207,30 +234,3 @@ def install() -> None:
     main_module = sys.modules.get("__main__")
     if main_module is not None and getattr(main_module, "create_scheduler_v2", None) is original:
         main_module.create_scheduler_v2 = wrapped  # type: ignore[attr-defined]
-
-
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    """``python -m dropblock_fx.timm_train path/to/train.py [train.py arguments...]``: run a copy
-    of timm's ``train.py`` with the ``<arch>_dropblock`` models registered and the recipe's
-    schedule following the run."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(
-            "usage: python -m dropblock_fx.timm_train path/to/train.py [train.py arguments...]\n\n"
-            "Runs timm's train.py with dropblock_fx's timm models registered (--model "
-            "resnet50_dropblock, --model-kwargs recipe=paper-resnet50) and the recipe's DropBlock "
-            "schedule following the run, --resume included.",
-            file=sys.stderr if args else sys.stdout,
-        )
-        if not args:
-            raise SystemExit(2)
-        return
-    script = args[0]
-    if not os.path.isfile(script):
-        raise SystemExit(f"dropblock_fx.timm_train: no such script: {script}")
-    from . import timm as _registration  # noqa: F401  (registers the models, calls install())
-
-    install()
-    sys.argv = [script, *args[1:]]
-    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
-    runpy.run_path(script, run_name="__main__")

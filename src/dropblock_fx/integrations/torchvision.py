@@ -23,12 +23,10 @@ import torch
 import torchvision
 from torch import nn
 
-from ..keypath import closest
-from ..recipe import Recipe, load_recipe
+from ..errors import closest
+from ..recipe import RecipeLike, load_recipe
 
 __all__ = ["get_model", "default_target", "model_task"]
-
-RecipeLike = Union[None, str, Mapping[str, Any], Recipe]
 
 
 def model_task(name: str) -> str:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from . import triton_kernels as tk
-from .gamma import expected_drop_rate, expected_keep_tensor
+from .gamma import expected_scale
 
 __all__ = ["drop_block_fused", "drop_block_fused_backward", "drop_block_mask", "drop_block_triton"]
 
@@ -122,12 +122,11 @@ def drop_block_triton(
     else:
         gamma_t = torch.full((1,), float(gamma), dtype=torch.float32, device=dev)
     if scale == "expected":
-        if isinstance(gamma, Tensor):
-            scale_t = 1.0 / expected_keep_tensor(gamma_t.reshape(()), spatial, block, seed_region).clamp(min=1e-12)
-            scale_t = scale_t.reshape(1)
+        factor = expected_scale(gamma_t if isinstance(gamma, Tensor) else float(gamma), spatial, block, seed_region)
+        if isinstance(factor, Tensor):
+            scale_t = factor.reshape(1)
         else:
-            keep_rate = 1.0 - expected_drop_rate(float(gamma), spatial, block, seed_region)
-            scale_t = torch.full((1,), 1.0 / max(keep_rate, 1e-12), dtype=torch.float32, device=dev)
+            scale_t = torch.full((1,), factor, dtype=torch.float32, device=dev)
     elif scale == "none":
         scale_t = torch.ones((1,), dtype=torch.float32, device=dev)
     else:

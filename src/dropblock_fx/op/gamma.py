@@ -31,6 +31,8 @@ __all__ = [
     "coverage_histogram",
     "expected_drop_rate",
     "calibrated_gamma",
+    "seed_rate",
+    "expected_scale",
 ]
 
 
@@ -217,3 +219,40 @@ def expected_keep_tensor(
     v = torch.tensor(values, dtype=torch.float32, device=gamma.device)
     w = torch.tensor(weights, dtype=torch.float32, device=gamma.device)
     return (w * torch.pow(1.0 - gamma.float(), v)).sum()
+
+
+def seed_rate(
+    drop_prob: float | torch.Tensor, spatial: tuple[int, ...], block: tuple[int, ...], gamma_scale: float,
+    calibrate: bool, seed_region: str,
+) -> float | torch.Tensor:
+    """The seed rate the op uses: the paper's gamma times ``gamma_scale``, or with ``calibrate``
+    the gamma whose expected drop rate is ``drop_prob * gamma_scale`` exactly. A float for a
+    float rate; a 0-d tensor for a tensor rate (compiled code, no host read).
+
+    Examples:
+        >>> round(seed_rate(0.1, (14, 14), (7, 7), 1.0, False, "valid"), 6)
+        0.00625
+    """
+    if isinstance(drop_prob, torch.Tensor):
+        target = (drop_prob.to(dtype=torch.float32) * gamma_scale).clamp(0.0, 1.0)
+        if calibrate:
+            return calibrated_gamma_tensor(target, spatial, block, seed_region)
+        return (target * gamma_factor(spatial, block)).clamp(0.0, 1.0)
+    if calibrate:
+        return calibrated_gamma(min(1.0, drop_prob * gamma_scale), spatial, block, seed_region)
+    return paper_gamma(drop_prob, spatial, block, gamma_scale)
+
+
+def expected_scale(
+    gamma: float | torch.Tensor, spatial: tuple[int, ...], block: tuple[int, ...], seed_region: str
+) -> float | torch.Tensor:
+    """``1 / expected kept fraction`` at seed rate ``gamma``: the normaliser of ``scale="expected"``
+    (a float for a float gamma, a 0-d tensor for a tensor one).
+
+    Examples:
+        >>> round(expected_scale(paper_gamma(0.1, (7, 7), (3, 3)), (7, 7), (3, 3), "valid"), 4)
+        1.1046
+    """
+    if isinstance(gamma, torch.Tensor):
+        return 1.0 / expected_keep_tensor(gamma.reshape(()), spatial, block, seed_region).clamp(min=1e-12)
+    return 1.0 / max(1.0 - expected_drop_rate(gamma, spatial, block, seed_region), 1e-12)

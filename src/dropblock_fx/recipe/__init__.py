@@ -1,12 +1,13 @@
 """The recipe layer: schema, loading and validation (``RecipeError`` with key paths), and the
 built-in recipes of the top-level ``recipes/`` directory."""
 
-from .errors import RecipeError, RecipeIssue
+from ..errors import RecipeError, RecipeIssue
 from .loader import (
     DEFAULT_RECIPE,
     list_recipes,
     load_recipe,
     recipe_file,
+    RecipeLike,
     recipe_from_yaml,
     recipe_source,
     recipe_to_yaml,
@@ -33,4 +34,5 @@ __all__ = [
     "resolve_stages",
     "ModelStage",
     "DEFAULT_RECIPE",
+    "RecipeLike",
 ]

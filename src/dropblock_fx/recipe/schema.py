@@ -6,12 +6,17 @@ surgery layer (which reads a validated [`Recipe`][dropblock_fx.Recipe]). Field n
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional, Union
+import weakref
+from typing import Annotated, Any, Literal, Mapping, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, model_validator
+import yaml
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, ValidationError, model_validator
 
-from ..keypath import KeyedError
+from ..errors import KeyedError, RecipeError, RecipeIssue, issues_from_validation, parse_yaml, yaml_line
+from ..op.options import DEFAULT_OPTIONS, MaskMode, ScaleMode, SeedRegion, DropBlockOptions
 from ..schedule.spec import ScheduleSpec
+
+__all__ = ["Recipe", "StageSpec", "ScheduleSpec", "SITE_KINDS", "validate_recipe", "recipe_source", "line_of"]
 
 SiteKind = Literal["conv", "conv_last", "shortcut", "block", "timm"]
 SITE_KINDS: tuple[str, ...] = ("conv", "conv_last", "shortcut", "block", "timm")
@@ -54,10 +59,10 @@ class StageSpec(_Strict):
     multiplier: Optional[float] = Field(None, ge=0.0)
     sites: Optional[list[SiteKind]] = None
     block_fraction: Optional[float] = Field(None, gt=0.0, le=1.0)
-    mask: Optional[Literal["channel", "shared", "batch"]] = None
-    seed_region: Optional[Literal["valid", "full"]] = None
+    mask: Optional[MaskMode] = None
+    seed_region: Optional[SeedRegion] = None
     gamma_scale: Optional[float] = Field(None, ge=0.0)
-    scale: Optional[Literal["count", "expected", "none"]] = None
+    scale: Optional[ScaleMode] = None
     noise: Optional[bool] = None
     calibrate: Optional[bool] = None
 
@@ -127,12 +132,13 @@ class Recipe(_Strict):
         default_factory=lambda: [3, 224, 224], min_length=3, max_length=4
     )
     schedule: Optional[ScheduleSpec] = None
-    mask: Literal["channel", "shared", "batch"] = "channel"
-    seed_region: Literal["valid", "full"] = "valid"
-    gamma_scale: float = Field(1.0, ge=0.0)
-    scale: Literal["count", "expected", "none"] = "count"
-    noise: bool = False
-    calibrate: bool = False
+    # The op's options (DropBlockOptions: their types and defaults are the op's).
+    mask: MaskMode = DEFAULT_OPTIONS.mask
+    seed_region: SeedRegion = DEFAULT_OPTIONS.seed_region
+    gamma_scale: float = Field(DEFAULT_OPTIONS.gamma_scale, ge=0.0)
+    scale: ScaleMode = DEFAULT_OPTIONS.scale
+    noise: bool = DEFAULT_OPTIONS.noise
+    calibrate: bool = DEFAULT_OPTIONS.calibrate
 
     @model_validator(mode="after")
     def _one_rate(self) -> "Recipe":
@@ -197,15 +203,96 @@ class Recipe(_Strict):
             mult = 1.0
         return min(1.0, round(self.rate * mult, 12))
 
-    def to_yaml(self, *, header: Optional[str] = None) -> str:
-        """The recipe as YAML that [`load_recipe`][dropblock_fx.load_recipe] reads back to an equal recipe."""
-        from .loader import recipe_to_yaml
+    def stage_options(self, spec: Optional[StageSpec] = None) -> DropBlockOptions:
+        """The op options of a stage: the recipe's, with the stage's own overrides
+        (``block_size`` included).
 
-        return recipe_to_yaml(self, header=header)
+        Examples:
+            >>> r = Recipe(block_size=7, stages=[3, {"stage": 4, "block_size": 3, "mask": "shared"}])
+            >>> r.stage_options(r.stages[1])
+            DropBlockOptions(block_size=3, mask='shared', seed_region='valid', gamma_scale=1.0, scale='count', noise=False, calibrate=False, inplace=False)
+        """
+        def pick(name: str) -> Any:
+            value = getattr(spec, name, None) if spec is not None else None
+            return getattr(self, name) if value is None else value
+
+        return DropBlockOptions(**{name: pick(name) for name in DropBlockOptions.RECIPE_FIELDS})
+
+    def to_yaml(self, *, header: Optional[str] = None) -> str:
+        """The recipe as YAML that [`load_recipe`][dropblock_fx.load_recipe] reads back to an equal recipe: every
+        setting (unset overrides left out), in schema order; ``header`` as ``#`` comments.
+
+        Examples:
+            >>> Recipe(stages=[4]).to_yaml().splitlines()[:2]
+            ['stages: [4]', 'missing_stages: error']
+        """
+        data = self.model_dump(mode="python", exclude_none=True)
+        text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None, allow_unicode=True, width=100)
+        if header:
+            text = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines()) + text
+        return text
 
     @classmethod
     def from_yaml(cls, text: str, *, file: Optional[str] = None) -> "Recipe":
-        """Parse and validate YAML text (``yaml.safe_load``); errors are [`RecipeError`][dropblock_fx.RecipeError]."""
-        from .loader import recipe_from_yaml
+        """Parse and validate YAML text (``yaml.safe_load``); errors are [`RecipeError`][dropblock_fx.RecipeError]
+        naming the file and line.
 
-        return recipe_from_yaml(text, file=file)
+        Examples:
+            >>> Recipe.from_yaml("stages: [4]\\nblock_size: 5").block_size
+            5
+        """
+        data = parse_yaml(text, file)
+        recipe = validate_recipe({} if data is None else data, file=file, text=text)
+        _SOURCES[id(recipe)] = (weakref.ref(recipe, lambda _, key=id(recipe): _SOURCES.pop(key, None)), file, text)
+        return recipe
+
+
+def validate_recipe(data: Any, *, file: Optional[str] = None, text: Optional[str] = None) -> Recipe:
+    """Validate a mapping as a [`Recipe`][dropblock_fx.Recipe]; ``text`` (the YAML it came from) adds line numbers.
+
+    Examples:
+        >>> validate_recipe({"stages": [4], "block_size": 5}).block_size
+        5
+    """
+    if not isinstance(data, Mapping):
+        raise RecipeError(
+            [RecipeIssue(reason=f"a recipe is a mapping of settings, not a {type(data).__name__}", value=data)],
+            file=file,
+        )
+    try:
+        return Recipe.model_validate(dict(data))
+    except ValidationError as e:
+        raise RecipeError(issues_from_validation(e, data, Recipe, text), file=file) from None
+    except RecipeError:
+        raise
+    except Exception as e:  # a validator bug must still surface as RecipeError
+        raise RecipeError(f"{type(e).__name__}: {e}", file=file) from None
+
+
+# Where a recipe was read from, so that errors found later (a stage this model does not
+# have) can still name file and line. Kept outside the object: equality and YAML ignore it.
+_SOURCES: dict[int, tuple["weakref.ref[Recipe]", Optional[str], str]] = {}
+
+
+def recipe_source(recipe: Recipe) -> Optional[tuple[Optional[str], str]]:
+    """``(file, yaml_text)`` the recipe was loaded from, or ``None``.
+
+    Examples:
+        >>> recipe_source(Recipe.from_yaml("stages: [4]", file="mine.yaml"))
+        ('mine.yaml', 'stages: [4]')
+    """
+    entry = _SOURCES.get(id(recipe))
+    if entry is None or entry[0]() is not recipe:
+        return None
+    return entry[1], entry[2]
+
+
+def line_of(recipe: Recipe, path: tuple[Any, ...]) -> Optional[int]:
+    """The line of ``path`` in the YAML the recipe was loaded from, or ``None``.
+
+    Examples:
+        >>> line_of(Recipe.from_yaml("name: x\\nstages: [3, 4]"), ("stages",))
+        2
+    """
+    source = recipe_source(recipe)
+    return None if source is None else yaml_line(source[1], path)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
-from .errors import RecipeError, RecipeIssue, closest
-from .schema import Recipe, StageSpec
+from ..errors import RecipeError, RecipeIssue, closest
+from .schema import Recipe, StageSpec, line_of, recipe_source
 
 __all__ = ["ModelStage", "resolve_stage", "resolve_stages"]
 
@@ -125,8 +125,6 @@ def resolve_stages(
         >>> resolve_stages(r, {0: "blocks"}, skipped=left_out), left_out
         ([(0, None)], [-2])
     """
-    from .loader import line_of, recipe_source
-
     source = recipe_source(recipe)
     if file is None and source is not None:
         file = source[0]

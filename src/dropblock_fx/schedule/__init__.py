@@ -12,27 +12,31 @@ from typing import TYPE_CHECKING, Any
 
 from . import functions as _builtin_schedules  # noqa: F401  (registers the built-ins)
 from .registry import get_schedule, list_schedules, register_schedule, schedule_value
-from .spec import ScheduleSpec
+from .spec import ScheduleLike, ScheduleSpec
 
 _LAZY = {
     "DropBlockSchedule": ".core",
     "attach_schedule": ".core",
     "detach_schedule": ".core",
+    "schedule_of": ".core",
     "schedule_length": ".core",
     "HookContext": ".hooks",
+    "HookHandle": ".hooks",
     "list_hooks": ".hooks",
     "register_hook": ".hooks",
 }
 
 if TYPE_CHECKING:
-    from .core import DropBlockSchedule, attach_schedule, detach_schedule, schedule_length
-    from .hooks import HookContext, list_hooks, register_hook
+    from .core import DropBlockSchedule, attach_schedule, detach_schedule, schedule_length, schedule_of
+    from .hooks import HookContext, HookHandle, list_hooks, register_hook
 
 __all__ = [
     "ScheduleSpec",
+    "ScheduleLike",
     "DropBlockSchedule",
     "attach_schedule",
     "detach_schedule",
+    "schedule_of",
     "schedule_length",
     "register_schedule",
     "get_schedule",
@@ -41,6 +45,7 @@ __all__ = [
     "register_hook",
     "list_hooks",
     "HookContext",
+    "HookHandle",
 ]
 
 
@@ -48,7 +53,6 @@ def __getattr__(name: str) -> Any:
     source = _LAZY.get(name)
     if source is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import_module(".pending", __name__)  # installs the "no schedule attached" warning
     value = getattr(import_module(source, __name__), name)
     globals()[name] = value
     return value

@@ -5,35 +5,28 @@ its stage multiplier). At progress ``p`` the schedule sets
 ``module.drop_prob = target_drop_prob * f(p)``, so with the paper recipe and ``linear`` the
 per-group rates are the official code's ``(1 - kp_t) / 4 ** (4 - g)``. Setting ``drop_prob``
 fills a buffer in place, so compiled models are not recompiled.
+
+Each driven module links back to its schedule (``module.schedule``): that link answers
+"which schedule drives this model" ([`schedule_of`][dropblock_fx.schedule_of]), lets attaching again replace the
+old schedule, and lets ``remove_dropblock`` unhook it. Copies of a model carry the link.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
-from typing import Any, Mapping, Optional, Union
+import warnings
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
 from ..modules import DropBlockNd
-from .spec import ScheduleSpec
 from .hooks import HookContext, HookDef, get_hook
 from .registry import schedule_value
+from .spec import ScheduleLike, ScheduleSpec, as_schedule_spec
 
-__all__ = ["DropBlockSchedule", "attach_schedule", "detach_schedule"]
+__all__ = ["DropBlockSchedule", "attach_schedule", "detach_schedule", "schedule_of", "schedule_length"]
 
 _STATE_VERSION = 1
-_ATTACHED: "weakref.WeakKeyDictionary[torch.nn.Module, DropBlockSchedule]" = weakref.WeakKeyDictionary()
-
-ScheduleLike = Union[None, str, Mapping[str, Any], ScheduleSpec]
-
-
-def _to_spec(schedule: ScheduleLike) -> Optional[ScheduleSpec]:
-    if schedule is None or isinstance(schedule, ScheduleSpec):
-        return schedule
-    from ..recipe.loader import validate_schedule
-
-    return validate_schedule({"name": schedule} if isinstance(schedule, str) else schedule)
 
 
 class DropBlockSchedule:
@@ -48,8 +41,15 @@ class DropBlockSchedule:
             at fit start) or not needed (constant); it then runs at progress 0).
         unit: ``"step"`` or ``"epoch"``.
         modules: ``{qualified name: module}`` of the driven DropBlock modules.
-        hook: the installed hook's handle (``remove()`` it with [`detach`][dropblock_fx.DropBlockSchedule.detach]).
+        hook: the installed hook's handle (``None`` once detached).
         callback: the Lightning callback (``hook="lightning"`` only).
+
+    Examples:
+        >>> from dropblock_fx import DropBlock2d, attach_schedule
+        >>> model = torch.nn.Sequential(DropBlock2d(0.1, 3))
+        >>> sched = attach_schedule(model, total_steps=10)
+        >>> sched, model[0].schedule is sched
+        (DropBlockSchedule('linear', 1 modules, 0/10 steps, value=0), True)
     """
 
     def __init__(
@@ -68,11 +68,13 @@ class DropBlockSchedule:
         self.count: float = 0.0
         self.hook: Any = None
         self.callback: Any = None
+        self._hook_with_model = False
         self._applied: Optional[float] = None
         for m in self.modules.values():
-            if getattr(m, "target_drop_prob", None) is None:
+            if m.target_drop_prob is None:
                 # A hand-made module: its current rate is its rate at full strength.
                 m.target_drop_prob = float(m.drop_prob)
+            m.schedule = self
         self.apply()
 
     # -- reading -------------------------------------------------------------------------
@@ -105,7 +107,7 @@ class DropBlockSchedule:
     # -- advancing -----------------------------------------------------------------------
     def step(self, n: float = 1, *, epoch: Optional[float] = None) -> float:
         """Advance by ``n`` units, or jump to ``epoch`` (epochs done; converted to steps when
-        the unit is steps and ``steps_per_epoch`` is known). Returns [`value`][dropblock_fx.DropBlockSchedule.value]."""
+        the unit is steps and ``steps_per_epoch`` is known). Returns `value`."""
         if epoch is not None:
             if self.unit == "epoch":
                 self.set_count(epoch)
@@ -132,14 +134,42 @@ class DropBlockSchedule:
             return
         for m in self.modules.values():
             m.drop_prob = min(1.0, max(0.0, m.target_drop_prob * value))
-            m.schedule_pending = False
         self._applied = value
 
+    @property
+    def attached(self) -> bool:
+        """Whether its hook is installed (``detach`` removes it)."""
+        return self.hook is not None
+
     def detach(self) -> None:
-        """Remove the hook; the modules keep their current rates."""
+        """Remove the hook; the modules keep their current rates (and their link to this
+        schedule: they are not "unscheduled")."""
         if self.hook is not None and hasattr(self.hook, "remove"):
             self.hook.remove()
         self.hook = None
+
+    def release(self, modules: Iterable[DropBlockNd]) -> None:
+        """Stop driving ``modules`` (they keep their rates and lose their link); detached once
+        it drives none. ``remove_dropblock`` and attaching another schedule call this."""
+        gone = {id(m) for m in modules}
+        for name, m in list(self.modules.items()):
+            if id(m) in gone:
+                del self.modules[name]
+                if m.schedule is self:
+                    m.schedule = None
+        if not self.modules:
+            self.detach()
+
+    # -- copying -----------------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        # A copy of the model (deepcopy, pickle) carries its schedule. A hook on the model
+        # (forward) comes along and drives the copy; one elsewhere (the optimizer, Lightning)
+        # stays with the original, so the copy's schedule is detached.
+        state = dict(self.__dict__)
+        if not self._hook_with_model:
+            state["hook"] = None
+            state["callback"] = None
+        return state
 
     # -- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -181,6 +211,15 @@ def schedule_length(
     epochs: Optional[float],
     steps_per_epoch: Optional[float],
 ) -> Optional[float]:
+    """The length of ``spec`` in ``unit`` s (``"step"`` or ``"epoch"``) for a run of
+    ``total_steps`` optimizer steps, or ``epochs`` epochs of ``steps_per_epoch`` steps; the
+    spec's own ``steps`` / ``epochs`` / ``fraction`` win. ``None``: a constant schedule on a
+    run of unknown length.
+
+    Examples:
+        >>> schedule_length(ScheduleSpec(fraction=0.5), "step", 1000, None, None)
+        500.0
+    """
     spe = steps_per_epoch
     if spe is None and total_steps and epochs:
         spe = total_steps / epochs
@@ -212,21 +251,22 @@ def schedule_length(
     return total * (spec.fraction if spec.fraction is not None else 1.0)
 
 
-def _recipe_schedule(model: torch.nn.Module) -> Optional[ScheduleSpec]:
-    """The schedule of the recipe(s) applied to ``model`` or to submodules of it (found through
-    wrappers such as DDP's ``.module`` or torch.compile's ``._orig_mod``)."""
-    specs = []
-    for _, m in model.named_modules():
-        recipe = getattr(getattr(m, "dropblock_plan", None), "recipe", None)
-        if recipe is not None:
-            specs.append(getattr(recipe, "schedule", None))
-    found = [s for s in specs if s is not None]
+def _recipe_schedule(modules: Iterable[DropBlockNd]) -> Optional[ScheduleSpec]:
+    """The default schedule of ``modules``: their recipe's (from their placements; found
+    through wrappers such as DDP's ``.module`` or torch.compile's ``._orig_mod``); ``constant``
+    when the applied recipe has none; the paper's ``linear`` for modules placed by hand."""
+    placements = [m.placement for m in modules if m.placement is not None]
+    found = [p.recipe_schedule for p in placements if p.recipe_schedule is not None]
     if any(s != found[0] for s in found[1:]):
         raise ValueError(
             "the recipes applied to parts of this model have different schedules; pass "
             "attach_schedule(..., schedule=...) or attach one schedule per part"
         )
-    return found[0] if found else None
+    if found:
+        return found[0]
+    # A recipe without a schedule means a constant rate (its docs say so); modules placed
+    # by hand get the paper's linear ramp.
+    return ScheduleSpec(name="constant") if placements else ScheduleSpec()
 
 
 def attach_schedule(
@@ -251,13 +291,14 @@ def attach_schedule(
         hook: what advances the schedule: ``"optimizer"``, ``"manual"``, ``"epoch"``,
             ``"forward"``, ``"lightning"`` or one you registered ([`register_hook`][dropblock_fx.register_hook]).
         schedule: overrides the recipe's schedule (a name, dict or [`ScheduleSpec`][dropblock_fx.ScheduleSpec]);
-            default: ``model.dropblock_plan.recipe.schedule``; ``constant`` when the applied
-            recipe has none; the paper's ``linear`` for modules placed by hand.
+            default: the schedule of the recipe ``apply_dropblock`` applied; ``constant``
+            when that recipe has none; the paper's ``linear`` for modules placed by hand.
         hook_options: extra options for a custom hook (``HookContext.options``).
 
     Returns:
-        The [`DropBlockSchedule`][dropblock_fx.DropBlockSchedule], already applied at step 0. Attaching again replaces
-        (and unhooks) the previous schedule of the model.
+        The [`DropBlockSchedule`][dropblock_fx.DropBlockSchedule], already applied at step 0; each module links to it
+        (``module.schedule``). Attaching again replaces the previous schedule of these
+        modules (unhooked once it drives none).
 
     Examples:
         >>> from dropblock_fx import DropBlock2d
@@ -268,14 +309,10 @@ def attach_schedule(
         >>> model[1].drop_prob
         0.05
     """
-    spec = _to_spec(schedule)
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, DropBlockNd)}
+    spec = as_schedule_spec(schedule)
     if spec is None:
-        spec = _recipe_schedule(model)
-    if spec is None:
-        # A recipe without a schedule means a constant rate (its docs say so); modules placed
-        # by hand get the paper's linear ramp.
-        applied = any(getattr(m, "dropblock_plan", None) is not None for m in model.modules())
-        spec = ScheduleSpec(name="constant") if applied else ScheduleSpec()
+        spec = _recipe_schedule(modules.values())
     hook_name = hook if hook is not None else ("optimizer" if optimizer is not None else "manual")
     hdef: HookDef = get_hook(hook_name)
     if hdef.name == "lightning" and total_steps is None and epochs is None:
@@ -286,29 +323,64 @@ def attach_schedule(
     if spe is None and total_steps and epochs:
         spe = total_steps / epochs
 
-    modules = {name: m for name, m in model.named_modules() if isinstance(m, DropBlockNd)}
     if not modules:
-        import warnings
-
         warnings.warn(
             "attach_schedule: the model has no DropBlock modules; nothing to schedule "
             "(call dropblock_fx.apply_dropblock first)",
             UserWarning,
             stacklevel=2,
         )
-    previous = _ATTACHED.get(model)
-    if previous is not None:
-        previous.detach()
+    for previous in {id(m.schedule): m.schedule for m in modules.values() if m.schedule is not None}.values():
+        previous.release(modules.values())
     sched = DropBlockSchedule(modules, spec, length, unit=hdef.unit, steps_per_epoch=spe)
     sched.hook = hdef.install(sched, HookContext(model, optimizer, dict(hook_options or {})))
     sched.callback = getattr(sched.hook, "callback", None)
-    _ATTACHED[model] = sched
+    sched._hook_with_model = hdef.with_model
     return sched
+
+
+def _schedules(model: torch.nn.Module) -> list[DropBlockSchedule]:
+    found: dict[int, DropBlockSchedule] = {}
+    for m in model.modules():
+        if isinstance(m, DropBlockNd) and m.schedule is not None:
+            found.setdefault(id(m.schedule), m.schedule)
+    return list(found.values())
+
+
+def schedule_of(model: torch.nn.Module) -> Optional[DropBlockSchedule]:
+    """The schedule that drives ``model``'s DropBlock modules (``None``: none does).
+
+    Raises:
+        ValueError: parts of the model follow different schedules (ask each part).
+
+    Examples:
+        >>> from dropblock_fx import DropBlock2d
+        >>> model = torch.nn.Sequential(DropBlock2d(0.1, 3))
+        >>> schedule_of(model) is None
+        True
+        >>> sched = attach_schedule(model, total_steps=10)
+        >>> schedule_of(model) is sched
+        True
+    """
+    found = _schedules(model)
+    if len(found) > 1:
+        raise ValueError(f"parts of this model follow {len(found)} different schedules; ask each part "
+                         "(schedule_of(model.part))")
+    return found[0] if found else None
 
 
 def detach_schedule(model: torch.nn.Module) -> Optional[DropBlockSchedule]:
-    """Unhook the model's schedule (rates stay where they are); returns it, or ``None``."""
-    sched = _ATTACHED.pop(model, None)
-    if sched is not None:
-        sched.detach()
-    return sched
+    """Unhook the schedule of the model's modules (rates stay where they are); returns it, or
+    ``None`` when none is attached.
+
+    Examples:
+        >>> from dropblock_fx import DropBlock2d
+        >>> model = torch.nn.Sequential(DropBlock2d(0.1, 3))
+        >>> sched = attach_schedule(model, total_steps=10)
+        >>> detach_schedule(model) is sched, detach_schedule(model)
+        (True, None)
+    """
+    attached = [s for s in _schedules(model) if s.attached]
+    for s in attached:
+        s.detach()
+    return attached[0] if attached else None

@@ -10,7 +10,7 @@ import bisect
 import math
 from typing import Any, Optional, Sequence
 
-from ..keypath import KeyedError
+from ..errors import KeyedError
 from .registry import register_schedule
 
 __all__ = [

@@ -1,7 +1,5 @@
-"""Public name of `dropblock_fx.integrations.lightning` (the same module object)."""
+"""Old name of `dropblock_fx.integrations.lightning` (a plain re-export; import that one)."""
 
-import sys
+from ..integrations.lightning import DropBlockScheduleCallback
 
-from ..integrations import lightning as _impl
-
-sys.modules[__name__] = _impl
+__all__ = ["DropBlockScheduleCallback"]

@@ -1,42 +1,18 @@
-"""The "no schedule attached" warning: a recipe with a schedule must never silently train at
+"""The "no schedule attached" message: a recipe with a schedule must never silently train at
 its final rate.
 
-Surgery marks the modules of a scheduled recipe with one `PendingSchedule` per
-``apply_dropblock`` call; ``attach_schedule`` clears the mark. The first marked module to run
-a training forward warns, once per model, and the warning names the fix for the training loop
-it recognises (timm's ``train.py``, the Hugging Face ``Trainer``, Lightning, a plain loop).
+A module whose recipe has a schedule and that no schedule drives yet is pending
+(``module.schedule_pending``). Surgery's watch warns with `unscheduled_message` from the
+first training forward of such a module, once per model; the text names the fix for the training
+loop it recognises (timm's ``train.py``, the Hugging Face ``Trainer``, Lightning, a plain loop).
 """
 
 from __future__ import annotations
 
 import sys
-import warnings
 from typing import Optional
 
-from .. import modules as _modules
-
-__all__ = ["PendingSchedule", "warn_unscheduled", "unscheduled_message", "detect_loop"]
-
-_warned_unscheduled = False  # modules marked pending by hand (schedule_pending = True)
-
-
-class PendingSchedule:
-    """Truthy marker shared by the DropBlock modules of one ``apply_dropblock`` call whose
-    recipe has a schedule; the first of them to train unscheduled warns for the whole model."""
-
-    __slots__ = ("warned",)
-
-    def __init__(self) -> None:
-        self.warned = False
-
-    def __bool__(self) -> bool:
-        return True
-
-    def __getstate__(self) -> tuple[bool]:
-        return (self.warned,)  # a tuple: a false state would skip __setstate__
-
-    def __setstate__(self, state: tuple[bool]) -> None:
-        (self.warned,) = state
+__all__ = ["unscheduled_message", "detect_loop"]
 
 
 def _frames_mention(*module_prefixes: str) -> Optional[str]:
@@ -58,7 +34,12 @@ def _is_timm_train_script() -> bool:
 
 def detect_loop() -> str:
     """Which training loop is running this forward: ``"hf"``, ``"lightning"``, ``"timm"`` or
-    ``"plain"`` (from the call stack and the main script)."""
+    ``"plain"`` (from the call stack and the main script).
+
+    Examples:
+        >>> detect_loop()
+        'plain'
+    """
     found = _frames_mention("transformers.trainer", "lightning.pytorch", "pytorch_lightning")
     if found is not None:
         return "hf" if found.startswith("transformers") else "lightning"
@@ -74,40 +55,36 @@ _FIXES = {
     "timm": (
         "In timm's train.py, add `import dropblock_fx.timm` and build the model by a "
         "`<arch>_dropblock` name (the schedule then follows the run's epochs and updates), or "
-        "start the script with `python -m dropblock_fx.timm_train train.py ...`."
+        "start the script with `dropblock-fx timm-train train.py ...`."
     ),
     "hf": (
         "With the Hugging Face Trainer, pass "
         "callbacks=[dropblock_fx.integrations.hf.DropBlockScheduleCallback()]."
     ),
     "lightning": (
-        "With Lightning, pass callbacks=[dropblock_fx.schedule.lightning.DropBlockScheduleCallback()] "
+        "With Lightning, pass callbacks=[dropblock_fx.integrations.lightning.DropBlockScheduleCallback()] "
         "to the Trainer."
     ),
 }
 
 
 def unscheduled_message(loop: str = "plain") -> str:
-    """The warning's text, with the fix for ``loop`` (see `detect_loop`)."""
+    """The warning's text, with the fix for ``loop`` (see `detect_loop`).
+
+    Examples:
+        >>> "attach_schedule" in unscheduled_message("plain")
+        True
+    """
     return (
         "dropblock_fx: this model's recipe has a schedule, but no schedule is attached, so "
         "DropBlock trains at its final rate from the first step. " + _FIXES.get(loop, _FIXES["plain"])
     )
 
 
-def warn_unscheduled(pending: object) -> None:
-    """Warn once per marker (once per model; once per process for hand-set ``True``)."""
-    global _warned_unscheduled
-    if isinstance(pending, PendingSchedule):
-        if pending.warned:
-            return
-        pending.warned = True
-    elif _warned_unscheduled:
-        return
-    else:
-        _warned_unscheduled = True
-    # stacklevel: warnings.warn <- here <- DropBlockNd.forward <- the caller of the module
-    warnings.warn(unscheduled_message(detect_loop()), UserWarning, stacklevel=3)
+class PendingSchedule:
+    """Only so that models pickled by dropblock-fx 0.1.0 load (their modules held one)."""
 
+    __slots__ = ("warned",)
 
-_modules.set_unscheduled_handler(warn_unscheduled)
+    def __setstate__(self, state: tuple[bool]) -> None:
+        (self.warned,) = state

@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from ..keypath import KeyedError, closest
+from ..errors import KeyedError, closest
+from ..registry import Registry
 
 __all__ = [
     "ScheduleFn",
@@ -23,6 +24,7 @@ __all__ = [
     "check_schedule",
     "schedule_value",
     "canonical_name",
+    "SCHEDULES",
 ]
 
 ScheduleFn = Callable[..., float]
@@ -45,12 +47,17 @@ class ScheduleDef:
         return self.fn(progress, **params)
 
 
-_SCHEDULES: dict[str, ScheduleDef] = {}
-
-
 def canonical_name(name: Any) -> str:
-    """Schedule names are case-insensitive and ``_`` / ``-`` are the same (``warmup_hold``)."""
+    """Schedule names are case-insensitive and ``_`` / ``-`` are the same (``warmup_hold``).
+
+    Examples:
+        >>> canonical_name("Warmup_Hold")
+        'warmup-hold'
+    """
     return str(name).strip().lower().replace("_", "-")
+
+
+SCHEDULES: Registry[ScheduleDef] = Registry("schedule", normalize=canonical_name, error=KeyError)
 
 
 def register_schedule(name: str, *, overwrite: bool = False) -> Callable[[ScheduleFn], ScheduleFn]:
@@ -69,7 +76,8 @@ def register_schedule(name: str, *, overwrite: bool = False) -> Callable[[Schedu
 
     def decorator(fn: ScheduleFn) -> ScheduleFn:
         key = canonical_name(name)
-        if key in _SCHEDULES and not overwrite and _SCHEDULES[key].fn is not fn:
+        known = SCHEDULES.find(key)
+        if known is not None and not overwrite and known.fn is not fn:
             raise ValueError(f"schedule {key!r} is already registered (pass overwrite=True to replace it)")
         sig = inspect.signature(fn)
         params = list(sig.parameters.values())
@@ -80,25 +88,30 @@ def register_schedule(name: str, *, overwrite: bool = False) -> Callable[[Schedu
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 raise TypeError(f"schedule {key!r}: parameters must be named, not *args / **kwargs")
             defaults[p.name] = p.default
-        _SCHEDULES[key] = ScheduleDef(key, fn, defaults, inspect.getdoc(fn) or "")
+        SCHEDULES.register(key, ScheduleDef(key, fn, defaults, inspect.getdoc(fn) or ""), overwrite=True)
         return fn
 
     return decorator
 
 
 def list_schedules() -> list[str]:
-    """Names of the registered schedules."""
-    return sorted(_SCHEDULES)
+    """Names of the registered schedules.
+
+    Examples:
+        >>> "linear" in list_schedules()
+        True
+    """
+    return SCHEDULES.names()
 
 
 def get_schedule(name: str) -> ScheduleDef:
-    """The registered schedule ``name``; ``KeyError`` names the known ones."""
-    key = canonical_name(name)
-    try:
-        return _SCHEDULES[key]
-    except KeyError:
-        known = list_schedules()
-        raise KeyError(f"unknown schedule {name!r}{closest(key, known)}; known: {', '.join(known)}") from None
+    """The registered schedule ``name``; ``KeyError`` names the known ones.
+
+    Examples:
+        >>> get_schedule("Warmup_Hold").name
+        'warmup-hold'
+    """
+    return SCHEDULES.get(name)
 
 
 def _describe_params(sdef: ScheduleDef) -> str:
@@ -111,7 +124,14 @@ def _describe_params(sdef: ScheduleDef) -> str:
 
 def check_schedule(name: str, params: Mapping[str, Any]) -> None:
     """Validate ``params`` for schedule ``name``: known keys, and factors in ``[0, 1]`` over
-    the whole run. Raises a ``ValueError`` whose ``path`` points below ``params``."""
+    the whole run. Raises a ``ValueError`` whose ``path`` points below ``params``.
+
+    Examples:
+        >>> check_schedule("linear", {"end": 2.0})
+        Traceback (most recent call last):
+        ...
+        dropblock_fx.errors.KeyedError: end must be a number in [0, 1]
+    """
     sdef = get_schedule(name)
     for key in params:
         if key not in sdef.params:
@@ -144,7 +164,12 @@ def check_schedule(name: str, params: Mapping[str, Any]) -> None:
 
 
 def schedule_value(name: str, progress: float, params: Mapping[str, Any] | None = None) -> float:
-    """Factor of schedule ``name`` at ``progress`` (clamped to ``[0, 1]``)."""
+    """Factor of schedule ``name`` at ``progress`` (clamped to ``[0, 1]``).
+
+    Examples:
+        >>> schedule_value("linear", 0.25)
+        0.25
+    """
     p = min(1.0, max(0.0, float(progress)))
     value = get_schedule(name).fn(p, **(params or {}))
     if isinstance(value, bool) or not isinstance(value, (int, float)):

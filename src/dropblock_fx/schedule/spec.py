@@ -3,14 +3,14 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..keypath import KeyedError, closest
+from ..errors import KeyedError, RecipeError, RecipeIssue, closest, issues_from_validation
 from .registry import canonical_name, check_schedule, list_schedules
 
-__all__ = ["ScheduleSpec"]
+__all__ = ["ScheduleSpec", "ScheduleLike", "validate_schedule", "as_schedule_spec"]
 
 
 class ScheduleSpec(BaseModel):
@@ -70,3 +70,35 @@ class ScheduleSpec(BaseModel):
             )
         check_schedule(self.name, self.params)
         return self
+
+
+# What attach_schedule(schedule=...) takes: a name, a mapping, a ScheduleSpec, or None.
+ScheduleLike = Union[None, str, Mapping[str, Any], ScheduleSpec]
+
+
+def validate_schedule(data: Any) -> ScheduleSpec:
+    """Validate a schedule mapping; errors are ``RecipeError`` s whose key paths start at
+    ``schedule`` (``schedule.params.x``).
+
+    Examples:
+        >>> validate_schedule({"name": "cosine", "fraction": 0.5}).fraction
+        0.5
+    """
+    if not isinstance(data, Mapping):
+        raise RecipeError([RecipeIssue(path=("schedule",), reason="a schedule is a mapping", value=data)])
+    try:
+        return ScheduleSpec.model_validate(dict(data))
+    except ValidationError as e:
+        raise RecipeError(issues_from_validation(e, data, ScheduleSpec, prefix=("schedule",))) from None
+
+
+def as_schedule_spec(schedule: ScheduleLike) -> Optional[ScheduleSpec]:
+    """``schedule`` as a [`ScheduleSpec`][dropblock_fx.ScheduleSpec]: a name, a mapping or a spec (``None`` stays).
+
+    Examples:
+        >>> as_schedule_spec("warmup_hold").name
+        'warmup-hold'
+    """
+    if schedule is None or isinstance(schedule, ScheduleSpec):
+        return schedule
+    return validate_schedule({"name": schedule} if isinstance(schedule, str) else schedule)

@@ -22,12 +22,11 @@ from ..graph.specialise import respec_info
 from ..graph.splice import compile_source, graph_source
 from ..graph.units import bound_args
 from ..graph.verify import check_graphs
-from ..modules import DropBlock2d, DropBlock3d, DropBlockNd, Placement
 from .candidates import Candidate, SiteContext, module_at
 from .rows import PlanRow
 from .settings import StageSettings
 
-__all__ = ["Action", "new_dropblock", "build_actions", "without_rows"]
+__all__ = ["Action", "build_actions", "without_rows"]
 
 
 @dataclass
@@ -46,21 +45,10 @@ class Action:
     unit: str = ""  # a graph action's unit path (relative to the target)
 
 
-def new_dropblock(row: PlanRow, training: bool = True) -> DropBlockNd:
-    """The DropBlock module of ``row``, with its [`Placement`][dropblock_fx.modules.Placement]."""
-    opts = dict(row.options)
-    cls = DropBlock3d if len(row.resolution) == 3 else DropBlock2d
-    m = cls(drop_prob=row.target_drop_prob, **opts)
-    m.placement = Placement(row.stage, row.kind, row.target_drop_prob, row.path, tuple(row.resolution))
-    m.target_drop_prob = row.target_drop_prob
-    return m.train(training)
-
-
 def _row(c: Candidate, cfg: StageSettings) -> PlanRow:
     block, exp = cfg.expected(c.shape)
-    opts = dict(cfg.options, block_size=cfg.block_size)
     return PlanRow(c.stage, cfg.stage.name, tuple(c.shape[2:]), c.path, c.kind, block, cfg.target, exp, c.anchor,
-                   c.mechanism, tuple(sorted(opts.items())))
+                   c.mechanism, cfg.options)
 
 
 def _called_at_several_shapes(ctx: SiteContext, module: nn.Module) -> bool:

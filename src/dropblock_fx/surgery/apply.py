@@ -1,35 +1,60 @@
-"""``apply_dropblock``, ``remove_dropblock``, ``describe``: the plan, applied atomically."""
+"""``apply_dropblock``, ``remove_dropblock``, ``describe``, ``plan_of``: the plan, applied atomically.
+
+Each module apply inserts gets its contract in one object, its `Placement`: the row's
+stage, site, rate and planned map, the recipe's schedule, and the one `ModelWatch` the
+modules of this call share. The applied plan is kept at ``model.dropblock_plan``
+([`plan_of`][dropblock_fx.plan_of] reads it).
+"""
 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from torch import nn
 
 from ..graph.splice import unsplice
-from ..modules import DropBlockNd, is_inserted
-from .actions import Action, new_dropblock
+from ..modules import DropBlock2d, DropBlock3d, DropBlockNd, Placement, is_inserted
+from ..recipe import RecipeLike
+from .actions import Action
 from .exact import check_verify, exact_check
 from .plan import Plan, PlanRow, prepare, recipe_and_inputs
 from .realise import realise
-from .resolution import ResolutionWatch, with_seen_resolutions
-from .settings import RecipeLike, resolve_recipe
+from .resolution import with_seen_resolutions
 from .target import ExampleInputs, SurgeryError, check_model, existing_dropblocks
+from .watch import ModelWatch
 
-__all__ = ["apply_dropblock", "remove_dropblock", "describe"]
+__all__ = ["apply_dropblock", "remove_dropblock", "describe", "plan_of"]
 
 
-def _make(row: PlanRow, scheduled: Any, parent: nn.Module, watch: Optional[ResolutionWatch]) -> DropBlockNd:
-    m = new_dropblock(row, parent.training)
-    m.schedule_pending = scheduled
-    if watch is not None and m.placement is not None and m.placement.resolution:
-        m.resolution_watch = watch
-    return m
+def _make(row: PlanRow, p: Plan, watch: ModelWatch, parent: nn.Module, varying: bool) -> DropBlockNd:
+    """The module of ``row``, with its contract. A module called at several maps in the
+    planned forward (``varying``: a head shared by FPN levels) has no one map to compare."""
+    cls = DropBlock3d if len(row.resolution) == 3 else DropBlock2d
+    m = cls.from_options(row.target_drop_prob, row.options)
+    m.placement = Placement(row.stage, row.kind, row.target_drop_prob, row.path,
+                            () if varying else tuple(row.resolution), p.recipe.schedule, watch)
+    return m.train(parent.training)
+
+
+def plan_of(model: nn.Module) -> Optional[Plan]:
+    """The plan [`apply_dropblock`][dropblock_fx.apply_dropblock] applied to ``model``, or ``None`` (use [`describe`][dropblock_fx.describe]
+    for what training saw, too).
+
+    Examples:
+        >>> import torchvision
+        >>> m = torchvision.models.resnet18()
+        >>> plan_of(m) is None
+        True
+        >>> plan_of(apply_dropblock(m, stages=[4])).count("conv")
+        2
+    """
+    p = model.__dict__.get("dropblock_plan") if isinstance(model, nn.Module) else None
+    return p if isinstance(p, Plan) else None
 
 
 def _has_ours(model: nn.Module) -> bool:
-    return getattr(model, "dropblock_plan", None) is not None or any(is_inserted(m) for m in model.modules())
+    return plan_of(model) is not None or any(is_inserted(m) for m in model.modules())
 
 
 def apply_dropblock(model: nn.Module, recipe: RecipeLike = None, *, replace: bool = False,
@@ -78,11 +103,11 @@ def apply_dropblock(model: nn.Module, recipe: RecipeLike = None, *, replace: boo
     previous: Optional[Plan] = None
     if _has_ours(model):
         if not replace:
-            old = getattr(model, "dropblock_plan", None)
+            old = plan_of(model)
             what = f" (recipe {old.recipe.name!r})" if old is not None and old.recipe.name else ""
             raise SurgeryError(f"{type(model).__name__}: DropBlock was already applied{what}; call "
                                "remove_dropblock(model) first, or pass replace=True")
-        previous = getattr(model, "dropblock_plan", None)
+        previous = plan_of(model)
         remove_dropblock(model)
     try:
         prep = prepare(model, rec, keep_foreign=keep_foreign, inputs=inputs)
@@ -107,13 +132,10 @@ def apply_dropblock(model: nn.Module, recipe: RecipeLike = None, *, replace: boo
 
 
 def _apply_actions(model: nn.Module, p: Plan, actions: list[Action]) -> None:
-    # one marker for the whole model: it warns once if it trains before attach_schedule
-    from ..schedule.pending import PendingSchedule
-
-    scheduled = PendingSchedule() if p.recipe.schedule is not None else False
-    # one watch for the whole model too: it warns once if it trains on maps of another size
-    watch = ResolutionWatch(tuple(p.recipe.input_size))
-    undo = realise(actions, lambda row, act: _make(row, scheduled, act.module, None if act.varying else watch))
+    # one watch for the whole model: it warns once if it trains before attach_schedule, and
+    # once if it trains on maps of another size
+    watch = ModelWatch(tuple(p.recipe.input_size))
+    undo = realise(actions, lambda row, act: _make(row, p, watch, act.module, act.varying))
     try:
         if p.rows:
             model.dropblock_plan = p
@@ -124,6 +146,8 @@ def _apply_actions(model: nn.Module, p: Plan, actions: list[Action]) -> None:
 
 def remove_dropblock(model: nn.Module) -> nn.Module:
     """Undo [`apply_dropblock`][dropblock_fx.apply_dropblock]: no DropBlock left, original module classes, same outputs.
+    The schedule that drove the removed modules lets them go, and is unhooked once it drives
+    none (its optimizer or forward hook stops counting).
 
     Examples:
         >>> import torchvision
@@ -131,6 +155,9 @@ def remove_dropblock(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"remove_dropblock(model): model must be a torch.nn.Module, not {type(model).__name__}")
+    inserted = [m for m in model.modules() if is_inserted(m)]
+    for sched in {id(m.schedule): m.schedule for m in inserted if m.schedule is not None}.values():
+        sched.release(inserted)
     for m in list(model.modules()):
         for name, child in list(m._modules.items()):
             if is_inserted(child):
@@ -164,7 +191,7 @@ def describe(model: nn.Module) -> Plan:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"describe(model): model must be a torch.nn.Module, not {type(model).__name__}")
-    p = getattr(model, "dropblock_plan", None)
+    p = plan_of(model)
     if p is None:
         ours, foreign = existing_dropblocks(model)
         extra = f" (it has {len(foreign)} foreign DropBlock modules)" if foreign else ""

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..graph.preserve import preserved
+from ..modes import training_mode
 from .target import SurgeryError, Target
 
 __all__ = ["VERIFY_MODES", "check_verify", "exact_check"]
@@ -36,14 +37,8 @@ def _tensors(out: Any) -> list[torch.Tensor]:
 def _forward(model: nn.Module, runner: nn.Module, x: Any) -> list[torch.Tensor]:
     """Eval outputs of ``runner`` on ``x`` (a tensor, or ``(args, kwargs)``)."""
     args, kwargs = x if isinstance(x, tuple) else ((x,), {})
-    flags = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with preserved(model, values=True), torch.no_grad():
-            return [t.clone() for t in _tensors(runner(*args, **kwargs))]
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    with training_mode(model, False), preserved(model, values=True), torch.no_grad():
+        return [t.clone() for t in _tensors(runner(*args, **kwargs))]
 
 
 def exact_check(target: Target, runner: nn.Module, input_shape: tuple[int, ...], apply: Callable[[], None],

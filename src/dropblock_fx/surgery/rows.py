@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..graph.stages import Stage
+from ..op.options import DEFAULT_OPTIONS, DropBlockOptions
 from ..recipe.schema import Recipe
 
 __all__ = ["PlanRow", "Plan", "legend"]
@@ -65,7 +66,7 @@ class PlanRow:
     expected_drop_prob: float
     anchor: str
     mechanism: str  # "graph" | "after-norm" | "after-block" | "slot"
-    options: tuple[tuple[str, Any], ...] = ()
+    options: DropBlockOptions = DEFAULT_OPTIONS
     seen_resolution: tuple[int, ...] = ()
     seen_block_size: tuple[int, ...] = ()
     seen_expected_drop_prob: Optional[float] = None
@@ -76,7 +77,7 @@ class PlanRow:
     def as_dict(self) -> dict[str, Any]:
         skip = {"options"} if self.seen_resolution or self.skipped_at else {"options", *_SEEN}
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in skip}
-        d["options"] = dict(self.options)
+        d["options"] = self.options._asdict()
         return d
 
 

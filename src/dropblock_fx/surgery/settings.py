@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Mapping, Optional
 
 from ..graph.stages import Stage
-from ..modules import OP_OPTIONS
 from ..op.gamma import clip_block, expected_drop_rate, paper_gamma
-from ..recipe import resolve_stages
+from ..op.options import DropBlockOptions
+from ..recipe import RecipeLike, resolve_stages
 from ..recipe.schema import Recipe, StageSpec
 from .target import SurgeryError
 
 __all__ = ["StageSettings", "RecipeLike", "resolve_recipe", "with_overrides", "stage_settings", "expected_rate",
            "small_map_note"]
-
-RecipeLike = Union[None, str, dict, Recipe]
 
 
 @dataclass(frozen=True)
@@ -27,11 +25,11 @@ class StageSettings:
     block_size: int
     sites: frozenset[str]
     fraction: float
-    options: tuple[tuple[str, Any], ...]  # OP_OPTIONS, resolved
+    options: DropBlockOptions  # the stage's, overrides applied
 
     def expected(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], float]:
         """Block size after clipping and expected dropped fraction on a map of ``shape``."""
-        return expected_rate(self.target, shape, self.block_size, dict(self.options))
+        return expected_rate(self.target, shape, self.block_size, self.options)
 
 
 def resolve_recipe(recipe: RecipeLike = None, **overrides: Any) -> Recipe:
@@ -56,7 +54,7 @@ def with_overrides(recipe: RecipeLike, overrides: dict[str, Any], source: str) -
         base = recipe
     elif recipe is None:
         base = load_recipe(None)
-    elif isinstance(recipe, dict):
+    elif isinstance(recipe, Mapping):
         base = validate_recipe(recipe)
     elif isinstance(recipe, str) or hasattr(recipe, "__fspath__"):
         base = load_recipe(recipe)
@@ -77,14 +75,14 @@ def with_overrides(recipe: RecipeLike, overrides: dict[str, Any], source: str) -
 
 
 def expected_rate(target: float, shape: tuple[int, ...], block_size: int,
-                  options: dict[str, Any]) -> tuple[tuple[int, ...], float]:
+                  options: DropBlockOptions) -> tuple[tuple[int, ...], float]:
     """Block size after clipping and the expected dropped fraction at ``shape``."""
     spatial = tuple(shape[2:])
     block = clip_block(spatial, (block_size,) * len(spatial))
-    if options["calibrate"]:
-        return block, min(1.0, target * options["gamma_scale"])
-    gamma = paper_gamma(target, spatial, block, options["gamma_scale"])
-    return block, expected_drop_rate(gamma, spatial, block, options["seed_region"])
+    if options.calibrate:
+        return block, min(1.0, target * options.gamma_scale)
+    gamma = paper_gamma(target, spatial, block, options.gamma_scale)
+    return block, expected_drop_rate(gamma, spatial, block, options.seed_region)
 
 
 def _one(recipe: Recipe, stage: Stage, spec: Optional[StageSpec], deepest: int) -> StageSettings:
@@ -99,7 +97,7 @@ def _one(recipe: Recipe, stage: Stage, spec: Optional[StageSpec], deepest: int) 
         block_size=pick("block_size"),
         sites=frozenset(pick("sites")),
         fraction=pick("block_fraction"),
-        options=tuple((k, pick(k)) for k in OP_OPTIONS),
+        options=recipe.stage_options(spec),
     )
 
 
@@ -126,7 +124,7 @@ def small_map_note(cfg: StageSettings, input_size: tuple[int, ...]) -> str:
     Examples:
         >>> from dropblock_fx.graph.stages import Stage
         >>> cfg = StageSettings(Stage(4, "layer4", 32, (1, 1)), 0.1, 7, frozenset({"conv"}), 1.0,
-        ...                     (("mask", "channel"),))
+        ...                     DropBlockOptions(7))
         >>> small_map_note(cfg, (3, 32, 32)).split("; ")[0]
         'stage 4 (layer4): 1x1 at input_size (3, 32, 32): its 1x1 maps get no DropBlock (there is no block to drop)'
     """
@@ -136,12 +134,12 @@ def small_map_note(cfg: StageSettings, input_size: tuple[int, ...]) -> str:
         return ""
     where = f"stage {cfg.stage.index} ({cfg.stage.name}): {'x'.join(map(str, res))} at input_size {input_size}"
     fix = "drop it from stages= or plan at the size you train at"
-    opts = dict(cfg.options)
+    opts = cfg.options
     if all(s == 1 for s in res):
         return f"{where}: its 1x1 maps get no DropBlock (there is no block to drop); {fix}"
-    if block == res and opts.get("seed_region", "valid") == "valid":
+    if block == res and opts.seed_region == "valid":
         # one seed position, a block over the whole map: each map is dropped whole or kept
-        what = "channel dropout" if opts.get("mask", "channel") == "channel" else "whole-map dropout"
+        what = "channel dropout" if opts.mask == "channel" else "whole-map dropout"
         return f"{where}, smaller than block_size {cfg.block_size}: DropBlock there is {what}; {fix}"
     return (f"{where}, smaller than block_size {cfg.block_size} (clipped to {'x'.join(map(str, block))}): "
             f"the expected rate is for the clipped block; {fix}")

@@ -1,0 +1,312 @@
+"""Drawing DropBlock's keep-mask and its normaliser: seed sampling, block expansion, backends.
+
+Three ways to build the mask, picked by `pick_backend` (or forced with
+[`set_backend`][dropblock_fx.set_backend] / ``DROPBLOCK_FX_BACKEND``):
+
+* ``"reference"``: dense, plain torch ops (a separable sliding max over the seed grid),
+  the official algorithm as written; traceable by ``torch.compile`` and ``torch.func``.
+* ``"sparse"`` (the CPU default): samples the seeds' positions directly (the gaps between
+  Bernoulli successes are geometric) and scatters their ``k x k`` blocks, so the cost
+  follows the number of seeds (gamma is ~0.006 at the paper's settings).
+* ``"triton"`` (the CUDA default when Triton is importable): fused kernels, see
+  ``custom_ops.py``; they build and apply the mask in one op, so they do not come here.
+
+Given the same seed grid, "reference" and "sparse" expand to bit-identical masks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from .gamma import expected_scale, seed_grid
+
+__all__ = ["BACKENDS", "set_backend", "pick_backend", "keep_mask", "under_functorch"]
+
+BACKENDS: tuple[str, ...] = ("auto", "reference", "sparse", "triton")
+
+_backend: str = "auto"
+# Above this seed rate the geometric sampler draws more numbers than the dense path.
+_SPARSE_MAX_GAMMA = 0.25
+# Below this many seed positions (shared / batch masks) a few dense ops cost less than
+# the sampler's bookkeeping.
+_SPARSE_MIN_GRID = 1 << 15
+
+
+def set_backend(name: str) -> None:
+    """Force how masks are built: ``"auto"`` (default), ``"reference"``, ``"sparse"`` or ``"triton"``.
+
+    The environment variable ``DROPBLOCK_FX_BACKEND`` sets the same at import time.
+
+    Examples:
+        >>> set_backend("reference"); set_backend("auto")
+    """
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend={name!r} is not valid; choose one of {BACKENDS}")
+    _backend = name
+
+
+set_backend(os.environ.get("DROPBLOCK_FX_BACKEND", "auto") or "auto")
+
+
+def _find_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+_HAS_TRITON: bool = _find_triton()
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def under_functorch(x: torch.Tensor) -> bool:
+    """Is ``x`` a ``torch.func`` transform's tensor (``vmap``, ``grad``, ``jvp``)? Those need
+    the dense path: no host reads, no strides asked, random numbers drawn out of place.
+    (Compiled code never is: dynamo traces transforms itself.)
+
+    Examples:
+        >>> seen = []
+        >>> _ = torch.func.vmap(lambda t: seen.append(under_functorch(t)) or t)(torch.ones(2, 3))
+        >>> under_functorch(torch.ones(2)), seen
+        (False, [True])
+    """
+    return not torch.compiler.is_compiling() and torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
+def pick_backend(x: torch.Tensor) -> str:
+    """The backend that builds ``x``'s mask (``set_backend`` wins over the choice by device).
+
+    Examples:
+        >>> pick_backend(torch.ones(1, 1, 4, 4))
+        'sparse'
+    """
+    if _backend != "auto":
+        return _backend
+    if x.device.type == "cuda" and _HAS_TRITON and x.dtype in _TRITON_DTYPES:
+        return "triton"  # fused kernels (op/triton_kernels.py), one custom op for compile/FX
+    if torch.compiler.is_compiling() or x.device.type != "cpu":
+        # nonzero() would break the graph under torch.compile and sync the host on GPUs.
+        return "reference"
+    return "sparse"
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _uniform(shape: tuple[int, ...], x: torch.Tensor, fmt: torch.memory_format, generator) -> torch.Tensor:
+    # float32 noise regardless of x's dtype: bf16 has only 8 bits of mantissa, too coarse
+    # for seed rates near 0.006.
+    u = torch.empty(shape, dtype=torch.float32, device=x.device, memory_format=fmt)
+    return u.uniform_(generator=generator)
+
+
+def _block_offsets(block: tuple[int, ...], seed_region: str, device: torch.device) -> list[torch.Tensor]:
+    """Per-dim offsets from a seed position to the units of its block."""
+    offs = []
+    for k in block:
+        r = torch.arange(k, device=device)
+        offs.append(r if seed_region == "valid" else r - k // 2)
+    return offs
+
+
+def sample_seed_positions(count: int, gamma: float, device: torch.device, generator) -> torch.Tensor:
+    """Flat positions of the successes of ``count`` iid Bernoulli(gamma) trials.
+
+    Draws the gaps between successes (geometric) instead of one number per trial, so the
+    cost is proportional to the number of seeds: ~150x fewer random numbers at the paper's
+    settings. Exact, not an approximation: gaps of iid Bernoulli trials are iid geometric.
+
+    Examples:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> sample_seed_positions(10, 1.0, torch.device("cpu"), g).tolist()
+        [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    """
+    if gamma <= 0.0 or count == 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    log_q = math.log1p(-gamma) if gamma < 1.0 else -math.inf
+    mean = count * gamma
+    positions: list[torch.Tensor] = []
+    start = 0  # next trial index not yet decided
+    while start < count:
+        remaining = count - start
+        m = int(min(remaining, mean * (remaining / count) + 6.0 * math.sqrt(mean + 1.0) + 16))
+        u = torch.rand(m, dtype=torch.float64, device=device, generator=generator)
+        # Failures before each success: floor(log(v) / log(1 - gamma)), v in (0, 1].
+        gaps = torch.floor(torch.log1p(-u) / log_q) if gamma < 1.0 else torch.zeros_like(u)
+        pos = start + torch.cumsum(gaps.to(torch.int64) + 1, 0) - 1
+        inside = pos < count
+        positions.append(pos[inside])
+        if bool(inside.all()):
+            start = int(pos[-1]) + 1
+        else:
+            break
+    return torch.cat(positions) if len(positions) > 1 else positions[0]
+
+
+def expand_sparse(
+    seed_pos: torch.Tensor,
+    mask_nc: tuple[int, int],
+    grid: tuple[int, ...],
+    spatial: tuple[int, ...],
+    block: tuple[int, ...],
+    seed_region: str,
+    fmt: torch.memory_format,
+    device: torch.device,
+) -> torch.Tensor:
+    """Keep-mask by scattering each seed's block: cost proportional to the number of seeds.
+
+    ``seed_pos`` are flat (row-major) positions in the ``mask_nc + grid`` seed tensor.
+    """
+    shape = tuple(mask_nc) + tuple(spatial)
+    keep = torch.empty(shape, dtype=torch.bool, device=device, memory_format=fmt).fill_(True)
+    if seed_pos.numel() == 0:
+        return keep
+    # Unravel seed positions into (n, c, *grid) coordinates.
+    coords: list[torch.Tensor] = []
+    rest = seed_pos
+    for size in reversed(tuple(mask_nc) + tuple(grid)):
+        coords.append(rest % size)
+        rest = rest // size
+    coords.reverse()
+    strides = keep.stride()
+    base = coords[0] * strides[0] + coords[1] * strides[1]
+    flat = base.unsqueeze(1)
+    offs = _block_offsets(block, seed_region, device)
+    for d in range(len(spatial)):
+        # Clamping folds clipped edge blocks onto the border, which the clipped block covers.
+        c = (coords[2 + d].unsqueeze(1) + offs[d].unsqueeze(0)).clamp_(0, spatial[d] - 1)
+        c = c * strides[2 + d]
+        flat = (flat.unsqueeze(-1) + c.unsqueeze(1)).flatten(1)
+    storage = keep.as_strided((keep.numel(),), (1,))
+    storage.index_fill_(0, flat.reshape(-1), False)
+    return keep
+
+
+def seeds_to_positions(seeds: torch.Tensor) -> torch.Tensor:
+    """Flat positions of the seeds of a dense seed tensor (to compare the two expansions)."""
+    return seeds.contiguous().reshape(-1).nonzero().squeeze(1)
+
+
+def expand_dense(
+    seeds: torch.Tensor, spatial: tuple[int, ...], block: tuple[int, ...], seed_region: str,
+    fmt: torch.memory_format,
+) -> torch.Tensor:
+    """Keep-mask by a separable sliding max (any) of the seed grid: the official algorithm.
+
+    ``unfold(...).any(-1)`` per dim is a max-pool with stride 1 and ``k`` taps; on bool
+    tensors it needs no float copy and is ~4x faster than ``max_pool2d`` on the CPU.
+    """
+    s = seeds if seeds.dtype == torch.bool else seeds != 0
+    pad: list[int] = []
+    for k in reversed(block):  # F.pad lists the last dim first
+        if seed_region == "valid":
+            pad += [k - 1, k - 1]
+        else:
+            pad += [(k - 1) // 2, k // 2]
+    if any(pad):
+        s = F.pad(s, pad)
+    for d, k in enumerate(block):
+        if k > 1:
+            s = s.unfold(2 + d, k, 1).any(-1)
+    keep = s.logical_not()
+    if fmt != torch.contiguous_format and not keep.is_contiguous(memory_format=fmt):
+        keep = keep.contiguous(memory_format=fmt)
+    return keep
+
+
+def round_to(v: float, dtype: torch.dtype) -> float:
+    """``v`` rounded to nearest-even in ``dtype`` (fp32 / fp16 / bf16), as a Python float.
+
+    Dividing two fp32 values in double and rounding once to fp32 gives the IEEE fp32
+    quotient (double has more than twice fp32's precision), so this reproduces
+    ``torch.div`` on fp32 tensors without launching a kernel.
+
+    Examples:
+        >>> round_to(0.1, torch.bfloat16)
+        0.10009765625
+    """
+    if dtype == torch.float32:
+        return struct.unpack("<f", struct.pack("<f", v))[0]
+    if dtype == torch.float16:
+        return struct.unpack("<e", struct.pack("<e", v))[0]
+    if dtype == torch.bfloat16:
+        bits = struct.unpack("<I", struct.pack("<f", v))[0]
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return struct.unpack("<f", struct.pack("<I", bits))[0]
+    return v
+
+
+Scale = Union[float, torch.Tensor]
+
+
+def keep_mask(
+    x: torch.Tensor,
+    gamma: Union[float, torch.Tensor],
+    block: tuple[int, ...],
+    mask: str,
+    seed_region: str,
+    scale: str,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[torch.Tensor, Scale]:
+    """The keep-mask of ``x`` (bool; ``(N, C)``, ``(N, 1)`` or ``(1, 1)`` times the spatial
+    size, by ``mask``) and the factor that normalises the kept units (``scale``).
+
+    ``gamma`` is the seed rate (a float in eager code, a 0-d tensor under ``torch.compile``);
+    ``block`` is already clipped to the map. Runs without autograd: the mask is data.
+
+    Examples:
+        >>> keep, s = keep_mask(torch.ones(2, 3, 8, 8), 0.0, (3, 3), "channel", "valid", "count")
+        >>> keep.shape, bool(keep.all()), s
+        (torch.Size([2, 3, 8, 8]), True, 1.0)
+    """
+    spatial = tuple([int(s) for s in x.shape[2:]])
+    grid = seed_grid(spatial, block, seed_region)
+    n, c = x.shape[0], x.shape[1]
+    mask_nc = {"channel": (n, c), "shared": (n, 1), "batch": (1, 1)}[mask]
+    functorch = under_functorch(x)
+    fmt = _memory_format(x) if mask == "channel" and not functorch else torch.contiguous_format
+    with torch.no_grad():
+        compiling = torch.compiler.is_compiling()
+        backend = "reference" if functorch else pick_backend(x)
+        n_seeds = math.prod(mask_nc + grid)
+        if (
+            backend == "sparse"
+            and not isinstance(gamma, torch.Tensor)
+            and gamma < _SPARSE_MAX_GAMMA
+            and n_seeds >= _SPARSE_MIN_GRID
+        ):
+            pos = sample_seed_positions(n_seeds, gamma, x.device, generator)
+            keep = expand_sparse(pos, mask_nc, grid, spatial, block, seed_region, fmt, x.device)
+        else:
+            if functorch:  # out of place, so vmap draws one mask per batch entry
+                u = torch.rand(mask_nc + grid, dtype=torch.float32, device=x.device, generator=generator)
+            else:
+                u = _uniform(mask_nc + grid, x, fmt, generator)
+            keep = expand_dense(u < gamma, spatial, block, seed_region, fmt)
+
+        factor: Scale
+        if scale == "count" and x.device.type == "cpu" and not compiling and not functorch:
+            # On the CPU a host read of the count is free; a Python float saves kernels. It is
+            # the fp32 quotient rounded to x's dtype, bit for bit what the tensor path computes.
+            kept_n = max(1, int(torch.count_nonzero(keep)))
+            q = round_to(float(keep.numel()), torch.float32) / round_to(float(kept_n), torch.float32)
+            factor = round_to(round_to(q, torch.float32), x.dtype)
+        elif scale == "count":
+            kept = torch.count_nonzero(keep).clamp(min=1).to(torch.float32)
+            factor = torch.div(float(keep.numel()), kept)
+        elif scale == "expected":
+            factor = expected_scale(gamma, spatial, block, seed_region)
+        else:
+            factor = 1.0
+    return keep, factor
