@@ -24,7 +24,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .graph.shapes import input_shape_of
+from .graph.shapes import fresh, input_shape_of
 from .graph.splice import original_class
 from .modes import training_mode
 from .modules import DropBlock3d, DropBlockNd, is_inserted
@@ -131,8 +131,9 @@ def _check(model: nn.Module, x: Any, recipe: Any, runner: nn.Module, require_sit
     args, kwargs = ((x,), {}) if isinstance(x, torch.Tensor) else as_inputs(x)
     x_shape = input_shape_of((args, kwargs), output_tensors(args)[0].shape[0] if output_tensors(args) else 1)
 
-    def run() -> Any:
-        return runner(*args, **kwargs)
+    def run() -> Any:  # fresh lists each call: a forward may write into its input list (SlowFast)
+        a, k = fresh((args, kwargs))
+        return runner(*a, **k)
 
     with torch.no_grad():
         ref = run()

@@ -159,12 +159,16 @@ class _Flow(TorchFunctionMode):
             self.ops.append((tuple((id(t), False) for t in ins), tuple(id(t) for t in outs)))
             self.produced.update(id(t) for t in outs)
 
-    def main_path(self, output: Any) -> frozenset[int]:
-        """Ids of the tensors ``output`` depends on other than only as a gate."""
+    def main_path(self, output: Any, inputs: Any) -> Optional[frozenset[int]]:
+        """Ids of the tensors ``output`` depends on other than only as a gate; None when the
+        data could not be followed back to ``inputs`` (an op no torch function reports, such
+        as a TorchScript function called inside a forward, broke the chain)."""
         main = {id(t) for t in tree_leaves(output) if isinstance(t, torch.Tensor)}
         for ins, outs in reversed(self.ops):
             if any(o in main for o in outs):
                 main.update(i for i, gate in ins if not gate)
+        if not any(id(t) in main for t in tree_leaves(inputs) if isinstance(t, torch.Tensor)):
+            return None
         return frozenset(main)
 
 
@@ -176,6 +180,23 @@ def input_shape_of(inputs: Inputs, batch: int) -> Optional[tuple[int, ...]]:
     one strides are measured against); None when there is none."""
     t = next((v for v in tree_leaves(inputs) if isinstance(v, torch.Tensor) and v.dim() in (4, 5)), None)
     return None if t is None else (batch, *t.shape[1:])
+
+
+def fresh(value: Any) -> Any:
+    """``value`` with its lists, tuples and dicts copied (tensors shared): a forward that
+    writes into the list it was given (pytorchvideo's SlowFast) cannot change the caller's.
+
+    Examples:
+        >>> clips = [torch.zeros(1), torch.ones(1)]
+        >>> copy = fresh((clips,))
+        >>> copy[0] is clips, copy[0][0] is clips[0]
+        (False, True)
+    """
+    if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
+        return type(value)(fresh(v) for v in value)
+    if isinstance(value, dict):
+        return {k: fresh(v) for k, v in value.items()}
+    return value
 
 
 def _made_like(value: Any, batch: int, make: Any) -> Any:
@@ -261,7 +282,7 @@ def _run(root: nn.Module, shape: tuple[int, ...], mode: str, runner: nn.Module, 
             flow.add_module_call(call)
         if mod is root:
             if follow:
-                record.main = flow.main_path(out)
+                record.main = flow.main_path(out, (args, kwargs))
             if runner is not root:
                 raise _Reached()
 

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..graph.preserve import preserved
+from ..graph.shapes import fresh
 from ..modes import training_mode
 from .target import SurgeryError, Target
 
@@ -36,7 +37,7 @@ def _tensors(out: Any) -> list[torch.Tensor]:
 
 def _forward(model: nn.Module, runner: nn.Module, x: Any) -> list[torch.Tensor]:
     """Eval outputs of ``runner`` on ``x`` (a tensor, or ``(args, kwargs)``)."""
-    args, kwargs = x if isinstance(x, tuple) else ((x,), {})
+    args, kwargs = fresh(x) if isinstance(x, tuple) else ((x,), {})
     with training_mode(model, False), preserved(model, values=True), torch.no_grad():
         return [t.clone() for t in _tensors(runner(*args, **kwargs))]
 

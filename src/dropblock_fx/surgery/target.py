@@ -59,6 +59,8 @@ def as_inputs(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], dict[str,
     """
     from torch.utils._pytree import tree_leaves
 
+    from ..graph.shapes import fresh
+
     if isinstance(example_inputs, torch.Tensor):
         out: tuple[tuple[Any, ...], dict[str, Any]] = ((example_inputs,), {})
     elif (isinstance(example_inputs, tuple) and len(example_inputs) == 2 and isinstance(example_inputs[0], tuple)
@@ -69,6 +71,7 @@ def as_inputs(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], dict[str,
     else:
         raise SurgeryError(f"example_inputs: a tensor, a tuple of positional arguments or (args, kwargs), not "
                            f"{type(example_inputs).__name__} (a list is one argument: wrap it, ([a, b],))")
+    out = fresh(out)  # the caller's lists stay theirs (a forward may write into its input list)
     if not any(isinstance(t, torch.Tensor) and t.dim() in (4, 5) for t in tree_leaves(out)):
         raise SurgeryError("example_inputs: no 4-D or 5-D tensor (N, C, H, W or N, C, D, H, W) among them; "
                            "strides are measured against the first one")
