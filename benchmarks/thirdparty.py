@@ -3,8 +3,14 @@ TF-port libraries, random init, CPU, offline, through the same check as the zoo 
 (``dropblock_fx.testing.check_surgery``, default recipe, planned at the test input size).
 
 Needs the ``thirdparty`` extra (``pip install -e ".[thirdparty]"``): segmentation-models-pytorch,
-MONAI, efficientnet_pytorch, transformers. A library that is not installed is reported as
-skipped. Writes its table into ``docs/coverage.md`` between its marker lines (``--out``) and
+MONAI, efficientnet_pytorch, transformers, kornia, dynamic-network-architectures (nnU-Net's
+networks); and, without their dependency pins, which ask for other torch versions or for
+video and OCR stacks the check does not use::
+
+    pip install --no-deps facenet-pytorch pytorchvideo python-doctr
+    pip install fvcore iopath anyascii shapely pypdfium2 h5py validators pyclipper rapidfuzz langdetect
+
+A library that is not installed is reported as skipped. Writes its table into ``docs/coverage.md`` between its marker lines (``--out``) and
 prints ``N passed, M failed``::
 
     python benchmarks/thirdparty.py            # ~3 min on 2 cores
@@ -62,6 +68,20 @@ def _hf(config: str, model: str, **kw: Any) -> Callable[[], Any]:
     return make
 
 
+def _call(module: str, attr: str, *args: Any, **kw: Any) -> Callable[[], Any]:
+    def make():
+        return getattr(importlib.import_module(module), attr)(*args, **kw)
+    return make
+
+
+def _clips(slow: tuple[int, ...], fast: tuple[int, ...]) -> Callable[[], Any]:
+    """SlowFast's input: one positional argument, a list of two clips."""
+    def make():
+        g = torch.Generator().manual_seed(0)
+        return ([torch.randn(2, *slow, generator=g), torch.randn(2, *fast, generator=g)],)
+    return make
+
+
 class _Logits(torch.nn.Module):
     """transformers models take ``pixel_values`` and return a ModelOutput: the check runs this."""
 
@@ -73,8 +93,8 @@ class _Logits(torch.nn.Module):
         return self.model(pixel_values=x).logits
 
 
-# name -> (library, builder, input size (C, H, W), what the model reproduces)
-MODELS: dict[str, tuple[str, Callable[[], Any], tuple[int, ...], str]] = {
+# name -> (library, builder, input size (C, H, W) or a builder of the example inputs, what it reproduces)
+MODELS: dict[str, tuple[str, Callable[[], Any], Any, str]] = {
     "smp:Unet-resnet34": ("segmentation-models-pytorch", _smp("Unet", "resnet34"), (3, 128, 128),
                           "U-Net decoder blocks take a list of skips"),
     "smp:UnetPlusPlus-resnet18": ("segmentation-models-pytorch", _smp("UnetPlusPlus", "resnet18"), (3, 128, 128),
@@ -120,7 +140,42 @@ MODELS: dict[str, tuple[str, Callable[[], Any], tuple[int, ...], str]] = {
                                                       width_coefficient=1.0, depth_coefficient=1.0, image_size=128,
                                                       hidden_dim=1280),
                                   (3, 128, 128), "another EfficientNet port"),
+    "pytorchvideo:slowfast_r50": ("pytorchvideo", _call("pytorchvideo.models.slowfast", "create_slowfast",
+                                                        model_num_class=10,
+                                                        head_pool_kernel_sizes=((8, 3, 3), (32, 3, 3))),
+                                  _clips((3, 8, 96, 96), (3, 32, 96, 96)),
+                                  "a list of two clips (example_inputs), two 3-D pathways fused"),
+    "pytorchvideo:x3d_xs": ("pytorchvideo", _call("pytorchvideo.models.x3d", "create_x3d", model_num_class=10,
+                                                  input_clip_length=4, input_crop_size=96, depth_factor=1.0),
+                            (3, 4, 96, 96), "3-D inverted residuals with SE and swish"),
+    "facenet-pytorch:InceptionResnetV1": ("facenet-pytorch", _call("facenet_pytorch", "InceptionResnetV1"),
+                                          (3, 160, 160), "valid padding: maps of 79, 38, 17, 8, 3 px"),
+    "facenet-pytorch:ONet": ("facenet-pytorch", _call("facenet_pytorch", "ONet", pretrained=False), (3, 48, 48),
+                             "a flat model: its own forward calls its convs; no norm"),
+    "python-doctr:resnet31": ("python-doctr", _call("doctr.models", "resnet31", pretrained=False), (3, 32, 128),
+                              "later pools halve the height only"),
+    "python-doctr:magc_resnet31": ("python-doctr", _call("doctr.models", "magc_resnet31", pretrained=False),
+                                   (3, 32, 128), "the same with global-context attention"),
+    "kornia:HyNet": ("kornia", _call("kornia.feature", "HyNet", pretrained=False), (1, 32, 32),
+                     "FilterResponseNorm, an unregistered norm; a dtype test in forward"),
+    "kornia:SOSNet": ("kornia", _call("kornia.feature", "SOSNet", pretrained=False), (1, 32, 32),
+                      "a plain patch descriptor CNN"),
+    "dynamic-network-architectures:PlainConvUNet": (
+        "dynamic-network-architectures",
+        _call("dynamic_network_architectures.architectures.unet", "PlainConvUNet", 1, 5, (16, 32, 64, 128, 128),
+              torch.nn.Conv2d, 3, (1, 2, 2, 2, 2), (2, 2, 2, 2, 2), 2, (2, 2, 2, 2), False, torch.nn.BatchNorm2d,
+              None, None, None, torch.nn.LeakyReLU),
+        (1, 64, 64), "nnU-Net: the decoder keeps the encoder (modules under two names)"),
+    "dynamic-network-architectures:ResidualEncoderUNet": (
+        "dynamic-network-architectures",
+        _call("dynamic_network_architectures.architectures.unet", "ResidualEncoderUNet", 1, 5,
+              (16, 32, 64, 128, 128), torch.nn.Conv2d, 3, (1, 2, 2, 2, 2), (1, 1, 2, 2, 2), 2, (1, 1, 1, 1),
+              False, torch.nn.BatchNorm2d, None, None, None, torch.nn.LeakyReLU),
+        (1, 64, 64), "nnU-Net's residual encoder"),
 }
+
+_MODULES = {"segmentation-models-pytorch": "segmentation_models_pytorch", "facenet-pytorch": "facenet_pytorch",
+            "python-doctr": "doctr", "dynamic-network-architectures": "dynamic_network_architectures"}
 
 
 def check(name: str) -> dict[str, Any]:
@@ -129,7 +184,7 @@ def check(name: str) -> dict[str, Any]:
 
     lib, make, size, what = MODELS[name]
     row: dict[str, Any] = {"model": name, "library": lib, "construct": what, "status": "failed", "reason": ""}
-    module = {"segmentation-models-pytorch": "segmentation_models_pytorch"}.get(lib, lib)
+    module = _MODULES.get(lib, lib)
     try:
         importlib.import_module(module)
     except ImportError:
@@ -140,7 +195,7 @@ def check(name: str) -> dict[str, Any]:
         torch.manual_seed(0)
         model = make().eval()
         runner = _Logits(model) if lib == "transformers" else model
-        x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+        x = size() if callable(size) else torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
         plan = check_surgery(runner, x)
         row.update(status="passed", sites=len(plan.rows), stages=sorted({r.stage for r in plan.rows}),
                    kinds=dict(sorted(Counter(r.kind for r in plan.rows).items())),
@@ -157,9 +212,15 @@ def table(rows: list[dict[str, Any]]) -> str:
 
     versions = []
     for lib in dict.fromkeys(r["library"] for r in rows):
-        module = {"segmentation-models-pytorch": "segmentation_models_pytorch"}.get(lib, lib)
+        module = _MODULES.get(lib, lib)
         try:
-            versions.append(f"{lib} {importlib.import_module(module).__version__}")
+            mod = importlib.import_module(module)
+            version = getattr(mod, "__version__", None)
+            if version is None:
+                from importlib.metadata import version as dist_version
+
+                version = dist_version(lib)
+            versions.append(f"{lib} {version}")
         except Exception:  # noqa: BLE001
             versions.append(f"{lib} (not installed)")
     head = (f"<!-- generated by `python benchmarks/thirdparty.py` on {time.strftime('%Y-%m-%d')}; "
