@@ -78,14 +78,14 @@ def looks_like_norm(m: nn.Module, x: Any, out: Any, after_conv: bool) -> bool:
     parameters or buffers of one value per channel.
 
     Examples:
-        >>> class FRN(nn.Module):
+        >>> class FilterNorm(nn.Module):
         ...     def __init__(self, c):
         ...         super().__init__()
         ...         self.weight = nn.Parameter(torch.ones(1, c, 1, 1))
         ...     def forward(self, x):
         ...         return x * self.weight
         >>> x = torch.zeros(1, 8, 4, 4)
-        >>> looks_like_norm(FRN(8), x, x, after_conv=True), looks_like_norm(nn.Identity(), x, x, after_conv=True)
+        >>> looks_like_norm(FilterNorm(8), x, x, after_conv=True), looks_like_norm(nn.Identity(), x, x, after_conv=True)
         (True, False)
     """
     if not after_conv or is_norm(m) or next(m.children(), None) is not None or "norm" not in type(m).__name__.lower():
