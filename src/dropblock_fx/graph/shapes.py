@@ -30,6 +30,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from ..modes import training_mode
 from .feature_maps import gate_inputs
 
 __all__ = ["Call", "ShapeRecord", "record_calls"]
@@ -292,12 +293,10 @@ def _run(root: nn.Module, shape: tuple[int, ...], mode: str, runner: nn.Module, 
         seen.add(id(m))
         handles.append(m.register_forward_pre_hook(pre(path), with_kwargs=True))
         handles.append(m.register_forward_hook(post, with_kwargs=True))
-    flags = [(m, m.training) for m in runner.modules()]
     # a fake-tensor pass in train mode updates the real running statistics in place
     saved = [(b, b.clone()) for b in runner.buffers()] if training and mode != "meta" else []
     try:
-        runner.train(training)
-        with torch.no_grad(), flow:
+        with training_mode(runner, training), torch.no_grad(), flow:
             try:
                 args, kwargs = inputs if inputs is not None else ((torch.empty(shape, device="meta"),), {})
                 batch = shape[0]
@@ -329,8 +328,6 @@ def _run(root: nn.Module, shape: tuple[int, ...], mode: str, runner: nn.Module, 
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags:
-            m.training = flag
         with torch.no_grad():
             for b, value in saved:
                 b.copy_(value)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional
 
 from torch import fx, nn
 
+from ..modes import training_mode
 from .leaves import autowrap_functions, is_leaf
 
 __all__ = ["LeafTracer", "SideEffects", "trace_modes"]
@@ -40,18 +41,14 @@ def _modes(module: nn.Module, trace: Callable[[], fx.Graph]) -> dict[str, fx.Gra
     changes its modules' attributes, since a graph cannot do that."""
     from .preserve import preserved
 
-    flags = [(m, m.training) for m in module.modules()]
     graphs: dict[str, fx.Graph] = {}
-    try:
+    with training_mode(module):
         for mode in ("train", "eval"):
             module.train(mode == "train")
             with preserved(module) as changed:
                 graphs[mode] = trace()
             if changed:
                 raise SideEffects(f"its forward sets {', '.join(sorted(set(changed))[:3])} on itself")
-    finally:
-        for m, flag in flags:
-            m.training = flag
     if graphs["train"].python_code("self").src == graphs["eval"].python_code("self").src:
         return {"any": graphs["eval"]}
     return graphs

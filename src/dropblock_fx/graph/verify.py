@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
+from ..modes import training_mode
 from .meta import interpret, run_meta, to_meta, with_batch
 
 __all__ = ["output_signature", "unused_tensor_args", "check_graphs"]
@@ -113,8 +114,7 @@ def check_graphs(graphs: dict[str, fx.Graph], unit: nn.Module, bound: dict[str, 
     # pooling branch is 1x1); the recorded call was at batch 1
     want = output_signature(expected, batch=False)
     bound = {k: with_batch(v, 2) for k, v in bound.items()}
-    flags = [(m, m.training) for m in unit.modules()]
-    try:
+    with training_mode(unit):
         for mode, graph in graphs.items():
             unused = unused_tensor_args(graph, bound)
             if unused:
@@ -130,9 +130,6 @@ def check_graphs(graphs: dict[str, fx.Graph], unit: nn.Module, bound: dict[str, 
                 if output_signature(got, batch=False) != want:
                     return (f"the traced forward returns {_short(output_signature(got, batch=False))} in "
                             f"{'train' if training else 'eval'} mode, the module {_short(want)}")
-    finally:
-        for m, flag in flags:
-            m.training = flag
     return None
 
 

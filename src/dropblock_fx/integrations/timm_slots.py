@@ -55,7 +55,7 @@ def timm_slot_sites(ctx: SiteContext) -> list[Candidate]:
         if ctx.wants(st, "timm"):
             out.append(Candidate(st, owner.path if owner is not None else path,  # type: ignore[arg-type]
                                  ctx.target.prefix + path, "timm", shape, f"timm's DropBlock slot ({how})", "slot",
-                                 ("slot", path)))
+                                 path))
     if not out:
         ctx.notes.append("site kind 'timm': this model has no timm drop_block slots in the selected stages")
     return out

@@ -31,7 +31,7 @@ from .options import (
     normalize_block_size,
 )
 
-__all__ = ["drop_block", "drop_block_options", "MASK_MODES", "SEED_REGIONS", "SCALE_MODES", "BACKENDS",
+__all__ = ["drop_block", "MASK_MODES", "SEED_REGIONS", "SCALE_MODES", "BACKENDS",
            "set_backend"]
 
 

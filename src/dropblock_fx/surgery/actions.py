@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
-from ..graph.sites import insert_sites
+from ..graph.sites import Site, insert_sites
 from ..graph.leaves import checkpoint_flag
 from ..graph.specialise import respec_info
 from ..graph.splice import compile_source, graph_source
@@ -43,6 +43,8 @@ class Action:
     # levels of an FPN): its DropBlock modules have no one planned map to compare with.
     varying: bool = False
     unit: str = ""  # a graph action's unit path (relative to the target)
+    # a graph action's sites in each traced graph of its unit, by mode (from its candidates)
+    positions: dict[str, list[Site]] = field(default_factory=dict)
 
 
 def _row(c: Candidate, cfg: StageSettings) -> PlanRow:
@@ -84,6 +86,8 @@ def build_actions(ctx: SiteContext, chosen: list[Candidate]) -> tuple[list[PlanR
             actions[c.action] = act
         if how == "graph":
             act.names.append(c.path.rsplit(".", 1)[-1])
+            for mode, site in c.positions:
+                act.positions.setdefault(mode, []).append(site)
         act.rows.append(row)
         rows.append(row)
 
@@ -118,6 +122,7 @@ def without_rows(ctx: SiteContext, rows: list[PlanRow], actions: list[Action],
         act.rows = [r for i, r in enumerate(act.rows) if i not in gone]
         if act.how == "graph":
             act.names = [n for i, n in enumerate(act.names) if i not in gone]
+            act.positions = {m: [s for s in sites if s.name in act.names] for m, sites in act.positions.items()}
             act.source = ""
             if act.rows:
                 _rewrite_or_drop(ctx, act)
@@ -127,11 +132,10 @@ def without_rows(ctx: SiteContext, rows: list[PlanRow], actions: list[Action],
 def _rewrite(ctx: SiteContext, act: Action) -> str:
     """Fill ``act.source``; returns why the rewrite was refused ('' when it was not)."""
     unit = next(u for u in ctx.units if u.path == act.unit and u.graphs is not None)
-    path = act.unit
     names = set(act.names)
     graphs, sites = {}, {}
     for mode, g in unit.graphs.items():  # type: ignore[union-attr]
-        sites[mode] = [s for s in ctx.graph_sites[path][mode] if s.name in names]
+        sites[mode] = act.positions.get(mode, [])
         if mode.startswith("ckpt:") and {s.name for s in sites[mode]} != names:
             continue  # a site the checkpointed trace does not have: no checkpointed forward
         g = _copy_graph(g)

@@ -7,7 +7,6 @@ registers ``timm`` (timm's own ``drop_block`` slots) when a recipe asks for that
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -18,15 +17,25 @@ from ..graph.sites import Site, find_sites
 from ..graph.stages import StageMap
 from ..graph.meta import replay
 from ..graph.units import Unit, bound_args
+from ..registry import Registry
 from .settings import StageSettings
 from .target import Target
 
 __all__ = ["Candidate", "SiteContext", "register_site_finder", "find_candidates"]
 
 
+_HOW = {"graph": "graph", "after-norm": "after", "after-block": "after", "slot": "slot"}
+
+
 @dataclass(frozen=True)
 class Candidate:
-    """One possible DropBlock module."""
+    """One possible DropBlock module, with everything its action needs.
+
+    ``mechanism`` says how it is put in: ``graph`` (a site in its unit's rewritten graph;
+    ``positions`` holds that site in each traced graph of the unit, by mode), ``after-norm`` /
+    ``after-block`` (after a module's own forward), ``slot`` (in a timm ``drop_block`` slot);
+    ``changes`` is the path (relative to the target) of the module the action changes.
+    """
 
     stage: int
     block: str  # what block_fraction counts: a block's path, or a loose site's own key
@@ -35,13 +44,20 @@ class Candidate:
     shape: tuple[int, ...]  # channels-first feature map
     anchor: str
     mechanism: str  # "graph" | "after-norm" | "after-block" | "slot"
-    action: tuple[str, str]  # (how: "graph" | "after" | "slot", path of the module it changes)
+    changes: str
     unit: Optional[str] = None  # the unit it came from (candidates are ordered by unit)
+    positions: tuple[tuple[str, Site], ...] = ()
+
+    @property
+    def action(self) -> tuple[str, str]:
+        """``(how, module path)``: one action per module changed; how is ``graph``, ``after``
+        or ``slot``."""
+        return _HOW[self.mechanism], self.changes
 
 
 @dataclass
 class SiteContext:
-    """What every site finder may read; ``graph_sites`` is filled by the graph finder."""
+    """What every site finder may read."""
 
     target: Target
     record: ShapeRecord
@@ -50,7 +66,6 @@ class SiteContext:
     settings: dict[int, StageSettings]
     norm_free: bool
     notes: list[str]
-    graph_sites: dict[str, dict[str, list[Site]]] = field(default_factory=dict)
     meta_cache: dict = field(default_factory=dict)  # meta copies of leaf weights, shared by the phases
     left_out: list[tuple[str, str]] = field(default_factory=list)  # (position, why): no feature map there
 
@@ -106,8 +121,8 @@ class SiteContext:
 
 
 SiteFinder = Callable[[SiteContext], list[Candidate]]
-_FINDERS: dict[str, SiteFinder] = {}
-_LAZY = {"timm": "dropblock_fx.integrations.timm_slots"}  # registered when that module is imported
+_FINDERS: Registry[SiteFinder] = Registry("site finder")
+_FINDERS.lazy("timm", "dropblock_fx.integrations.timm_slots")  # it registers itself when imported
 
 
 def register_site_finder(name: str) -> Callable[[SiteFinder], SiteFinder]:
@@ -121,8 +136,7 @@ def register_site_finder(name: str) -> Callable[[SiteFinder], SiteFinder]:
         True
     """
     def deco(fn: SiteFinder) -> SiteFinder:
-        _FINDERS[name] = fn
-        return fn
+        return _FINDERS.register(name, fn, overwrite=True)
 
     return deco
 
@@ -130,11 +144,10 @@ def register_site_finder(name: str) -> Callable[[SiteFinder], SiteFinder]:
 def find_candidates(ctx: SiteContext) -> list[Candidate]:
     """Every finder's candidates, in finder order; a finder for a site kind the recipe does
     not ask for (``timm``) is loaded only when asked."""
-    for kind, module in _LAZY.items():
-        if kind in ctx.kinds and kind not in _FINDERS:
-            importlib.import_module(module)
+    for kind in ctx.kinds & set(_FINDERS.names()):
+        _FINDERS.get(kind)  # loads a lazy finder
     out: list[Candidate] = []
-    for fn in _FINDERS.values():
+    for _, fn in _FINDERS.items():
         out += fn(ctx)
     order = {u.path: i for i, u in enumerate(ctx.units)}
     return sorted(out, key=lambda c: order.get(c.unit, len(order)) if c.unit is not None else len(order))
@@ -161,15 +174,15 @@ def _graph_sites(ctx: SiteContext) -> list[Candidate]:
         except Exception as e:  # noqa: BLE001
             ctx.notes.append(f"{base.rstrip('.') or ctx.target.label}: could not match sites ({type(e).__name__}: {e})")
             continue
-        ctx.graph_sites[u.path] = per_mode
         ustage = ctx.unit_stage(u)
         g = u.graphs.get("eval") or u.graphs.get("any")
         for site in per_mode.get("eval") or per_mode.get("any") or []:
             st = ustage if ustage is not None else ctx.site_stage(u, g, site)  # type: ignore[arg-type]
             if ctx.wants(st, site.kind):
                 block = u.path if u.kind == "block" else f"{u.path}:{site.name}"
+                positions = tuple((mode, s) for mode, sites in per_mode.items() for s in sites if s.name == site.name)
                 out.append(Candidate(st, block, base + site.name, site.kind, site.shape, site.anchor, "graph",  # type: ignore[arg-type]
-                                     ("graph", u.path), u.path))
+                                     u.path, u.path, positions))
     return out
 
 
@@ -190,11 +203,11 @@ def _fallback_sites(ctx: SiteContext) -> list[Candidate]:
             st = ustage if ustage is not None else ctx.stages.of_call(call)
             if ctx.wants(st, "conv"):
                 out.append(Candidate(st, f"{u.path}:{path}", prefix + path + ".dropblock", "conv", shape,
-                                     f"after {path} (no graph)", "after-norm", ("after", path), u.path))
+                                     f"after {path} (no graph)", "after-norm", path, u.path))
         if u.was_block and ustage is not None and u.call is not None and ctx.wants(ustage, "block"):
             out.append(Candidate(ustage, u.path, prefix + (f"{u.path}." if u.path else "") + "dropblock", "block",
                                  tuple(u.call.output.shape), "block output (no graph)", "after-block",
-                                 ("after", u.path), u.path))
+                                 u.path, u.path))
     return out
 
 

@@ -9,7 +9,6 @@ on when they differ, and `with_seen_resolutions` gives ``describe`` the rates th
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 from torch import nn
 
