@@ -9,6 +9,7 @@ on when they differ, and `with_seen_resolutions` gives ``describe`` the rates th
 from __future__ import annotations
 
 import dataclasses
+import warnings  # noqa: F401 - the examples use it
 
 from torch import nn
 
