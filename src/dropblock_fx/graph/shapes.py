@@ -17,6 +17,7 @@ a sum, is main.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 import logging
@@ -60,6 +61,23 @@ class ShapeRecord:
     runner: str = ""  # the ancestor run to reach the target ('' : the target itself)
     runner_module: Optional[nn.Module] = None  # the module that was run
     main: Optional[frozenset[int]] = None  # ids of the tensors on the main path (None: not followed)
+
+    @functools.cached_property
+    def position(self) -> dict[int, int]:
+        """``id(call)`` -> its index in :attr:`calls` (start order). Read after the pass."""
+        return {id(c): i for i, c in enumerate(self.calls)}
+
+    @functools.cached_property
+    def ends(self) -> list[int]:
+        """``ends[i]``: one past the index of the last call made inside call ``i``, so the calls
+        inside call ``i`` are ``range(i + 1, ends[i])``. Read after the pass."""
+        end = [len(self.calls)] * len(self.calls)
+        stack: list[int] = []
+        for i, c in enumerate(self.calls):
+            while stack and self.calls[stack[-1]].end < c.start:
+                end[stack.pop()] = i
+            stack.append(i)
+        return end
 
     def on_main_path(self, value: Any) -> bool:
         """Does the target's output depend on ``value`` (a recorded tensor) other than as a

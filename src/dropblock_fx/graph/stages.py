@@ -293,13 +293,12 @@ class StageMap:
     def __post_init__(self) -> None:
         if self.steps is None:
             self.steps = Steps(self.record)
-        self._position = {id(c): i for i, c in enumerate(self.record.calls)}
 
     def of_call(self, call: Optional[Call]) -> Optional[int]:
-        return None if call is None else self.by_call.get(self._position[id(call)])
+        return None if call is None else self.by_call.get(self.record.position[id(call)])
 
     def factor_of(self, call: Optional[Call]) -> int:
-        return 1 if call is None else self.factor.get(self._position[id(call)], 1)
+        return 1 if call is None else self.factor.get(self.record.position[id(call)], 1)
 
     def feature_maps(self) -> FeatureMaps:
         """The stage maps (spatial sizes of each stage's main-path maps, block rule applied)
@@ -320,18 +319,6 @@ class StageMap:
         if log is None:
             return None
         return _stage(log + int(math.log2(self.factor_of(near))))
-
-
-def _spans(record: ShapeRecord) -> list[int]:
-    """``end[i]``: one past the last call inside call ``i`` (calls are in start order)."""
-    calls = record.calls
-    end = [len(calls)] * len(calls)
-    stack: list[int] = []
-    for i, c in enumerate(calls):
-        while stack and calls[stack[-1]].end < c.start:
-            end[stack.pop()] = i
-        stack.append(i)
-    return end
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -362,7 +349,7 @@ def _dilation_factors(root: nn.Module, record: ShapeRecord, end: list[int],
     """Call index -> the dilation that stands for strides removed upstream (rule part 2);
     ``logs``: each call's output stride as a power of two (None: no feature map)."""
     calls = record.calls
-    position = {id(c): i for i, c in enumerate(calls)}
+    position = record.position
 
     def indices(m: nn.Module) -> list[int]:
         return [position[id(c)] for c in record.by_module.get(id(m), ())]
@@ -434,7 +421,7 @@ def _dilation_factors(root: nn.Module, record: ShapeRecord, end: list[int],
 
 def _block_rule(root: nn.Module, record: ShapeRecord, nominal: dict[int, int], end: list[int]) -> dict[int, int]:
     """Rule part 3: every call inside an outermost block takes the block's output stage."""
-    position = {id(c): i for i, c in enumerate(record.calls)}
+    position = record.position
     by_call = dict(nominal)
 
     def visit(m: nn.Module, path: str) -> None:
@@ -471,7 +458,7 @@ def map_stages(root: nn.Module, record: ShapeRecord) -> StageMap:
         >>> [(s.name, s.stride, s.resolution, s.dilation) for s in sm.stages[3:]]
         [('layer3', 16, (28, 28), 2), ('layer4', 32, (28, 28), 4)]
     """
-    end = _spans(record)
+    end = record.ends
     steps = Steps(record)
     collapsed = _collapsed(record, steps)
     logs = {i: _feature_log(record, c, steps, collapsed) for i, c in enumerate(record.calls)}
@@ -530,8 +517,7 @@ def find_stages(root: nn.Module, record: ShapeRecord, stages_by_call: dict[int, 
 def _stage_modules(root: nn.Module, record: ShapeRecord, by_call: dict[int, int]) -> dict[int, list[str]]:
     """Per stage, the outermost modules whose every call is in it, in call order; a ``|``
     marks where another stage's modules come in between."""
-    position = {id(c): i for i, c in enumerate(record.calls)}
-    end = _spans(record)
+    position, end = record.position, record.ends
     found: list[tuple[int, str, int]] = []  # (first call, path, stage)
 
     def visit(m: nn.Module, path: str) -> None:
@@ -563,7 +549,7 @@ def _feature_info_names(root: nn.Module, record: ShapeRecord, nominal: dict[int,
     info: Any = getattr(root, "feature_info", None)
     if info is None:
         return {}
-    position = {id(c): i for i, c in enumerate(record.calls)}
+    position = record.position
     try:
         entries = list(info.info) if hasattr(info, "info") else list(info)
         found: dict[int, list[str]] = {}

@@ -247,7 +247,7 @@ def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by
     wraps the whole deeper network and comes back up) is never one unit: it is descended
     like a container, so each part keeps its own stage.
     """
-    position = {id(c): i for i, c in enumerate(record.calls)}
+    position = record.position
     units: list[Unit] = []
     cache = {} if cache is None else cache
 
