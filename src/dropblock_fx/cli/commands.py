@@ -37,11 +37,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     inputs = parse_example_inputs(getattr(args, "example_inputs", None))
     model = load_model(args.model)
     if getattr(args, "verify", False):
-        from ..surgery import apply_dropblock, describe
+        from ..surgery import apply_dropblock, describe, plan_of
 
         apply_dropblock(model, recipe, verify="exact", example_inputs=inputs)
-        p = (describe(model) if getattr(model, "dropblock_plan", None) is not None
-             else make_plan(model, recipe, example_inputs=inputs))
+        p = describe(model) if plan_of(model) is not None else make_plan(model, recipe, example_inputs=inputs)
         p.notes.append("verified: eval outputs bit-identical to the original's on a random input")
     else:
         p = make_plan(model, recipe, example_inputs=inputs)
