@@ -9,9 +9,10 @@
   their own, and its loose layers (``conv -> norm -> act`` directly inside it) are traced
   with the child units as leaves.
 * ``root``: the target itself, a unit like any other: its loose layers (a flat model whose
-  own ``forward`` calls its convs, a timm EfficientNet's head) are traced with its child
-  units as leaves. When that trace fails, they only get sites that need no graph (after
-  norm modules), and the plan says so.
+  own ``forward`` calls its convs, NFNet's head) are traced with its child units as leaves.
+  The whole model with norm layers of its own (a timm EfficientNet's ``bn2``) is not: a
+  DropBlock after those norms runs from any of its methods. When the trace fails, its
+  layers only get sites that need no graph (after norm modules), and the plan says so.
 """
 
 from __future__ import annotations
@@ -240,8 +241,14 @@ def _absorbable(c: nn.Module) -> bool:
 
 
 def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by_call: dict[int, int],
-               cache: Optional[dict] = None) -> list[Unit]:
+               cache: Optional[dict] = None, is_model: bool = False) -> list[Unit]:
     """Units under ``root`` that hold feature maps of the ``wanted`` stages, in call order.
+
+    The root is rewritten like any container, except the whole model (``is_model``, not a
+    plain ``nn.Sequential``) when it has norm layers of its own in those stages: those get a
+    DropBlock after them instead, which runs whichever of its methods calls them (timm's
+    ``forward_features`` as well as ``forward``); a rewritten ``forward`` would hold it for
+    ``forward`` only.
 
     A block whose inside goes deeper than its output (a nested U-Net's skip block, which
     wraps the whole deeper network and comes back up) is never one unit: it is descended
@@ -316,7 +323,7 @@ def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by
                 unit.kind, unit.error = "opaque", str(e)
         else:
             unit.kind = "opaque"
-            unit.error = "not called directly"
+            unit.error = "not called directly" if path else "the model's own norms get a DropBlock after them"
         if unit.kind == "opaque":
             unit.loose_norms = loose_norms(m, path)
         units.insert(unit_index, unit)
@@ -364,5 +371,6 @@ def find_units(root: nn.Module, record: ShapeRecord, wanted: set[int], stages_by
                 units.append(unit)
 
     call = record.first(root)
-    container(root, "", call, rewritable=True)
+    own_norms = any(is_norm(c) and stages_in(c) & wanted for c in root.children())
+    container(root, "", call, rewritable=not (is_model and own_norms and not is_container(root)))
     return units

@@ -223,7 +223,7 @@ def prepare(model: nn.Module, recipe: Recipe, keep_foreign: bool = False,
         if norm_free:
             notes.append("no norm layers: conv sites are after conv -> activation (or the conv, if none)")
         cache: dict = {}
-        units = find_units(target.root, record, set(settings), smap.by_call, cache)
+        units = find_units(target.root, record, set(settings), smap.by_call, cache, is_model=not target.path)
         _unit_notes(units, target, notes)
         ctx = SiteContext(target, record, smap, units, settings, norm_free, notes, meta_cache=cache)
         chosen = select(find_candidates(ctx), settings, notes)
