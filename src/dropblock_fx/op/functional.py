@@ -24,6 +24,7 @@ from .masks import (
     dropped_positions,
     keep_mask,
     pick_backend,
+    sampled_keep_mask,
     set_backend,
     under_functorch,
 )
@@ -251,6 +252,23 @@ def drop_block_train(
     block = clip_block(spatial, block_req)
     if isinstance(drop_prob, torch.Tensor):
         drop_prob = drop_prob.to(device=x.device)
+    if (
+        torch.compiler.is_compiling() and x.device.type == "cpu" and generator is None
+        and pick_backend(x) == "sparse"
+    ):
+        # One opaque op draws the mask (no kernels to generate for it); the multiply below is
+        # fused by inductor into the neighbouring kernels, forward and backward. The mask is
+        # drawn channels-last: the layout inductor gives a CNN's activations on the CPU (the
+        # traced x says contiguous either way), so the fused kernels read it in order.
+        p = drop_prob if isinstance(drop_prob, torch.Tensor) else torch.tensor(drop_prob, dtype=torch.float32)
+        keep, factor = sampled_keep_mask(
+            p, list(x.shape), True, list(block), mask, seed_region, gamma_scale, scale, calibrate,
+        )
+        out = (x * keep.to(x.dtype)) * factor.to(x.dtype)
+        if noise:
+            fill = torch.randn(x.shape, dtype=x.dtype, device=x.device)
+            out = out + fill.masked_fill(keep, 0)
+        return x.copy_(out) if inplace else out
     gamma = seed_rate(drop_prob, spatial, block, gamma_scale, calibrate, seed_region)
 
     if pick_backend(x) == "triton" and not under_functorch(x):

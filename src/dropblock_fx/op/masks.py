@@ -19,15 +19,18 @@ from __future__ import annotations
 import math
 import os
 import struct
+from collections.abc import Sequence
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
-from .gamma import expected_scale, seed_grid
+from .gamma import clip_block, expected_scale, seed_grid, seed_rate
 from .sparse import block_positions, distinct_count, seed_positions
 
-__all__ = ["BACKENDS", "set_backend", "pick_backend", "keep_mask", "dropped_positions", "under_functorch"]
+__all__ = [
+    "BACKENDS", "set_backend", "pick_backend", "keep_mask", "dropped_positions", "sampled_keep_mask", "under_functorch",
+]
 
 BACKENDS: tuple[str, ...] = ("auto", "reference", "sparse", "triton")
 
@@ -91,9 +94,9 @@ def pick_backend(x: torch.Tensor) -> str:
         return _backend
     if x.device.type == "cuda" and _HAS_TRITON and x.dtype in _TRITON_DTYPES:
         return "triton"  # fused kernels (op/triton_kernels.py), one custom op for compile/FX
-    if torch.compiler.is_compiling() or x.device.type != "cpu":
-        # nonzero() would break the graph under torch.compile and sync the host on GPUs.
-        return "reference"
+    if x.device.type != "cpu":
+        return "reference"  # the sparse path reads seed positions on the host: a sync on GPUs
+    # Compiled code reaches the sparse sampler through one opaque op (`sampled_keep_mask`).
     return "sparse"
 
 
@@ -331,3 +334,59 @@ def keep_mask(
         else:
             factor = 1.0
     return keep, factor
+
+
+def _mask_layout(shape: Sequence[int], mask: str, channels_last: bool) -> tuple[tuple, torch.memory_format]:
+    n, c = {"channel": (shape[0], shape[1]), "shared": (shape[0], 1), "batch": (1, 1)}[mask]
+    fmt = torch.contiguous_format
+    if channels_last and mask == "channel":
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    return (n, c, *shape[2:]), fmt
+
+
+@torch.library.custom_op(
+    "dropblock_fx::sampled_keep_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+)
+def sampled_keep_mask(
+    drop_prob: torch.Tensor, shape: Sequence[int], channels_last: bool, block: Sequence[int], mask: str,
+    seed_region: str, gamma_scale: float, scale: str, calibrate: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keep-mask (bool) of a tensor of ``shape`` and its normaliser (a 0-d fp32 tensor),
+    drawn from torch's global generator: what a compiled graph calls on the CPU.
+
+    One opaque op per site: ``torch.compile`` traces and generates no kernel for the sampling
+    (the sparse sampler of the eager path runs inside), and fuses the multiply by the mask
+    into the neighbouring kernels. ``drop_prob`` is a tensor, so a new rate never recompiles;
+    the op is tagged as seeded random, so compiled graphs neither merge two calls nor
+    recompute one in the backward. ``block`` is clipped to the map already.
+    """
+    size, fmt = _mask_layout(shape, mask, channels_last)
+    spatial = tuple([int(v) for v in shape[2:]])
+    block_t = clip_block(spatial, tuple([int(k) for k in block]))
+    gamma = seed_rate(float(drop_prob), spatial, block_t, gamma_scale, calibrate, seed_region)
+    grid = seed_grid(spatial, block_t, seed_region)
+    device = drop_prob.device
+    if gamma < _SPARSE_MAX_GAMMA:
+        keep = torch.empty(size, dtype=torch.bool, device=device, memory_format=fmt).fill_(True)
+        seeds = seed_positions(math.prod(size[:2] + grid), gamma, device, None)
+        pos = block_positions(seeds, size[:2], grid, spatial, block_t, seed_region, keep.stride())
+        keep.as_strided((keep.numel(),), (1,)).index_fill_(0, torch.from_numpy(pos.reshape(-1)).to(device), False)
+        kept = keep.numel() - distinct_count(seeds, pos, grid, spatial, block_t, seed_region) if scale == "count" else 0
+    else:
+        u = torch.empty(size[:2] + grid, dtype=torch.float32, device=device, memory_format=fmt).uniform_()
+        keep = expand_dense(u < gamma, spatial, block_t, seed_region, fmt)
+        kept = int(torch.count_nonzero(keep)) if scale == "count" else 0
+    if scale == "count":
+        factor = count_scale(keep.numel(), kept, torch.float32)
+    elif scale == "expected":
+        factor = float(expected_scale(gamma, spatial, block_t, seed_region))
+    else:
+        factor = 1.0
+    return keep, torch.tensor(factor, dtype=torch.float32, device=device)
+
+
+@sampled_keep_mask.register_fake
+def _sampled_keep_mask_fake(drop_prob, shape, channels_last, block, mask, seed_region, gamma_scale, scale, calibrate):
+    size, fmt = _mask_layout(shape, mask, channels_last)
+    keep = torch.empty(size, dtype=torch.bool, device=drop_prob.device, memory_format=fmt)
+    return keep, torch.empty((), dtype=torch.float32, device=drop_prob.device)
