@@ -199,3 +199,66 @@ def test_compile_fullgraph_options(opts):
         m.drop_prob = 0.3
         frac = (cm(torch.ones(256, 16, 14, 14)) == 0).float().mean().item()
         assert abs(frac - 0.3) < 0.03  # calibrated: the real rate is the requested one
+
+
+def test_compiled_cpu_sites_are_one_opaque_op_each_and_a_dynamic_batch_is_one_graph():
+    """On the CPU each site traces to one ``dropblock_fx.sampled_keep_mask`` call (no random
+    or sliding-max ops for the compiler to generate), whatever the batch size."""
+    from torch._dynamo.utils import counters
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), dbx.DropBlock2d(0.2, 3), nn.ReLU(), dbx.DropBlock2d(0.1, 5, mask="shared"))
+    compiled = torch.compile(net, backend=capture, fullgraph=True, dynamic=True)
+    for n in (2, 3, 5):
+        x = torch.randn(n, 3, 12, 12, requires_grad=True)
+        y = compiled(x)
+        y.sum().backward()
+        assert y.shape == (n, 8, 12, 12) and (y == 0).any()
+    assert len(graphs) == 1, f"{len(graphs)} graphs for 3 batch sizes"
+    targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert sum("sampled_keep_mask" in t for t in targets) == 2, targets
+    assert not any(name in t for t in targets for name in ("rand", "uniform", "unfold", "max_pool")), targets
+    # AOT autograd traces the op's fake with a symbolic batch: still one graph (with
+    # dynamic=True the float option is specialised there: a restart, not a second graph)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(net, backend="aot_eager", fullgraph=True, dynamic=True)
+    for n in (2, 3, 5):
+        compiled(torch.randn(n, 3, 12, 12, requires_grad=True)).sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_compiled_cpu_masks_follow_the_paper():
+    """Under inductor: two sites of one shape draw different masks (the op is seeded random:
+    never merged, never recomputed in backward), the dropped fraction is the exact expected
+    one (a z-test over the maps), the count normaliser is exact and the gradient uses the
+    forward's mask."""
+    import math
+
+    from dropblock_fx.op.gamma import expected_drop_rate, paper_gamma
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    a, b = dbx.DropBlock2d(0.2, 3), dbx.DropBlock2d(0.2, 3)
+    compiled = torch.compile(lambda t: (a(t), b(t)), fullgraph=True)
+    x = (torch.rand(64, 16, 11, 11) + 0.5).requires_grad_(True)
+    ya, yb = compiled(x)
+    (ya.sum() + 2 * yb.sum()).backward()
+    keep_a, keep_b = ya != 0, yb != 0
+    assert not torch.equal(keep_a, keep_b)
+    for y, keep in ((ya, keep_a), (yb, keep_b)):
+        scale = torch.tensor(float(keep.numel()), dtype=torch.float32) / keep.sum().float()
+        assert torch.equal(y, x.detach() * keep * scale)
+    scale_a = keep_a.numel() / keep_a.sum().item()
+    scale_b = keep_b.numel() / keep_b.sum().item()
+    torch.testing.assert_close(x.grad, keep_a * scale_a + 2 * keep_b * scale_b)
+    dropped = (~keep_a).flatten(2).float().mean(-1).flatten()  # per map, iid across the 1024 maps
+    expected = expected_drop_rate(paper_gamma(0.2, (11, 11), (3, 3)), (11, 11), (3, 3))
+    se = math.sqrt(dropped.var().item() / dropped.numel())
+    assert abs(dropped.mean().item() - expected) <= 5 * se

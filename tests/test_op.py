@@ -210,6 +210,51 @@ def test_sparse_and_reference_expansions_are_bit_identical():
                 assert torch.equal(a, b), (fmt, region, k)
 
 
+@pytest.mark.parametrize("fmt,shape", [(torch.contiguous_format, (3, 5, 9, 11)), (torch.channels_last, (3, 5, 9, 11)),
+                                       (torch.channels_last_3d, (2, 3, 5, 9, 11))])
+@pytest.mark.parametrize("region", ["valid", "full"])
+def test_dropped_positions_count_the_distinct_units(fmt, shape, region):
+    """The CPU path's normaliser counts dropped units without a mask: one block per map with a
+    single seed, deduplicated positions where seeds share a map. High seed rates, so blocks
+    overlap and clip; the positions index the storage of a tensor in ``fmt``."""
+    from dropblock_fx.op import sparse
+
+    g = torch.Generator().manual_seed(0)
+    for k in [(1, 1, 1), (2, 3, 2), (3, 3, 3), (5, 9, 11)]:
+        k = k[: len(shape) - 2]
+        grid = masks.seed_grid(shape[2:], k, region)
+        for gamma in (0.02, 0.3):
+            seeds = sparse.seed_positions(math.prod(shape[:2] + grid), gamma, torch.device("cpu"), g)
+            strides = masks.strides_of(shape, fmt)
+            assert strides == torch.empty(shape, memory_format=fmt).stride()
+            pos = sparse.block_positions(seeds, shape[:2], grid, shape[2:], k, region, strides)
+            count = sparse.distinct_count(seeds, pos, grid, shape[2:], k, region)
+            assert count == len(set(pos.reshape(-1).tolist())), (k, gamma)
+            # the same units as the dense expansion of the same seeds
+            dense = torch.zeros(math.prod(shape[:2] + grid), dtype=torch.bool)
+            dense[torch.from_numpy(seeds)] = True
+            keep = masks.expand_dense(dense.reshape(shape[:2] + grid).contiguous(memory_format=fmt), shape[2:], k,
+                                      region, fmt)
+            flat = keep.permute(0, *range(2, len(shape)), 1) if fmt != torch.contiguous_format else keep
+            dropped = (~flat.reshape(-1)).nonzero().squeeze(1)
+            assert set(dropped.tolist()) == set(pos.reshape(-1).tolist()), (k, gamma)
+
+
+def test_cpu_path_forward_mode_and_double_backward():
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64, requires_grad=True)
+
+    def f(t):
+        return dbx.drop_block(t, 0.3, 3, generator=torch.Generator().manual_seed(0))
+
+    assert torch.autograd.gradgradcheck(f, (x,))
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        out = f(fwAD.make_dual(x.detach(), x.detach()))
+        y, tangent = fwAD.unpack_dual(out)
+    assert torch.equal(y, tangent) and (y == 0).any()  # linear in x for a fixed mask
+
+
 def test_geometric_seed_sampler_is_bernoulli():
     g = torch.Generator().manual_seed(0)
     count, gamma = 200_000, 0.01
@@ -362,8 +407,9 @@ def test_memory_format_is_kept(backend, mask):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("mask,channels", [("channel", 8), ("shared", 8), ("shared", 2), ("batch", 3)])
-def test_backward_saves_at_most_one_byte_per_unit(backend, mask, channels):
+@pytest.mark.parametrize("mask,channels,drop", [("channel", 8, 0.2), ("channel", 8, 0.05), ("channel", 8, 0.6),
+                                                ("shared", 8, 0.2), ("shared", 2, 0.2), ("batch", 3, 0.2)])
+def test_backward_saves_at_most_one_byte_per_unit(backend, mask, channels, drop):
     saved: list[torch.Tensor] = []
 
     def pack(t):
@@ -372,7 +418,7 @@ def test_backward_saves_at_most_one_byte_per_unit(backend, mask, channels):
 
     x = torch.randn(4, channels, 14, 14, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = dbx.drop_block(x, 0.2, 5, mask=mask)
+        y = dbx.drop_block(x, drop, 5, mask=mask)
     assert saved, "the mask must be saved for backward"
     total = sum(t.numel() * t.element_size() for t in saved)
     assert total <= x.numel() + 8, f"{total} bytes saved for {x.numel()} units"

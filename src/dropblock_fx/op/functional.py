@@ -17,7 +17,17 @@ from typing import Optional, Union
 import torch
 
 from .gamma import clip_block, seed_rate
-from .masks import BACKENDS, keep_mask, pick_backend, set_backend, under_functorch
+from .masks import (
+    _SPARSE_MAX_GAMMA,
+    BACKENDS,
+    _memory_format,
+    dropped_positions,
+    keep_mask,
+    pick_backend,
+    sampled_keep_mask,
+    set_backend,
+    under_functorch,
+)
 from .options import (
     MASK_MODES,
     SCALE_MODES,
@@ -91,6 +101,59 @@ class _ApplyKeepMask(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, x_t, keep_t, scale_t, fill_t, inplace_t):  # type: ignore[override]
         return _ApplyKeepMask._masked(ctx, x_t)
+
+
+def _flat(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """A 1-D view of ``t`` (dense in ``fmt``) in storage order; autograd follows it."""
+    if fmt == torch.channels_last:
+        return t.permute(0, 2, 3, 1).view(-1)
+    if fmt == torch.channels_last_3d:
+        return t.permute(0, 2, 3, 4, 1).view(-1)
+    return t.view(-1)
+
+
+class _ScaleAndDrop(torch.autograd.Function):
+    """``out = x * scale`` with the units at ``dropped`` (flat positions in ``x``'s storage
+    order for ``fmt``) set to zero: one pass over ``x`` and a scatter of zeros, forward and
+    backward. Saves only the positions (int64, or int32 when that keeps them within one byte
+    per unit of ``x``); the caller sends larger sets (high drop rates) to `_ApplyKeepMask`.
+
+    Written with ``forward(ctx, ...)``: it never runs under ``torch.func`` (the caller sends
+    those tensors to the dense path), and ``apply`` then skips binding the arguments to the
+    signature, which costs more than the op on small maps.
+    """
+
+    @staticmethod
+    def forward(ctx, x, dropped, scale, fmt, inplace):  # type: ignore[override]
+        if inplace:
+            ctx.mark_dirty(x)
+            out = x.mul_(scale)
+        else:
+            out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+            torch.mul(x, scale, out=out)
+        _flat(out, fmt).index_fill_(0, dropped, 0)
+        if dropped.numel() * 8 > x.numel() and x.numel() < 2**31:
+            dropped = dropped.to(torch.int32)  # the caller checked that 4 bytes each fit
+        ctx.save_for_backward(dropped)
+        ctx.save_for_forward(dropped)
+        ctx.scale, ctx.fmt = scale, fmt
+        return out
+
+    @staticmethod
+    def _masked(ctx, t: torch.Tensor) -> torch.Tensor:
+        (dropped,) = ctx.saved_tensors
+        out = (t * ctx.scale).contiguous(memory_format=ctx.fmt)
+        # Differentiable (double backward): a view and an in-place fill of a new tensor.
+        _flat(out, ctx.fmt).index_fill_(0, dropped.long(), 0)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return _ScaleAndDrop._masked(ctx, grad), None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, dropped_t, scale_t, fmt_t, inplace_t):  # type: ignore[override]
+        return _ScaleAndDrop._masked(ctx, x_t)
 
 
 # ---------------------------------------------------------------------------- the op
@@ -189,12 +252,45 @@ def drop_block_train(
     block = clip_block(spatial, block_req)
     if isinstance(drop_prob, torch.Tensor):
         drop_prob = drop_prob.to(device=x.device)
+    if (
+        torch.compiler.is_compiling() and x.device.type == "cpu" and generator is None
+        and pick_backend(x) == "sparse"
+    ):
+        # One opaque op draws the mask (no kernels to generate for it); the multiply below is
+        # fused by inductor into the neighbouring kernels, forward and backward. The mask is
+        # drawn channels-last: the layout inductor gives a CNN's activations on the CPU (the
+        # traced x says contiguous either way), so the fused kernels read it in order.
+        p = drop_prob if isinstance(drop_prob, torch.Tensor) else torch.tensor(drop_prob, dtype=torch.float32)
+        keep, factor = sampled_keep_mask(
+            p, list(x.shape), True, list(block), mask, seed_region, gamma_scale, scale, calibrate,
+        )
+        out = (x * keep.to(x.dtype)) * factor.to(x.dtype)
+        if noise:
+            fill = torch.randn(x.shape, dtype=x.dtype, device=x.device)
+            out = out + fill.masked_fill(keep, 0)
+        return x.copy_(out) if inplace else out
     gamma = seed_rate(drop_prob, spatial, block, gamma_scale, calibrate, seed_region)
 
     if pick_backend(x) == "triton" and not under_functorch(x):
         from .custom_ops import drop_block_triton  # Triton is optional: imported on first use
 
         return drop_block_triton(x, gamma, block, mask, seed_region, scale, noise, inplace, generator)
+
+    if (
+        mask == "channel" and not noise and not isinstance(gamma, torch.Tensor) and gamma < _SPARSE_MAX_GAMMA
+        and x.device.type == "cpu" and not torch.compiler.is_compiling() and not under_functorch(x)
+        and pick_backend(x) == "sparse"
+    ):
+        # The CPU path: seeds drawn as positions, the output one multiply by the scale and a
+        # scatter of zeros (no mask of x's size, no mixed-dtype multiply).
+        fmt = _memory_format(x)
+        if not inplace or x.is_contiguous(memory_format=fmt):
+            dropped, factor = dropped_positions(x, gamma, block, seed_region, scale, fmt, generator)
+            if dropped.numel() * (4 if x.numel() < 2**31 else 8) <= x.numel():  # within 1 byte per unit
+                return _ScaleAndDrop.apply(x, dropped, factor, fmt, inplace)
+            keep = torch.empty(x.shape, dtype=torch.bool, memory_format=fmt).fill_(True)
+            _flat(keep, fmt).index_fill_(0, dropped, False)
+            return _ApplyKeepMask.apply(x, keep, factor, None, inplace)
 
     keep, factor = keep_mask(x, gamma, block, mask, seed_region, scale, generator)
     with torch.no_grad():

@@ -19,14 +19,18 @@ from __future__ import annotations
 import math
 import os
 import struct
+from collections.abc import Sequence
 from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 
-from .gamma import expected_scale, seed_grid
+from .gamma import clip_block, expected_scale, seed_grid, seed_rate
+from .sparse import block_positions, distinct_count, seed_positions
 
-__all__ = ["BACKENDS", "set_backend", "pick_backend", "keep_mask", "under_functorch"]
+__all__ = [
+    "BACKENDS", "set_backend", "pick_backend", "keep_mask", "dropped_positions", "sampled_keep_mask", "under_functorch",
+]
 
 BACKENDS: tuple[str, ...] = ("auto", "reference", "sparse", "triton")
 
@@ -90,9 +94,9 @@ def pick_backend(x: torch.Tensor) -> str:
         return _backend
     if x.device.type == "cuda" and _HAS_TRITON and x.dtype in _TRITON_DTYPES:
         return "triton"  # fused kernels (op/triton_kernels.py), one custom op for compile/FX
-    if torch.compiler.is_compiling() or x.device.type != "cpu":
-        # nonzero() would break the graph under torch.compile and sync the host on GPUs.
-        return "reference"
+    if x.device.type != "cpu":
+        return "reference"  # the sparse path reads seed positions on the host: a sync on GPUs
+    # Compiled code reaches the sparse sampler through one opaque op (`sampled_keep_mask`).
     return "sparse"
 
 
@@ -111,47 +115,16 @@ def _uniform(shape: tuple[int, ...], x: torch.Tensor, fmt: torch.memory_format, 
     return u.uniform_(generator=generator)
 
 
-def _block_offsets(block: tuple[int, ...], seed_region: str, device: torch.device) -> list[torch.Tensor]:
-    """Per-dim offsets from a seed position to the units of its block."""
-    offs = []
-    for k in block:
-        r = torch.arange(k, device=device)
-        offs.append(r if seed_region == "valid" else r - k // 2)
-    return offs
-
-
 def sample_seed_positions(count: int, gamma: float, device: torch.device, generator) -> torch.Tensor:
-    """Flat positions of the successes of ``count`` iid Bernoulli(gamma) trials.
-
-    Draws the gaps between successes (geometric) instead of one number per trial, so the
-    cost is proportional to the number of seeds: ~150x fewer random numbers at the paper's
-    settings. Exact, not an approximation: gaps of iid Bernoulli trials are iid geometric.
+    """Flat positions of the successes of ``count`` iid Bernoulli(gamma) trials (a tensor on
+    ``device``); see `dropblock_fx.op.sparse.seed_positions`.
 
     Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> sample_seed_positions(10, 1.0, torch.device("cpu"), g).tolist()
         [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
     """
-    if gamma <= 0.0 or count == 0:
-        return torch.empty(0, dtype=torch.int64, device=device)
-    log_q = math.log1p(-gamma) if gamma < 1.0 else -math.inf
-    mean = count * gamma
-    positions: list[torch.Tensor] = []
-    start = 0  # next trial index not yet decided
-    while start < count:
-        remaining = count - start
-        m = int(min(remaining, mean * (remaining / count) + 6.0 * math.sqrt(mean + 1.0) + 16))
-        u = torch.rand(m, dtype=torch.float64, device=device, generator=generator)
-        # Failures before each success: floor(log(v) / log(1 - gamma)), v in (0, 1].
-        gaps = torch.floor(torch.log1p(-u) / log_q) if gamma < 1.0 else torch.zeros_like(u)
-        pos = start + torch.cumsum(gaps.to(torch.int64) + 1, 0) - 1
-        inside = pos < count
-        positions.append(pos[inside])
-        if bool(inside.all()):
-            start = int(pos[-1]) + 1
-        else:
-            break
-    return torch.cat(positions) if len(positions) > 1 else positions[0]
+    return torch.from_numpy(seed_positions(count, gamma, device, generator)).to(device)
 
 
 def expand_sparse(
@@ -172,24 +145,9 @@ def expand_sparse(
     keep = torch.empty(shape, dtype=torch.bool, device=device, memory_format=fmt).fill_(True)
     if seed_pos.numel() == 0:
         return keep
-    # Unravel seed positions into (n, c, *grid) coordinates.
-    coords: list[torch.Tensor] = []
-    rest = seed_pos
-    for size in reversed(tuple(mask_nc) + tuple(grid)):
-        coords.append(rest % size)
-        rest = rest // size
-    coords.reverse()
-    strides = keep.stride()
-    base = coords[0] * strides[0] + coords[1] * strides[1]
-    flat = base.unsqueeze(1)
-    offs = _block_offsets(block, seed_region, device)
-    for d in range(len(spatial)):
-        # Clamping folds clipped edge blocks onto the border, which the clipped block covers.
-        c = (coords[2 + d].unsqueeze(1) + offs[d].unsqueeze(0)).clamp_(0, spatial[d] - 1)
-        c = c * strides[2 + d]
-        flat = (flat.unsqueeze(-1) + c.unsqueeze(1)).flatten(1)
+    pos = block_positions(seed_pos.cpu().numpy(), mask_nc, grid, spatial, block, seed_region, keep.stride())
     storage = keep.as_strided((keep.numel(),), (1,))
-    storage.index_fill_(0, flat.reshape(-1), False)
+    storage.index_fill_(0, torch.from_numpy(pos.reshape(-1)).to(device), False)
     return keep
 
 
@@ -250,6 +208,75 @@ def round_to(v: float, dtype: torch.dtype) -> float:
 Scale = Union[float, torch.Tensor]
 
 
+def count_scale(numel: int, kept: int, dtype: torch.dtype) -> float:
+    """The ``"count"`` normaliser ``numel / max(kept, 1)`` as a Python float: the fp32 quotient
+    rounded to ``dtype``, bit for bit what the tensor path computes.
+
+    Examples:
+        >>> count_scale(100, 90, torch.float32) == float(torch.tensor(100.0) / torch.tensor(90.0))
+        True
+    """
+    q = round_to(float(numel), torch.float32) / round_to(float(max(kept, 1)), torch.float32)
+    return round_to(round_to(q, torch.float32), dtype)
+
+
+def strides_of(shape: tuple[int, ...], fmt: torch.memory_format) -> tuple[int, ...]:
+    """The strides of a dense tensor of ``shape`` in ``fmt`` (contiguous or channels-last).
+
+    Examples:
+        >>> strides_of((2, 3, 4, 5), torch.channels_last)
+        (60, 1, 15, 3)
+    """
+    order = list(range(len(shape)))
+    if fmt in (torch.channels_last, torch.channels_last_3d):
+        order = [0] + order[2:] + [1]  # the channel dim varies fastest
+    strides = [0] * len(shape)
+    step = 1
+    for d in reversed(order):
+        strides[d] = step
+        step *= shape[d]
+    return tuple(strides)
+
+
+def dropped_positions(
+    x: torch.Tensor,
+    gamma: float,
+    block: tuple[int, ...],
+    seed_region: str,
+    scale: str,
+    fmt: torch.memory_format,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[torch.Tensor, Scale]:
+    """A per-channel mask of ``x`` as the flat positions (int64, in the storage order of a
+    dense tensor of ``x``'s shape in ``fmt``) of the units it drops, and the normaliser.
+
+    A unit may be listed more than once (overlapping blocks): ``index_fill_`` does not mind.
+    The sparse path: cost follows the number of seeds, not the size of ``x``.
+
+    Examples:
+        >>> x = torch.ones(2, 3, 8, 8)
+        >>> pos, s = dropped_positions(x, 0.05, (3, 3), "valid", "count", torch.contiguous_format)
+        >>> out = x * s
+        >>> _ = out.view(-1).index_fill_(0, pos, 0)
+        >>> round(out.sum().item()) == x.numel()   # the count normaliser keeps the sum
+        True
+    """
+    spatial = tuple([int(s) for s in x.shape[2:]])
+    grid = seed_grid(spatial, block, seed_region)
+    mask_nc = (int(x.shape[0]), int(x.shape[1]))
+    seeds = seed_positions(math.prod(mask_nc + grid), gamma, x.device, generator)
+    pos = block_positions(seeds, mask_nc, grid, spatial, block, seed_region, strides_of(tuple(x.shape), fmt))
+    factor: Scale
+    if scale == "count":
+        numel = x.numel()
+        factor = count_scale(numel, numel - distinct_count(seeds, pos, grid, spatial, block, seed_region), x.dtype)
+    elif scale == "expected":
+        factor = expected_scale(gamma, spatial, block, seed_region)
+    else:
+        factor = 1.0
+    return torch.from_numpy(pos.reshape(-1)), factor
+
+
 def keep_mask(
     x: torch.Tensor,
     gamma: Union[float, torch.Tensor],
@@ -297,11 +324,8 @@ def keep_mask(
 
         factor: Scale
         if scale == "count" and x.device.type == "cpu" and not compiling and not functorch:
-            # On the CPU a host read of the count is free; a Python float saves kernels. It is
-            # the fp32 quotient rounded to x's dtype, bit for bit what the tensor path computes.
-            kept_n = max(1, int(torch.count_nonzero(keep)))
-            q = round_to(float(keep.numel()), torch.float32) / round_to(float(kept_n), torch.float32)
-            factor = round_to(round_to(q, torch.float32), x.dtype)
+            # On the CPU a host read of the count is free; a Python float saves kernels.
+            factor = count_scale(keep.numel(), int(torch.count_nonzero(keep)), x.dtype)
         elif scale == "count":
             kept = torch.count_nonzero(keep).clamp(min=1).to(torch.float32)
             factor = torch.div(float(keep.numel()), kept)
@@ -310,3 +334,59 @@ def keep_mask(
         else:
             factor = 1.0
     return keep, factor
+
+
+def _mask_layout(shape: Sequence[int], mask: str, channels_last: bool) -> tuple[tuple, torch.memory_format]:
+    n, c = {"channel": (shape[0], shape[1]), "shared": (shape[0], 1), "batch": (1, 1)}[mask]
+    fmt = torch.contiguous_format
+    if channels_last and mask == "channel":
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+    return (n, c, *shape[2:]), fmt
+
+
+@torch.library.custom_op(
+    "dropblock_fx::sampled_keep_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+)
+def sampled_keep_mask(
+    drop_prob: torch.Tensor, shape: Sequence[int], channels_last: bool, block: Sequence[int], mask: str,
+    seed_region: str, gamma_scale: float, scale: str, calibrate: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keep-mask (bool) of a tensor of ``shape`` and its normaliser (a 0-d fp32 tensor),
+    drawn from torch's global generator: what a compiled graph calls on the CPU.
+
+    One opaque op per site: ``torch.compile`` traces and generates no kernel for the sampling
+    (the sparse sampler of the eager path runs inside), and fuses the multiply by the mask
+    into the neighbouring kernels. ``drop_prob`` is a tensor, so a new rate never recompiles;
+    the op is tagged as seeded random, so compiled graphs neither merge two calls nor
+    recompute one in the backward. ``block`` is clipped to the map already.
+    """
+    size, fmt = _mask_layout(shape, mask, channels_last)
+    spatial = tuple([int(v) for v in shape[2:]])
+    block_t = clip_block(spatial, tuple([int(k) for k in block]))
+    gamma = seed_rate(float(drop_prob), spatial, block_t, gamma_scale, calibrate, seed_region)
+    grid = seed_grid(spatial, block_t, seed_region)
+    device = drop_prob.device
+    if gamma < _SPARSE_MAX_GAMMA:
+        keep = torch.empty(size, dtype=torch.bool, device=device, memory_format=fmt).fill_(True)
+        seeds = seed_positions(math.prod(size[:2] + grid), gamma, device, None)
+        pos = block_positions(seeds, size[:2], grid, spatial, block_t, seed_region, keep.stride())
+        keep.as_strided((keep.numel(),), (1,)).index_fill_(0, torch.from_numpy(pos.reshape(-1)).to(device), False)
+        kept = keep.numel() - distinct_count(seeds, pos, grid, spatial, block_t, seed_region) if scale == "count" else 0
+    else:
+        u = torch.empty(size[:2] + grid, dtype=torch.float32, device=device, memory_format=fmt).uniform_()
+        keep = expand_dense(u < gamma, spatial, block_t, seed_region, fmt)
+        kept = int(torch.count_nonzero(keep)) if scale == "count" else 0
+    if scale == "count":
+        factor = count_scale(keep.numel(), kept, torch.float32)
+    elif scale == "expected":
+        factor = float(expected_scale(gamma, spatial, block_t, seed_region))
+    else:
+        factor = 1.0
+    return keep, torch.tensor(factor, dtype=torch.float32, device=device)
+
+
+@sampled_keep_mask.register_fake
+def _sampled_keep_mask_fake(drop_prob, shape, channels_last, block, mask, seed_region, gamma_scale, scale, calibrate):
+    size, fmt = _mask_layout(shape, mask, channels_last)
+    keep = torch.empty(size, dtype=torch.bool, device=drop_prob.device, memory_format=fmt)
+    return keep, torch.empty((), dtype=torch.float32, device=drop_prob.device)
