@@ -31,8 +31,8 @@ Modes:
 CPU, the figures in docs/performance.md::
 
     python benchmarks/bench_step_overhead.py --batch 8 --rounds 20
-    python benchmarks/bench_step_overhead.py --batch 32 --rounds 10
-    python benchmarks/bench_step_overhead.py --compile --image 160 --variants "ours per-channel"
+    python benchmarks/bench_step_overhead.py --batch 32 --rounds 8 --variants timm "ours per-channel" "one multiply"
+    python benchmarks/bench_step_overhead.py --compile --image 160 --rounds 40 --variants "ours per-channel"
     python benchmarks/bench_step_overhead.py --compile-time --image 160 --variants "ours per-channel"
 
 ``--profile`` instead prints, per operator, the CPU time one eager step of each variant
