@@ -156,6 +156,42 @@ def test_a_strided_inverted_residual_is_one_stage():
     assert p.stages[3].span == "blocks.3..blocks.4" and p.stages[4].span == "blocks.5..bn2"
 
 
+class PaddedInvertedResidual(nn.Module):
+    """efficientnet_pytorch's block with an image size: a ``ZeroPad2d`` module (TF "same"
+    padding) before the strided depthwise conv, so a padded map (larger than its input)
+    runs inside the block."""
+
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        mid = cin * 4
+        self.expand = nn.Sequential(nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU())
+        self.pad = nn.ZeroPad2d(2)  # 8x8 -> 12x12: by its size alone, a map of stride 10.7
+        self.dw = nn.Sequential(nn.Conv2d(mid, mid, 5, stride, groups=mid, bias=False), nn.BatchNorm2d(mid), nn.ReLU())
+        self.project = nn.Sequential(nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return self.project(self.dw(self.pad(self.expand(x))))
+
+
+def test_a_padding_module_inside_a_block_keeps_the_stage_of_its_input():
+    """A padded map is its input's map, made larger: it is no shallower stage. So the strided
+    block stays one block in the stage of its output, its expand conv (at the previous
+    resolution) included, and the padding layer is named in no other stage."""
+    layers = [nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU()]
+    c = 8
+    for _ in range(4):
+        layers += [PaddedInvertedResidual(c, c * 2, 2), PaddedInvertedResidual(c * 2, c * 2, 1)]
+        c *= 2
+    net = nn.Sequential(*layers)
+    p = dbx.plan(net, input_size=(3, 128, 128), stages=[3, 4])
+    rows = {r.path: r for r in p.rows}
+    first4 = "9"  # the strided block of the stride-32 group
+    assert rows[f"{first4}.expand.dropblock_0"].stage == 4, rows.keys()
+    assert rows[f"{first4}.expand.dropblock_0"].resolution == (8, 8)
+    assert not any("pad" in s.name for s in p.stages), [s.name for s in p.stages]
+    assert [s.resolution for s in p.stages] == [(64, 64), (32, 32), (16, 16), (8, 8), (4, 4)]
+
+
 def test_densenet_transition_belongs_to_the_stage_it_opens():
     p = dbx.plan(torchvision.models.densenet121(), stages=[3])
     assert p.stages[3].span == "features.transition2..features.denseblock3"

@@ -140,9 +140,18 @@ def _ratio_log(input_shape: tuple[int, ...], shape: tuple[int, ...]) -> Optional
     return logs.pop() if len(logs) == 1 else None
 
 
+_PADS = tuple(getattr(nn.modules.padding, n) for n in
+              ("_ConstantPadNd", "_ReflectionPadNd", "_ReplicationPadNd", "_CircularPadNd")
+              if hasattr(nn.modules.padding, n))
+
+
 def _layer_steps(m: nn.Module) -> Optional[int]:
     """How many halvings a strided layer (a conv, a pooling layer) makes: log2 of its largest
-    stride (``stride=(2, 1)`` halves one axis: one step). None for anything else."""
+    stride (``stride=(2, 1)`` halves one axis: one step); 0 for a padding layer (a padded map
+    is its input's, made larger: efficientnet_pytorch's TF "same" padding). None for anything
+    else."""
+    if isinstance(m, _PADS):
+        return 0
     stride = getattr(m, "stride", None)
     if not isinstance(m, nn.Module) or stride is None or isinstance(stride, bool):
         return None
@@ -161,7 +170,8 @@ class Steps:
     (a conv or pooling layer) is its input's steps plus log2 of the layer's stride, whatever
     its padding (a valid 3x3 stride-2 conv takes 160 px to 79, 38, 17, 8, 3: one step each)
     and whichever axis it shrinks (``MaxPool2d((2, 1))`` halves the height: one step). A
-    stride-1 layer that shrinks a map (valid padding) adds none. Sizes made otherwise
+    stride-1 layer that shrinks a map (valid padding) adds none, nor does a padding layer
+    that enlarges one. Sizes made otherwise
     (functional pooling inside a custom module) count ``round(log2(input / size))`` steps when
     both axes agree.
 
