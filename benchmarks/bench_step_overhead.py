@@ -60,8 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dropblock_fx
-
-BLOCK = 7
+from bench_resnet50_step import BLOCK, paper_placement  # the same 36 sites as the GPU benchmark
 
 
 class OneMultiply(nn.Module):
@@ -69,19 +68,6 @@ class OneMultiply(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * 1.0
-
-
-def paper_placement(model: nn.Module, make: Callable[[float], nn.Module], drop: float) -> int:
-    """``make(rate)`` at the paper's 4 sites of every layer3 / layer4 bottleneck; returns the count."""
-    n = 0
-    for layer_name, rate in (("layer3", drop / 4), ("layer4", drop)):
-        for blk in getattr(model, layer_name):
-            blk.act1 = nn.Sequential(blk.act1, make(rate))
-            blk.act2 = nn.Sequential(blk.act2, make(rate))
-            blk.bn3 = nn.Sequential(blk.bn3, make(rate))
-            blk.downsample = make(rate) if blk.downsample is None else nn.Sequential(blk.downsample, make(rate))
-            n += 4
-    return n
 
 
 def build_variants(model_name: str, drop: float) -> dict[str, Callable[[], tuple[nn.Module, int]]]:
