@@ -332,3 +332,58 @@ def test_channels_last_blocks_get_permuted_sites(c):
     assert dropped.any() and not dropped.all()
     # a dropped element's channel row is not zeroed across channels (per-channel masks over H, W)
     assert not dropped.all(dim=1)[dropped.any(dim=1)].all()
+
+
+def _meta_cases():
+    F = torch.nn.functional
+    x = torch.empty(2, 8, 6, 5, device="meta")
+    xc = x.to(memory_format=torch.channels_last)
+    v = torch.empty(2, 4, 3, 6, 5, device="meta").to(memory_format=torch.channels_last_3d)
+    w, w3 = torch.empty(8, device="meta"), torch.empty(4, device="meta")
+    cw = torch.empty(16, 8, 3, 3, device="meta")
+    return {
+        "bn train": lambda: F.batch_norm(xc, w.clone(), w.clone(), w, w, True),
+        "bn eval": lambda: F.batch_norm(x, w, w, None, None, False),
+        "bn3d": lambda: F.batch_norm(v, w3.clone(), w3.clone(), training=True),
+        "layer norm": lambda: F.layer_norm(xc, (5,)),
+        "group norm": lambda: F.group_norm(xc, 4, w, w),
+        "gelu cl": lambda: F.gelu(xc),
+        "hardswish bf16": lambda: F.hardswish(x.to(torch.bfloat16)),
+        "relu": lambda: F.relu(v),
+        "broadcast add": lambda: x + torch.empty(8, 1, 1, device="meta", dtype=torch.float64),
+        "conv": lambda: F.conv2d(xc, cw, stride=2, padding=1),
+        "max pool with indices": lambda: F.max_pool2d(x, 2, return_indices=True),
+        "mean": lambda: x.mean((2, 3), keepdim=True),
+    }
+
+
+def _meta(out):
+    outs = out if isinstance(out, tuple) else (out,)
+    return [(o.shape, o.stride(), o.dtype, o.device) for o in outs]
+
+
+def test_memoised_meta_kernels_give_what_the_kernels_give():
+    """A meta op answered from the memo (the second call with the same metadata) has the
+    shapes, strides and dtypes the meta kernel gives; in-place ops, views, real and fake
+    tensors are not memoised."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from dropblock_fx.graph.meta import _MEMO, memo_meta
+
+    cases = _meta_cases()
+    expected = {name: _meta(f()) for name, f in cases.items()}
+    with torch.no_grad(), memo_meta():
+        for name, f in cases.items():
+            first = _meta(f())
+            size = len(_MEMO)
+            again = f()
+            assert _meta(again) == first == expected[name], name
+            assert len(_MEMO) == size, f"{name}: the second call was not answered from the memo"
+        x = torch.empty(2, 3, 4, 4, device="meta")
+        assert torch.relu_(x) is x and x[:, 1:].storage_offset() == 16  # in place, view: as ever
+        real = torch.randn(2, 3, 4, 4)
+        with memo_meta():  # re-entrant: one mode
+            assert torch.equal(torch.nn.functional.gelu(real), torch.nn.functional.gelu(real.clone()))
+        with FakeTensorMode():
+            fake = torch.nn.functional.batch_norm(torch.empty(2, 8, 6, 5), None, None, training=True)
+        assert type(fake).__name__ == "FakeTensor"

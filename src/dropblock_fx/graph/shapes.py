@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..modes import training_mode
 from .feature_maps import gate_inputs
+from .meta import memo_meta
 
 __all__ = ["Call", "ShapeRecord", "record_calls"]
 
@@ -323,7 +324,8 @@ def _run(root: nn.Module, shape: tuple[int, ...], mode: str, runner: nn.Module, 
                     tensors = dict(itertools.chain(runner.named_parameters(), runner.named_buffers()))
                     meta = {k: _meta_like(v) for k, v in tensors.items()}
                     args, kwargs = _made_like((args, kwargs), batch, lambda s, d: torch.empty(s, dtype=d, device="meta"))
-                    torch.func.functional_call(runner, meta, tuple(args), kwargs, strict=False, tie_weights=True)
+                    with memo_meta():
+                        torch.func.functional_call(runner, meta, tuple(args), kwargs, strict=False, tie_weights=True)
                 elif mode == "real":  # data-dependent control flow: one real forward on zeros
                     args, kwargs = _made_like((args, kwargs), batch, lambda s, d: torch.zeros(s, dtype=d))
                     runner(*args, **kwargs)
