@@ -69,8 +69,10 @@ def preserved(root: nn.Module, values: bool = False) -> Iterator[list[str]]:
     names = {id(m): n for n, m in root.named_modules()}
     for m in root.modules():
         d = dict(m.__dict__)
-        inner = {k: _copy(v) for k, v in d.items() if type(v) in _CONTAINERS or type(v).__module__ == "collections"
-                 and isinstance(v, _CONTAINERS)}
+        # a module holds a dozen containers, mostly empty hook tables: an empty one is kept as
+        # None (restored by clearing it), which halves what a snapshot costs
+        inner = {k: (_copy(v) if v else None) for k, v in d.items()
+                 if type(v) in _CONTAINERS or type(v).__module__ == "collections" and isinstance(v, _CONTAINERS)}
         buffers = {k: b.detach().clone() for k, b in m._buffers.items() if b is not None} if values else {}
         saved.append((m, d, inner, buffers))
     rng = torch.get_rng_state()
@@ -89,7 +91,11 @@ def preserved(root: nn.Module, values: bool = False) -> Iterator[list[str]]:
                     changed.append(f"{where}.{k}".lstrip("."))
                     current[k] = v
             for k, contents in inner.items():
-                if not _same(contents, d[k]):
+                if contents is None:
+                    if d[k]:
+                        changed.append(f"{where}.{k}".lstrip("."))
+                        d[k].clear()
+                elif not _same(contents, d[k]):
                     changed.append(f"{where}.{k}".lstrip("."))
                     _restore_contents(d[k], contents)
             for k, b in buffers.items():

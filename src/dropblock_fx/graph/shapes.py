@@ -315,14 +315,15 @@ def _run(root: nn.Module, shape: tuple[int, ...], mode: str, runner: nn.Module, 
     # a fake-tensor pass in train mode updates the real running statistics in place
     saved = [(b, b.clone()) for b in runner.buffers()] if training and mode != "meta" else []
     try:
+        if mode == "meta":  # made before the pass: the parameters are no data the pass follows
+            # one name per tensor: functional_call ties the other names of a shared one
+            tensors = dict(itertools.chain(runner.named_parameters(), runner.named_buffers()))
+            meta = {k: _meta_like(v) for k, v in tensors.items()}
         with training_mode(runner, training), torch.no_grad(), flow:
             try:
                 args, kwargs = inputs if inputs is not None else ((torch.empty(shape, device="meta"),), {})
                 batch = shape[0]
                 if mode == "meta":
-                    # one name per tensor: functional_call ties the other names of a shared one
-                    tensors = dict(itertools.chain(runner.named_parameters(), runner.named_buffers()))
-                    meta = {k: _meta_like(v) for k, v in tensors.items()}
                     args, kwargs = _made_like((args, kwargs), batch, lambda s, d: torch.empty(s, dtype=d, device="meta"))
                     with memo_meta():
                         torch.func.functional_call(runner, meta, tuple(args), kwargs, strict=False, tie_weights=True)
