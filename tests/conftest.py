@@ -13,3 +13,36 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# -- running on every core (pytest-xdist, ``-n auto``) -----------------------------------------
+#
+# These files share one costly subprocess run among their tests (the two-process launch, the
+# Triton interpreter run: 20-35 s each). Their tests go to one worker together, and first, so
+# the run happens once and not at the tail of the session. (xdist's own ``--dist loadgroup``
+# does the grouping with a node-id suffix that pytest 9.2 no longer keeps.)
+ONE_WORKER_FILES = ("tests/test_distributed.py", "tests/test_triton_interpret.py")
+
+
+def _file_of(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0]
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """The shared-run files first (a stable sort: the same order on every worker)."""
+    items.sort(key=lambda item: _file_of(item.nodeid) not in ONE_WORKER_FILES)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """For the default ``--dist load``: each of `ONE_WORKER_FILES` is one unit of work (all its
+    tests on one worker), every other test its own unit, as in xdist's ``loadgroup``."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneWorkerFiles(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _file_of(nodeid) if _file_of(nodeid) in ONE_WORKER_FILES else nodeid
+
+    return OneWorkerFiles(config, log)

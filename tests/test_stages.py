@@ -350,8 +350,9 @@ def test_ssd_is_planned_on_its_base_network_not_its_extra_layers():
 def test_a_bare_sequential_target_is_rewritten_like_the_same_layers_in_a_model():
     """``target="features"`` (VGG's layers in one nn.Sequential) gets the sites the whole model
     gives them; an SSD300 is planned on its VGG base network and gets sites there too."""
-    whole = dbx.plan(torchvision.models.vgg16())
-    part = dbx.plan(torchvision.models.vgg16(), target="features")
+    vgg = torchvision.models.vgg16()  # planning leaves the model as it was: one build serves both
+    whole = dbx.plan(vgg)
+    part = dbx.plan(vgg, target="features")
     assert _rows(part) == _rows(whole) and len(part.rows) > 0
     ssd = dbx.plan(torchvision.models.detection.ssd300_vgg16(weights=None, weights_backbone=None),
                    input_size=(3, 300, 300))

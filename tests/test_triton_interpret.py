@@ -9,6 +9,7 @@ its own test.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib.util
 import json
 import os
@@ -38,13 +39,20 @@ def _run(code_or_file: list[str], env_extra: dict[str, str], timeout: float) -> 
     )
 
 
-@pytest.fixture(scope="module")
-def interpreter_results() -> dict[str, dict]:
+@functools.lru_cache(maxsize=None)
+def _interpreter_run() -> dict[str, dict]:
+    """The one subprocess run, kept for the process: a worker of pytest-xdist may tear the
+    module's fixtures down between two of its tests and set them up again."""
     proc = _run([str(CHECKS_FILE)], {"TRITON_INTERPRET": "1", "DROPBLOCK_FX_BACKEND": "auto"}, timeout=600)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULTS "):
             return json.loads(line[len("RESULTS "):])
     pytest.fail(f"interpreter checks crashed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def interpreter_results() -> dict[str, dict]:
+    return _interpreter_run()
 
 
 @pytest.mark.parametrize("name", _check_names())
