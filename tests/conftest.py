@@ -1,5 +1,7 @@
 """Shared fixtures."""
 
+import os
+
 import pytest
 import torch
 
@@ -46,3 +48,25 @@ def pytest_xdist_make_scheduler(config, log):
             return _file_of(nodeid) if _file_of(nodeid) in ONE_WORKER_FILES else nodeid
 
     return OneWorkerFiles(config, log)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads_per_worker():
+    """Under pytest-xdist every worker gets its share of the cores for torch's intra-op
+    threads (one each on a 2-core machine with ``-n auto``), and so do the processes a test
+    starts (``OMP_NUM_THREADS``): workers that each spin up a thread per core fight over the
+    cores and the suite runs slower."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers <= 1:
+        yield
+        return
+    n, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    share = max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(share)
+    os.environ["OMP_NUM_THREADS"] = str(share)
+    yield
+    torch.set_num_threads(n)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
