@@ -19,11 +19,13 @@ def one_thread():
 
 # -- running on every core (pytest-xdist, ``-n auto``) -----------------------------------------
 #
-# These files share one costly subprocess run among their tests (the two-process launch, the
-# Triton interpreter run: 20-35 s each). Their tests go to one worker together, and first, so
-# the run happens once and not at the tail of the session. (xdist's own ``--dist loadgroup``
+# These files share something costly among their tests: one subprocess run (the two-process
+# launch, the Triton interpreter run: 20-35 s each) or one import (transformers, Lightning:
+# ~3 s each, imported when their tests run). Their tests go to one worker together, and first,
+# so it happens once and not at the tail of the session. (xdist's own ``--dist loadgroup``
 # does the grouping with a node-id suffix that pytest 9.2 no longer keeps.)
-ONE_WORKER_FILES = ("tests/test_distributed.py", "tests/test_triton_interpret.py")
+ONE_WORKER_FILES = ("tests/test_distributed.py", "tests/test_triton_interpret.py", "tests/test_hf_trainer.py",
+                    "tests/test_schedule_lightning.py")
 
 
 def _file_of(nodeid: str) -> str:

@@ -4,16 +4,36 @@ and resumed from it: the rates at every step are the schedule's, and the same bo
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
+
 import pytest
 import torch
 
 import dropblock_fx as dbx
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("accelerate")
-from dropblock_fx.integrations.hf import DropBlockScheduleCallback  # noqa: E402
+# transformers takes ~3 s to import: it is imported when a test here runs, not when the suite
+# is collected (by every xdist worker)
+pytestmark = [
+    pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("transformers", "accelerate")),
+                       reason="needs transformers and accelerate (the hf extra)"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+
+class _Lazy:
+    def __getattr__(self, name: str):
+        return getattr(importlib.import_module("transformers"), name)
+
+
+transformers = _Lazy()
+
+
+def DropBlockScheduleCallback():  # noqa: N802 - stands for the class
+    from dropblock_fx.integrations.hf import DropBlockScheduleCallback
+
+    return DropBlockScheduleCallback()
 
 SAMPLES, BATCH, EPOCHS = 8, 2, 2
 STEPS = SAMPLES // BATCH * EPOCHS
@@ -54,9 +74,13 @@ class RandomImages(torch.utils.data.Dataset):
         return {"pixel_values": self.x[i], "labels": self.y[i]}
 
 
-class StopAfterFirstEpoch(transformers.TrainerCallback):
-    def on_epoch_end(self, args, state, control, **kwargs):
-        control.should_training_stop = True
+@functools.lru_cache(maxsize=None)
+def _stop_after_first_epoch() -> type:
+    class StopAfterFirstEpoch(transformers.TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            control.should_training_stop = True
+
+    return StopAfterFirstEpoch
 
 
 def train(out, *, resume=None, stop=False):
@@ -72,7 +96,7 @@ def train(out, *, resume=None, stop=False):
         save_strategy="epoch", logging_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
         dataloader_num_workers=0, seed=0,
     )
-    callbacks = [DropBlockScheduleCallback()] + ([StopAfterFirstEpoch()] if stop else [])
+    callbacks = [DropBlockScheduleCallback()] + ([_stop_after_first_epoch()()] if stop else [])
     trainer = transformers.Trainer(model=model, args=args, train_dataset=RandomImages(), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     return seen, model

@@ -2,43 +2,67 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-L = pytest.importorskip("lightning.pytorch")
+from dropblock_fx import DropBlock2d, DropBlockNd, attach_schedule
 
-from dropblock_fx import DropBlock2d, DropBlockNd, attach_schedule  # noqa: E402
-from dropblock_fx.schedule.lightning import DropBlockScheduleCallback  # noqa: E402
+# Lightning takes ~3 s to import: it is imported when a test here runs, not when the suite is
+# collected (by every xdist worker)
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("lightning") is None, reason="needs lightning")
 
 TOTAL = 8
 
 
-class Net(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), DropBlock2d(0.2, 3), nn.AdaptiveAvgPool2d(1),
-                                  nn.Flatten(), nn.Linear(4, 1))
-        self.body[1].target_drop_prob = 0.2
-        self.seen: list[float] = []
+@functools.lru_cache(maxsize=None)
+def _lightning():
+    import lightning.pytorch
 
-    def training_step(self, batch, batch_idx):
-        self.seen.append(self.body[1].drop_prob)
-        return self.body(batch).pow(2).mean()
+    return lightning.pytorch
 
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.01)
 
-    def train_dataloader(self):
-        return torch.utils.data.DataLoader(torch.randn(TOTAL * 2, 3, 8, 8), batch_size=2)
+def DropBlockScheduleCallback(**kw):  # noqa: N802 - stands for the class
+    from dropblock_fx.schedule.lightning import DropBlockScheduleCallback
+
+    return DropBlockScheduleCallback(**kw)
+
+
+def Net():  # noqa: N802 - stands for the class
+    return _net_class()()
+
+
+@functools.lru_cache(maxsize=None)
+def _net_class() -> type:
+    class Net(_lightning().LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), DropBlock2d(0.2, 3), nn.AdaptiveAvgPool2d(1),
+                                      nn.Flatten(), nn.Linear(4, 1))
+            self.body[1].target_drop_prob = 0.2
+            self.seen: list[float] = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(self.body[1].drop_prob)
+            return self.body(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.randn(TOTAL * 2, 3, 8, 8), batch_size=2)
+
+    return Net
 
 
 def _trainer(**kw):
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, **kw)
+    return _lightning().Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                                enable_model_summary=False, **kw)
 
 
 @pytest.fixture(autouse=True)
@@ -51,7 +75,9 @@ def _quiet():
 def test_lightning_hook_follows_global_step():
     net = Net()
     sched = attach_schedule(net, total_steps=TOTAL, hook="lightning")
-    assert isinstance(sched.callback, DropBlockScheduleCallback)
+    from dropblock_fx.schedule.lightning import DropBlockScheduleCallback as Callback
+
+    assert isinstance(sched.callback, Callback)
     _trainer(max_steps=TOTAL, enable_checkpointing=False, callbacks=[sched.callback]).fit(net)
     assert net.seen == pytest.approx([0.2 * k / TOTAL for k in range(TOTAL)])
     assert sched.count == TOTAL and net.body[1].drop_prob == pytest.approx(0.2)
