@@ -302,18 +302,11 @@ def _has_fsdp2() -> bool:
 EXPECTED_PLAN = [f"layer{s}.0.dropblock_{k}" for s in (3, 4) for k in ("conv1", "conv_last", "shortcut")]
 
 
-_LAUNCHED: list = []  # the launch's result, kept for the process (xdist may set the fixture up twice)
-
-
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(tmp_path_factory):
-    """The one two-process launch: train (saving a checkpoint), resume from it, compile, FSDP."""
-    if not _LAUNCHED:
-        _LAUNCHED.append(_launch(tmp_path_factory))
-    return _LAUNCHED[0]
-
-
-def _launch(tmp_path_factory):
+    """The one two-process launch: train (saving a checkpoint), resume from it, compile, FSDP.
+    Session-scoped: a module fixture is set up again whenever a worker of pytest-xdist runs
+    another file's test between two of these."""
     tmp = tmp_path_factory.mktemp("ddp")
     ckpt = tmp / "ckpt.pt"
     modes = [{"mode": "train"}, {"mode": "resume"},

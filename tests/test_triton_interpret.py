@@ -9,7 +9,6 @@ its own test.
 from __future__ import annotations
 
 import ast
-import functools
 import importlib.util
 import json
 import os
@@ -39,20 +38,15 @@ def _run(code_or_file: list[str], env_extra: dict[str, str], timeout: float) -> 
     )
 
 
-@functools.lru_cache(maxsize=None)
-def _interpreter_run() -> dict[str, dict]:
-    """The one subprocess run, kept for the process: a worker of pytest-xdist may tear the
-    module's fixtures down between two of its tests and set them up again."""
+@pytest.fixture(scope="session")
+def interpreter_results() -> dict[str, dict]:
+    """The one subprocess run (session-scoped: a module fixture is set up again whenever a
+    worker of pytest-xdist runs another file's test between two of these)."""
     proc = _run([str(CHECKS_FILE)], {"TRITON_INTERPRET": "1", "DROPBLOCK_FX_BACKEND": "auto"}, timeout=600)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULTS "):
             return json.loads(line[len("RESULTS "):])
     pytest.fail(f"interpreter checks crashed (rc {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-
-
-@pytest.fixture(scope="module")
-def interpreter_results() -> dict[str, dict]:
-    return _interpreter_run()
 
 
 @pytest.mark.parametrize("name", _check_names())
