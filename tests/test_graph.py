@@ -387,3 +387,130 @@ def test_memoised_meta_kernels_give_what_the_kernels_give():
         with FakeTensorMode():
             fake = torch.nn.functional.batch_norm(torch.empty(2, 8, 6, 5), None, None, training=True)
         assert type(fake).__name__ == "FakeTensor"
+
+
+class _Scaled(nn.Module):
+    """A parameter read in the forward (FX's ``getattr`` hook), ``math.sqrt`` (an autowrapped
+    function), a child called twice."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.gain = nn.Parameter(torch.ones(1, c, 1, 1))
+
+    def forward(self, x):
+        import math
+
+        return self.conv(self.conv(x)) * self.gain / math.sqrt(x.shape[1])
+
+
+def _codes(graphs: dict) -> dict:
+    return {mode: g.python_code("self").src for mode, g in graphs.items()}
+
+
+def test_traces_sharing_one_patch_give_fx_own_graphs_and_put_nn_module_back():
+    """Inside ``traces_share_one_patch`` every trace gives the code FX's own trace gives (plain,
+    with extra leaves, specialised, timm's and torchvision's blocks), the patch on nn.Module
+    is the shared one for all of them (FX does not patch the class per trace), and nn.Module's
+    own methods are back afterwards, after a failing trace too."""
+    import timm
+    import torchvision
+
+    from dropblock_fx.graph.specialise import trace_specialised
+    from dropblock_fx.graph.tracing import LeafTracer, _module_call, traces_share_one_patch
+
+    call, getattr_ = nn.Module.__dict__["__call__"], nn.Module.__dict__["__getattr__"]
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(nn.Module.__dict__["__call__"])
+            return x + 1
+
+    seq = SmallCNN().stages[2]
+    units = [
+        (SmallCNN().stages[1], ()),
+        (seq, tuple(seq)),  # its blocks as extra leaves
+        (_Scaled(), ()),
+        (timm.create_model("efficientnet_b0").blocks[1][0], ()),  # SE: autowrapped gates
+        (torchvision.models.resnet18().layer2[0], ()),
+        (Probe(), ()),
+    ]
+    plain = [_codes(trace_modes(m, leaves)) for m, leaves in units]
+    pair = {"x": [torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 8, 8)]}
+    special = trace_specialised(_ListBlock(4), (), pair)[0]
+    assert seen and all(s is not _module_call for s in seen)  # FX's own patch, per trace
+    seen.clear()
+    with traces_share_one_patch():
+        shared = [_codes(trace_modes(m, leaves)) for m, leaves in units]
+        special_shared = trace_specialised(_ListBlock(4), (), pair)[0]
+        with pytest.raises(ZeroDivisionError):
+            LeafTracer().trace(nn.Sequential(nn.ReLU(), _Raising()))
+        after_failure = _codes(trace_modes(*units[2]))
+    assert shared == plain and after_failure == plain[2]
+    assert _codes(special_shared) == _codes(special) and "cat" in str(_codes(special))
+    assert seen and all(s is _module_call for s in seen)
+    assert nn.Module.__dict__["__call__"] is call and nn.Module.__dict__["__getattr__"] is getattr_
+
+
+class _Raising(nn.Module):
+    def forward(self, x):
+        return 1 / 0
+
+
+def test_other_threads_call_modules_plainly_while_a_shared_patch_traces():
+    """While this thread traces under the shared patch, a module called by another thread runs
+    as usual (FX's own patch would hand that call to this thread's tracer), and a trace started
+    by another thread waits for the scope to end and is FX's own."""
+    import threading
+
+    from dropblock_fx.graph.tracing import LeafTracer, traces_share_one_patch
+
+    other = nn.Conv2d(3, 3, 1)
+    out: dict = {}
+
+    def call_other() -> None:
+        with torch.no_grad():
+            out["tensor"] = other(torch.ones(1, 3, 2, 2))
+
+    def trace_other() -> None:
+        out["graph"] = [n.op for n in LeafTracer().trace(nn.Sequential(nn.ReLU())).nodes]
+
+    class CallsFromAnotherThread(nn.Module):
+        def forward(self, x):
+            t = threading.Thread(target=call_other)
+            t.start()
+            t.join()
+            out["tracer_thread"] = threading.Thread(target=trace_other)
+            out["tracer_thread"].start()
+            out["tracer_thread"].join(timeout=0.2)
+            out["waited"] = out["tracer_thread"].is_alive()  # blocked on the scope's lock
+            return x * 2
+
+    with traces_share_one_patch():
+        graph = LeafTracer().trace(CallsFromAnotherThread())
+    out["tracer_thread"].join(timeout=30)
+    assert type(out["tensor"]) is torch.Tensor and torch.equal(out["tensor"], other(torch.ones(1, 3, 2, 2)))
+    assert [n.op for n in graph.nodes] == ["placeholder", "call_function", "output"]
+    assert out["waited"] and out["graph"] == ["placeholder", "call_module", "output"]
+
+
+def test_a_shared_patch_leaves_someone_elses_patch_alone():
+    """When nn.Module.__call__ is patched already (an FX trace in progress, say), the scope
+    installs nothing: traces inside are FX's own, and the other patch is still there after."""
+    from dropblock_fx.graph.tracing import LeafTracer, traces_share_one_patch
+
+    original = nn.Module.__dict__["__call__"]
+
+    def foreign(self, *args, **kwargs):
+        return original(self, *args, **kwargs)
+
+    nn.Module.__call__ = foreign
+    try:
+        with traces_share_one_patch():
+            assert nn.Module.__dict__["__call__"] is foreign
+            graph = LeafTracer().trace(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReLU()))
+        assert nn.Module.__dict__["__call__"] is foreign
+    finally:
+        nn.Module.__call__ = original
+    assert [n.op for n in graph.nodes] == ["placeholder", "call_module", "call_module", "output"]

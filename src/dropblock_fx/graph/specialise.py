@@ -42,7 +42,7 @@ from torch.utils._pytree import tree_flatten
 
 from .leaves import checkpoint_functions
 from .meta import attr_at, run_checkpointed, run_meta, to_meta, with_batch
-from .tracing import LeafTracer, trace_modes
+from .tracing import LeafTracer, trace_lock, trace_modes
 
 __all__ = ["describe_call", "loosen", "call_matches", "trace_specialised", "respecialise", "skeleton"]
 
@@ -326,7 +326,7 @@ class _SpecialisingTracer(LeafTracer):
 
 _FACTORIES = ("rand", "randn", "randint", "zeros", "ones", "empty", "full", "arange", "bernoulli")
 _TENSOR_TYPES = (torch.Tensor, torch._C.TensorBase)
-_LOCK = threading.RLock()
+_LOCK = trace_lock  # the tracing lock: one order of locks whichever thread traces
 _LOCAL = threading.local()  # .tracer: the specialising tracer of this thread's trace
 _installed = [0]  # how many traces (of this thread, nested) hold the patch
 
