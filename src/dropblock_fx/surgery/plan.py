@@ -32,6 +32,7 @@ from ..graph.preserve import preserved
 from ..graph.shapes import Inputs, ShapeRecord, input_shape_of, record_calls
 from ..graph.splice import guard_text
 from ..graph.stages import map_stages
+from ..graph.tracing import traces_share_one_patch
 from ..graph.units import Unit, find_units
 from ..recipe.schema import Recipe
 from .actions import Action, build_actions
@@ -209,7 +210,7 @@ def prepare(model: nn.Module, recipe: Recipe, keep_foreign: bool = False,
             inputs: Optional[Inputs] = None) -> Prepared:
     """Every planning phase; nothing of ``model`` is changed (see the module docstring)."""
     notes: list[str] = []
-    with preserved(model):
+    with preserved(model), traces_share_one_patch():  # dozens of traces: nn.Module patched once
         target, record = _target_and_shapes(model, recipe, keep_foreign, notes, inputs)
         suspects = _recognise_norms(record, notes)
         smap = map_stages(target.root, record)
