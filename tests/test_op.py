@@ -448,3 +448,59 @@ def test_expectation_is_preserved(backend):
         x = torch.rand(8, 32, 14, 14) + 0.5
         ratios.append(dbx.drop_block(x, 0.3, 5).mean().item() / x.mean().item())
     assert_mean_close(torch.tensor(ratios), 1.0, "E[out] / E[x]")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("drop", [0.1, 0.6])  # seeds as positions; and the dense draw (gamma >= 0.25)
+def test_a_block_as_large_as_its_map_drops_whole_maps_from_one_flag_each(dtype, fmt, drop):
+    """With valid seeds and a block as large as the map (ResNet's last stage at 224 px with
+    block 7) every seed drops its whole map: the CPU path keeps one flag per map. Its output
+    and gradient are those of the positions path from the same random numbers (at a seed rate
+    the positions path takes; the dense draw above it), in ``x``'s memory format; the count
+    normaliser is exact."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 40, 7, 7).to(dtype).contiguous(memory_format=fmt).requires_grad_()
+    gamma = fn.seed_rate(drop, (7, 7), (7, 7), 1.0, False, "valid")
+    g = torch.Generator().manual_seed(3)
+    out = dbx.drop_block(x, drop, 7, generator=g)
+    assert out.is_contiguous(memory_format=fmt)
+    maps = out.detach().float().flatten(2)
+    dropped = (maps == 0).all(-1)
+    assert torch.equal(dropped | (maps != 0).all(-1), torch.ones_like(dropped))  # whole maps, or none of them
+    kept = x.numel() - int(dropped.sum()) * 49
+    scale = masks.count_scale(x.numel(), kept, dtype)
+    assert torch.equal(out.detach(), x.detach() * scale * (~dropped)[..., None, None].to(dtype))
+    if gamma < masks._SPARSE_MAX_GAMMA:
+        g.manual_seed(3)
+        pos, factor = masks.dropped_positions(x.detach(), gamma, (7, 7), "valid", "count", fmt, g)
+        ref = (x.detach() * factor).contiguous(memory_format=fmt)
+        ref.permute(0, 2, 3, 1).reshape(-1).index_fill_(0, pos, 0) if fmt == torch.channels_last \
+            else ref.view(-1).index_fill_(0, pos, 0)
+        assert factor == scale and torch.equal(out.detach(), ref)
+    else:
+        g.manual_seed(3)
+        u = torch.rand(6, 40, 1, 1, generator=g)
+        assert torch.equal(dropped, (u < gamma)[..., 0, 0])
+    grad = torch.randn_like(x)
+    out.backward(grad)
+    assert torch.equal(x.grad, grad * (~dropped)[..., None, None].to(dtype) * scale)
+
+
+@pytest.mark.parametrize("drop", [0.2, 0.6])
+def test_a_compiled_site_whose_block_covers_its_map_draws_one_flag_per_map(drop):
+    """Under torch.compile the CPU op's mask has one flag per map when the block covers the map
+    (its fake says so too): the compiled output is the eager one for the same seed, from the
+    seed positions or (seed rate >= 0.25) from one uniform per map, as in eager mode."""
+    torch._dynamo.reset()
+    m = dbx.DropBlock2d(drop, 7).train()
+    x = torch.randn(4, 32, 7, 7)
+    torch.manual_seed(5)
+    eager = m(x)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(5)
+    out = compiled(x)
+    assert torch.equal(out, eager) and (eager.flatten(2) == 0).all(-1).any()
+    keep, factor = masks.sampled_keep_mask(torch.tensor(drop), [4, 32, 7, 7], True, [7, 7], "channel", "valid",
+                                           1.0, "count", False)
+    assert keep.shape == (4, 32, 1, 1) and factor.dim() == 0

@@ -21,12 +21,14 @@ from .masks import (
     _SPARSE_MAX_GAMMA,
     BACKENDS,
     _memory_format,
+    covers_whole_map,
     dropped_positions,
     keep_mask,
     pick_backend,
     sampled_keep_mask,
     set_backend,
     under_functorch,
+    whole_map_keep,
 )
 from .options import (
     MASK_MODES,
@@ -284,6 +286,14 @@ def drop_block_train(
         # The CPU path: seeds drawn as positions, the output one multiply by the scale and a
         # scatter of zeros (no mask of x's size, no mixed-dtype multiply).
         fmt = _memory_format(x)
+        if covers_whole_map(spatial, block, seed_region):
+            # Every seed drops its whole map: the mask is one flag per map, and applying it is
+            # one multiply by a small scaled mask that autograd saves (N x C values).
+            keep, factor = whole_map_keep((int(x.shape[0]), int(x.shape[1])), spatial, gamma, scale, x.dtype,
+                                          x.device, generator)
+            with torch.no_grad():
+                m = keep.to(x.dtype).mul_(factor)
+            return x.mul_(m) if inplace else x * m
         if not inplace or x.is_contiguous(memory_format=fmt):
             dropped, factor = dropped_positions(x, gamma, block, seed_region, scale, fmt, generator)
             if dropped.numel() * (4 if x.numel() < 2**31 else 8) <= x.numel():  # within 1 byte per unit

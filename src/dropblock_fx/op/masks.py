@@ -30,6 +30,7 @@ from .sparse import block_positions, distinct_count, seed_positions
 
 __all__ = [
     "BACKENDS", "set_backend", "pick_backend", "keep_mask", "dropped_positions", "sampled_keep_mask", "under_functorch",
+    "covers_whole_map", "whole_map_keep",
 ]
 
 BACKENDS: tuple[str, ...] = ("auto", "reference", "sparse", "triton")
@@ -277,6 +278,52 @@ def dropped_positions(
     return torch.from_numpy(pos.reshape(-1)), factor
 
 
+def covers_whole_map(spatial: Sequence[int], block: Sequence[int], seed_region: str) -> bool:
+    """Does every seed drop its whole map? (``seed_region="valid"`` and a block, clipped to
+    the map, as large as the map: ResNet's last stage at 224 px with the paper's block 7.)
+    Then a per-channel mask is one flag per map.
+
+    Examples:
+        >>> covers_whole_map((7, 7), (7, 7), "valid"), covers_whole_map((14, 14), (7, 7), "valid")
+        (True, False)
+    """
+    return seed_region == "valid" and tuple(block) == tuple(spatial)
+
+
+def whole_map_keep(
+    mask_nc: tuple[int, int], spatial: tuple[int, ...], gamma: float, scale: str, dtype: torch.dtype,
+    device: torch.device, generator: Optional[torch.Generator] = None,
+) -> tuple[torch.Tensor, float]:
+    """The keep-mask when every seed drops its whole map (`covers_whole_map`): one bool per
+    map, shape ``mask_nc + (1,) * len(spatial)``, and the normaliser as a float. The seeds are
+    those the sparse path draws (the same random numbers), so the mask, broadcast over each
+    map, is the one it gives.
+
+    Examples:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> keep, s = whole_map_keep((2, 3), (7, 7), 0.5, "count", torch.float32, torch.device("cpu"), g)
+        >>> keep.shape, s == 6 / keep.sum().item()
+        (torch.Size([2, 3, 1, 1]), True)
+    """
+    size = mask_nc + (1,) * len(spatial)
+    if gamma < _SPARSE_MAX_GAMMA:
+        seeds = seed_positions(mask_nc[0] * mask_nc[1], gamma, device, generator)
+        keep = torch.ones(size, dtype=torch.bool, device=device)
+        if len(seeds):
+            keep.view(-1).index_fill_(0, torch.from_numpy(seeds).to(device), False)
+        dropped = len(seeds)
+    else:  # as the dense path draws: one uniform per map
+        keep = torch.rand(size, dtype=torch.float32, device=device, generator=generator) >= gamma
+        dropped = keep.numel() - int(torch.count_nonzero(keep))
+    area = math.prod(spatial)
+    if scale == "count":
+        numel = mask_nc[0] * mask_nc[1] * area
+        return keep, count_scale(numel, numel - dropped * area, dtype)
+    if scale == "expected":
+        return keep, float(expected_scale(gamma, spatial, tuple(spatial), "valid"))
+    return keep, 1.0
+
+
 def keep_mask(
     x: torch.Tensor,
     gamma: Union[float, torch.Tensor],
@@ -336,8 +383,12 @@ def keep_mask(
     return keep, factor
 
 
-def _mask_layout(shape: Sequence[int], mask: str, channels_last: bool) -> tuple[tuple, torch.memory_format]:
+def _mask_layout(shape: Sequence[int], mask: str, channels_last: bool, block: Sequence[int],
+                 seed_region: str) -> tuple[tuple, torch.memory_format]:
     n, c = {"channel": (shape[0], shape[1]), "shared": (shape[0], 1), "batch": (1, 1)}[mask]
+    spatial = tuple(shape[2:])
+    if covers_whole_map(spatial, clip_block(spatial, tuple(block)), seed_region):
+        return (n, c, *[1] * len(spatial)), torch.contiguous_format  # broadcast over each map
     fmt = torch.contiguous_format
     if channels_last and mask == "channel":
         fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
@@ -360,12 +411,15 @@ def sampled_keep_mask(
     the op is tagged as seeded random, so compiled graphs neither merge two calls nor
     recompute one in the backward. ``block`` is clipped to the map already.
     """
-    size, fmt = _mask_layout(shape, mask, channels_last)
+    size, fmt = _mask_layout(shape, mask, channels_last, block, seed_region)
     spatial = tuple([int(v) for v in shape[2:]])
     block_t = clip_block(spatial, tuple([int(k) for k in block]))
     gamma = seed_rate(float(drop_prob), spatial, block_t, gamma_scale, calibrate, seed_region)
     grid = seed_grid(spatial, block_t, seed_region)
     device = drop_prob.device
+    if covers_whole_map(spatial, block_t, seed_region):  # one flag per map (size ends in 1s)
+        keep, factor = whole_map_keep(size[:2], spatial, float(gamma), scale, torch.float32, device)
+        return keep, torch.tensor(factor, dtype=torch.float32, device=device)
     if gamma < _SPARSE_MAX_GAMMA:
         keep = torch.empty(size, dtype=torch.bool, device=device, memory_format=fmt).fill_(True)
         seeds = seed_positions(math.prod(size[:2] + grid), gamma, device, None)
@@ -387,6 +441,6 @@ def sampled_keep_mask(
 
 @sampled_keep_mask.register_fake
 def _sampled_keep_mask_fake(drop_prob, shape, channels_last, block, mask, seed_region, gamma_scale, scale, calibrate):
-    size, fmt = _mask_layout(shape, mask, channels_last)
+    size, fmt = _mask_layout(shape, mask, channels_last, block, seed_region)
     keep = torch.empty(size, dtype=torch.bool, device=drop_prob.device, memory_format=fmt)
     return keep, torch.empty((), dtype=torch.float32, device=drop_prob.device)
