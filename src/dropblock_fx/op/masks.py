@@ -395,8 +395,11 @@ def _mask_layout(shape: Sequence[int], mask: str, channels_last: bool, block: Se
     return (n, c, *shape[2:]), fmt
 
 
+# The op's name carries the version of its output layout: inductor's on-disk caches key a
+# compiled graph on the ops it calls, not on their code, so a graph compiled when the mask was
+# always full-size must not be reused now that a block covering its map gives one flag per map.
 @torch.library.custom_op(
-    "dropblock_fx::sampled_keep_mask", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+    "dropblock_fx::sampled_keep_mask_v2", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
 )
 def sampled_keep_mask(
     drop_prob: torch.Tensor, shape: Sequence[int], channels_last: bool, block: Sequence[int], mask: str,
