@@ -36,7 +36,7 @@ __all__ = ["LeafTracer", "SideEffects", "trace_modes", "traces_share_one_patch"]
 
 _ORIG_CALL = _fx_trace._orig_module_call  # nn.Module's own methods, as FX keeps them
 _ORIG_GETATTR = _fx_trace._orig_module_getattr
-_FX_MARK = "__fx_already_patched"  # FX does not patch a method that carries this mark, set
+_FX_MARK = "__fx_already_patched"  # FX does not patch a method whose mark is set to True
 trace_lock = threading.RLock()  # held by a shared-patch scope and by each trace (specialise too)
 _LOCAL = threading.local()  # .stack: [(tracer, parameter proxy cache)] of this thread's traces
 _held = [0]  # how many scopes (of the thread holding the lock, nested) hold the patch
