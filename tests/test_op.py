@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -228,7 +229,7 @@ def test_dropped_positions_count_the_distinct_units(fmt, shape, region):
             strides = masks.strides_of(shape, fmt)
             assert strides == torch.empty(shape, memory_format=fmt).stride()
             pos = sparse.block_positions(seeds, shape[:2], grid, shape[2:], k, region, strides)
-            count = sparse.distinct_count(seeds, pos, grid, shape[2:], k, region)
+            count = sparse.distinct_count(seeds, grid, shape[2:], k, region)
             assert count == len(set(pos.reshape(-1).tolist())), (k, gamma)
             # the same units as the dense expansion of the same seeds
             dense = torch.zeros(math.prod(shape[:2] + grid), dtype=torch.bool)
@@ -238,6 +239,31 @@ def test_dropped_positions_count_the_distinct_units(fmt, shape, region):
             flat = keep.permute(0, *range(2, len(shape)), 1) if fmt != torch.contiguous_format else keep
             dropped = (~flat.reshape(-1)).nonzero().squeeze(1)
             assert set(dropped.tolist()) == set(pos.reshape(-1).tolist()), (k, gamma)
+
+
+def test_distinct_count_matches_the_set_of_positions_on_random_shapes():
+    """The normaliser's count (a bitmap of the maps with several seeds) against the set of the
+    positions the blocks cover, over random maps, blocks, seed regions, layouts and rates: maps
+    with one seed, many seeds, clipped blocks and blocks as large as the map all occur."""
+    from dropblock_fx.op import sparse
+
+    rng = np.random.default_rng(0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        nd = int(rng.integers(2, 4))
+        spatial = tuple(int(v) for v in rng.integers(1, 13 if nd == 2 else 7, nd))
+        k = tuple(int(min(s, v)) for s, v in zip(spatial, rng.integers(1, 8, nd)))
+        shape = (int(rng.integers(1, 4)), int(rng.integers(1, 6))) + spatial
+        region = str(rng.choice(["valid", "full"]))
+        fmt = torch.contiguous_format
+        if rng.random() < 0.5:
+            fmt = torch.channels_last if nd == 2 else torch.channels_last_3d
+        grid = masks.seed_grid(spatial, k, region)
+        gamma = float(rng.choice([0.001, 0.05, 0.3, 0.8, 1.0]))
+        seeds = sparse.seed_positions(math.prod(shape[:2] + grid), gamma, torch.device("cpu"), g)
+        pos = sparse.block_positions(seeds, shape[:2], grid, spatial, k, region, masks.strides_of(shape, fmt))
+        assert pos.shape == (len(seeds), math.prod(k))
+        assert sparse.distinct_count(seeds, grid, spatial, k, region) == len(set(pos.reshape(-1).tolist()))
 
 
 def test_cpu_path_forward_mode_and_double_backward():
@@ -375,17 +401,19 @@ def test_dtypes_and_fp32_normaliser(backend, dtype):
 @pytest.mark.parametrize("mask", ["channel", "shared"])
 def test_cpu_scale_is_the_fp32_quotient_in_the_input_dtype(backend, dtype, mask):
     """The CPU path uses a Python float for speed; it must be bit for bit what the CUDA and
-    compiled paths compute: numel / kept divided in fp32, then cast to x's dtype. 33 M
-    units: numel is not exact in fp32 (> 2 ** 24), so a float64 quotient would differ."""
+    compiled paths compute: the mask's numel / kept divided in fp32, then cast to x's dtype.
+    33 M units: numel is not exact in fp32 (> 2 ** 24), so a float64 quotient would differ.
+    (A shared mask's fraction is counted on the mask, one channel: in fp32 that quotient may
+    round differently from the whole tensor's.)"""
     shape = (1, 129, 511, 511) if dtype == torch.float32 else (4, 64, 32, 32)  # 33684609: odd, > 2 ** 25
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
     torch.manual_seed(1)
     y = dbx.drop_block(x, 0.1, 7, mask=mask)
     keep = y != 0
-    if mask == "shared":
-        keep = keep.any(dim=1, keepdim=True).expand_as(x)
+    if mask == "shared":  # the fraction is counted on the mask: numel and kept of one channel
+        keep = keep.any(dim=1, keepdim=True)
     kept = torch.count_nonzero(keep).to(torch.float32)
-    scale = (torch.tensor(float(x.numel()), dtype=torch.float32) / kept).to(dtype)
+    scale = (torch.tensor(float(keep.numel()), dtype=torch.float32) / kept).to(dtype)
     assert torch.equal(y, x * keep * scale)
 
 

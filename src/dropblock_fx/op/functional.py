@@ -18,17 +18,15 @@ import torch
 
 from .gamma import clip_block, seed_rate
 from .masks import (
-    _SPARSE_MAX_GAMMA,
     BACKENDS,
-    _memory_format,
-    covers_whole_map,
-    dropped_positions,
     keep_mask,
     pick_backend,
+    sample_dropped,
     sampled_keep_mask,
     set_backend,
+    sparse_plan,
     under_functorch,
-    whole_map_keep,
+    whole_map_scaled_keep,
 )
 from .options import (
     MASK_MODES,
@@ -119,6 +117,7 @@ class _ScaleAndDrop(torch.autograd.Function):
     order for ``fmt``) set to zero: one pass over ``x`` and a scatter of zeros, forward and
     backward. Saves only the positions (int64, or int32 when that keeps them within one byte
     per unit of ``x``); the caller sends larger sets (high drop rates) to `_ApplyKeepMask`.
+    ``dense``: ``x`` is dense in ``fmt``, so ``x * scale`` already has the output's layout.
 
     Written with ``forward(ctx, ...)``: it never runs under ``torch.func`` (the caller sends
     those tensors to the dense path), and ``apply`` then skips binding the arguments to the
@@ -126,15 +125,19 @@ class _ScaleAndDrop(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, dropped, scale, fmt, inplace):  # type: ignore[override]
+    def forward(ctx, x, dropped, scale, fmt, inplace, dense):  # type: ignore[override]
         if inplace:
             ctx.mark_dirty(x)
             out = x.mul_(scale)
+        elif dense:
+            out = x * scale
         else:
             out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
             torch.mul(x, scale, out=out)
         _flat(out, fmt).index_fill_(0, dropped, 0)
-        if dropped.numel() * 8 > x.numel() and x.numel() < 2**31:
+        numel = out.numel()
+        ctx.narrow = dropped.numel() * 8 > numel and numel < 2**31
+        if ctx.narrow:
             dropped = dropped.to(torch.int32)  # the caller checked that 4 bytes each fit
         ctx.save_for_backward(dropped)
         ctx.save_for_forward(dropped)
@@ -146,15 +149,15 @@ class _ScaleAndDrop(torch.autograd.Function):
         (dropped,) = ctx.saved_tensors
         out = (t * ctx.scale).contiguous(memory_format=ctx.fmt)
         # Differentiable (double backward): a view and an in-place fill of a new tensor.
-        _flat(out, ctx.fmt).index_fill_(0, dropped.long(), 0)
+        _flat(out, ctx.fmt).index_fill_(0, dropped.long() if ctx.narrow else dropped, 0)
         return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        return _ScaleAndDrop._masked(ctx, grad), None, None, None, None
+        return _ScaleAndDrop._masked(ctx, grad), None, None, None, None, None
 
     @staticmethod
-    def jvp(ctx, x_t, dropped_t, scale_t, fmt_t, inplace_t):  # type: ignore[override]
+    def jvp(ctx, x_t, dropped_t, scale_t, fmt_t, inplace_t, dense_t):  # type: ignore[override]
         return _ScaleAndDrop._masked(ctx, x_t)
 
 
@@ -250,6 +253,27 @@ def drop_block_train(
     what [`drop_block`][dropblock_fx.drop_block] and the modules call."""
     if x.numel() == 0:
         return x
+    if (
+        mask == "channel" and not noise and not isinstance(drop_prob, torch.Tensor) and x.device.type == "cpu"
+        and not torch.compiler.is_compiling() and pick_backend(x) == "sparse" and not under_functorch(x)
+    ):
+        # The CPU path: seeds drawn as positions, the output one multiply by the scale and a
+        # scatter of zeros (no mask of x's size, no mixed-dtype multiply). What depends only on
+        # the layout and the rate comes from a cache: a training step meets the same few.
+        plan = sparse_plan(x.shape, x.stride(), block_req, seed_region, scale, drop_prob, gamma_scale, calibrate)
+        if plan is not None and plan.whole_map:
+            # Every seed drops its whole map: the mask is one flag per map, and applying it is
+            # one multiply by a small scaled mask that autograd saves (N x C values).
+            m = whole_map_scaled_keep(plan.mask_nc, plan.spatial, plan.gamma, scale, x.dtype, generator)
+            return x.mul_(m) if inplace else x * m
+        if plan is not None and (not inplace or plan.dense):
+            dropped, factor = sample_dropped(plan, seed_region, scale, x.dtype, generator)
+            if dropped.numel() * (4 if plan.numel < 2**31 else 8) <= plan.numel:  # within 1 byte per unit
+                return _ScaleAndDrop.apply(x, dropped, factor, plan.fmt, inplace, plan.dense)
+            keep = torch.empty(x.shape, dtype=torch.bool, memory_format=plan.fmt).fill_(True)
+            _flat(keep, plan.fmt).index_fill_(0, dropped, False)
+            return _ApplyKeepMask.apply(x, keep, factor, None, inplace)
+
     spatial = tuple([int(s) for s in x.shape[2:]])
     block = clip_block(spatial, block_req)
     if isinstance(drop_prob, torch.Tensor):
@@ -277,30 +301,6 @@ def drop_block_train(
         from .custom_ops import drop_block_triton  # Triton is optional: imported on first use
 
         return drop_block_triton(x, gamma, block, mask, seed_region, scale, noise, inplace, generator)
-
-    if (
-        mask == "channel" and not noise and not isinstance(gamma, torch.Tensor) and gamma < _SPARSE_MAX_GAMMA
-        and x.device.type == "cpu" and not torch.compiler.is_compiling() and not under_functorch(x)
-        and pick_backend(x) == "sparse"
-    ):
-        # The CPU path: seeds drawn as positions, the output one multiply by the scale and a
-        # scatter of zeros (no mask of x's size, no mixed-dtype multiply).
-        fmt = _memory_format(x)
-        if covers_whole_map(spatial, block, seed_region):
-            # Every seed drops its whole map: the mask is one flag per map, and applying it is
-            # one multiply by a small scaled mask that autograd saves (N x C values).
-            keep, factor = whole_map_keep((int(x.shape[0]), int(x.shape[1])), spatial, gamma, scale, x.dtype,
-                                          x.device, generator)
-            with torch.no_grad():
-                m = keep.to(x.dtype).mul_(factor)
-            return x.mul_(m) if inplace else x * m
-        if not inplace or x.is_contiguous(memory_format=fmt):
-            dropped, factor = dropped_positions(x, gamma, block, seed_region, scale, fmt, generator)
-            if dropped.numel() * (4 if x.numel() < 2**31 else 8) <= x.numel():  # within 1 byte per unit
-                return _ScaleAndDrop.apply(x, dropped, factor, fmt, inplace)
-            keep = torch.empty(x.shape, dtype=torch.bool, memory_format=fmt).fill_(True)
-            _flat(keep, fmt).index_fill_(0, dropped, False)
-            return _ApplyKeepMask.apply(x, keep, factor, None, inplace)
 
     keep, factor = keep_mask(x, gamma, block, mask, seed_region, scale, generator)
     with torch.no_grad():

@@ -20,17 +20,18 @@ import math
 import os
 import struct
 from collections.abc import Sequence
-from typing import Optional, Union
+from functools import lru_cache
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from .gamma import clip_block, expected_scale, seed_grid, seed_rate
-from .sparse import block_positions, distinct_count, seed_positions
+from .sparse import block_positions, dropped_units, seed_positions
 
 __all__ = [
     "BACKENDS", "set_backend", "pick_backend", "keep_mask", "dropped_positions", "sampled_keep_mask", "under_functorch",
-    "covers_whole_map", "whole_map_keep",
+    "covers_whole_map", "whole_map_keep", "whole_map_scaled_keep", "SparsePlan", "sparse_plan", "sample_dropped",
 ]
 
 BACKENDS: tuple[str, ...] = ("auto", "reference", "sparse", "triton")
@@ -41,6 +42,7 @@ _SPARSE_MAX_GAMMA = 0.25
 # Below this many seed positions (shared / batch masks) a few dense ops cost less than
 # the sampler's bookkeeping.
 _SPARSE_MIN_GRID = 1 << 15
+_CPU = torch.device("cpu")
 
 
 def set_backend(name: str) -> None:
@@ -266,15 +268,87 @@ def dropped_positions(
     grid = seed_grid(spatial, block, seed_region)
     mask_nc = (int(x.shape[0]), int(x.shape[1]))
     seeds = seed_positions(math.prod(mask_nc + grid), gamma, x.device, generator)
-    pos = block_positions(seeds, mask_nc, grid, spatial, block, seed_region, strides_of(tuple(x.shape), fmt))
+    pos, dropped = dropped_units(seeds, mask_nc, grid, spatial, block, seed_region, strides_of(tuple(x.shape), fmt),
+                                 count=scale == "count")
     factor: Scale
     if scale == "count":
         numel = x.numel()
-        factor = count_scale(numel, numel - distinct_count(seeds, pos, grid, spatial, block, seed_region), x.dtype)
+        factor = count_scale(numel, numel - dropped, x.dtype)
     elif scale == "expected":
         factor = expected_scale(gamma, spatial, block, seed_region)
     else:
         factor = 1.0
+    return torch.from_numpy(pos.reshape(-1)), factor
+
+
+class SparsePlan(NamedTuple):
+    """What the CPU per-channel path needs of one input layout, block and rate, worked out once
+    (`sparse_plan`): the seed rate, the geometry, and the layout of the positions."""
+
+    gamma: float
+    whole_map: bool  # every seed drops its whole map (`covers_whole_map`)
+    fmt: torch.memory_format  # the output's memory format (x's when x is dense in one)
+    dense: bool  # x is dense in ``fmt``: ``x * s`` has the output's layout
+    mask_nc: tuple[int, int]
+    spatial: tuple[int, ...]
+    block: tuple[int, ...]  # clipped to the map
+    grid: tuple[int, ...]
+    strides: tuple[int, ...]  # of a dense tensor of x's shape in ``fmt``
+    n_seeds: int  # seed positions: maps x grid
+    numel: int
+    expected: float  # the normaliser of ``scale="expected"`` (1.0 for the other modes)
+
+
+@lru_cache(maxsize=1024)
+def sparse_plan(
+    shape: tuple[int, ...], stride: tuple[int, ...], block_req: tuple[int, ...], seed_region: str, scale: str,
+    drop_prob: float, gamma_scale: float, calibrate: bool,
+) -> Optional[SparsePlan]:
+    """The `SparsePlan` of an input of this shape and stride at this rate, or ``None`` when the
+    sparse path does not take it (a seed rate of `_SPARSE_MAX_GAMMA` or more). Cached: a
+    training loop meets the same few layouts and rates at every step.
+
+    Examples:
+        >>> plan = sparse_plan((8, 64, 14, 14), (12544, 196, 14, 1), (7, 7), "valid", "count", 0.1, 1.0, False)
+        >>> plan.grid, plan.n_seeds, plan.whole_map, round(plan.gamma, 6)
+        ((8, 8), 32768, False, 0.00625)
+    """
+    spatial = tuple(shape[2:])
+    block = clip_block(spatial, block_req)
+    gamma = seed_rate(drop_prob, spatial, block, gamma_scale, calibrate, seed_region)
+    if not gamma < _SPARSE_MAX_GAMMA:
+        return None
+    fmt = _memory_format(torch.empty_strided(shape, stride, device="meta"))
+    strides = strides_of(shape, fmt)
+    grid = seed_grid(spatial, block, seed_region)
+    mask_nc = (shape[0], shape[1])
+    whole = covers_whole_map(spatial, block, seed_region)
+    expected = float(expected_scale(gamma, spatial, block, seed_region)) if scale == "expected" else 1.0
+    return SparsePlan(float(gamma), whole, fmt, tuple(stride) == strides, mask_nc, spatial, block, grid, strides,
+                      math.prod(mask_nc + grid), math.prod(shape), expected)
+
+
+def sample_dropped(plan: SparsePlan, seed_region: str, scale: str, dtype: torch.dtype,
+                   generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, float]:
+    """A fresh per-channel mask of `plan`'s input as the flat positions it drops (see
+    `dropped_positions`, which draws the same) and the normaliser as a float.
+
+    Examples:
+        >>> plan = sparse_plan((2, 3, 8, 8), (192, 64, 8, 1), (3, 3), "valid", "count", 0.3, 1.0, False)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> pos, s = sample_dropped(plan, "valid", "count", torch.float32, g)
+        >>> pos2, s2 = dropped_positions(torch.ones(2, 3, 8, 8), plan.gamma, (3, 3), "valid", "count",
+        ...                              torch.contiguous_format, torch.Generator().manual_seed(0))
+        >>> torch.equal(pos, pos2), s == s2
+        (True, True)
+    """
+    seeds = seed_positions(plan.n_seeds, plan.gamma, _CPU, generator)
+    pos, dropped = dropped_units(seeds, plan.mask_nc, plan.grid, plan.spatial, plan.block, seed_region,
+                                 plan.strides, count=scale == "count")
+    if scale == "count":
+        factor = count_scale(plan.numel, plan.numel - dropped, dtype)
+    else:
+        factor = plan.expected
     return torch.from_numpy(pos.reshape(-1)), factor
 
 
@@ -288,6 +362,17 @@ def covers_whole_map(spatial: Sequence[int], block: Sequence[int], seed_region: 
         (True, False)
     """
     return seed_region == "valid" and tuple(block) == tuple(spatial)
+
+
+def _whole_map_factor(mask_nc: tuple[int, int], spatial: tuple[int, ...], dropped: int, gamma: float, scale: str,
+                      dtype: torch.dtype) -> float:
+    area = math.prod(spatial)
+    if scale == "count":
+        numel = mask_nc[0] * mask_nc[1] * area
+        return count_scale(numel, numel - dropped * area, dtype)
+    if scale == "expected":
+        return float(expected_scale(gamma, spatial, tuple(spatial), "valid"))
+    return 1.0
 
 
 def whole_map_keep(
@@ -315,13 +400,30 @@ def whole_map_keep(
     else:  # as the dense path draws: one uniform per map
         keep = torch.rand(size, dtype=torch.float32, device=device, generator=generator) >= gamma
         dropped = keep.numel() - int(torch.count_nonzero(keep))
-    area = math.prod(spatial)
-    if scale == "count":
-        numel = mask_nc[0] * mask_nc[1] * area
-        return keep, count_scale(numel, numel - dropped * area, dtype)
-    if scale == "expected":
-        return keep, float(expected_scale(gamma, spatial, tuple(spatial), "valid"))
-    return keep, 1.0
+    return keep, _whole_map_factor(mask_nc, spatial, dropped, gamma, scale, dtype)
+
+
+def whole_map_scaled_keep(
+    mask_nc: tuple[int, int], spatial: tuple[int, ...], gamma: float, scale: str, dtype: torch.dtype,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """`whole_map_keep` (``gamma`` below the sparse limit, on the CPU) already multiplied by
+    its normaliser, in ``dtype``: the eager path's one small tensor, built in two ops.
+
+    Examples:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> m = whole_map_scaled_keep((2, 3), (7, 7), 0.2, "count", torch.float32, g)
+        >>> keep, s = whole_map_keep((2, 3), (7, 7), 0.2, "count", torch.float32, torch.device("cpu"),
+        ...                          torch.Generator().manual_seed(0))
+        >>> torch.equal(m, keep.to(torch.float32) * s)
+        True
+    """
+    seeds = seed_positions(mask_nc[0] * mask_nc[1], gamma, torch.device("cpu"), generator)
+    factor = _whole_map_factor(mask_nc, spatial, len(seeds), gamma, scale, dtype)
+    m = torch.full(mask_nc + (1,) * len(spatial), factor, dtype=dtype)
+    if len(seeds):
+        m.view(-1).index_fill_(0, torch.from_numpy(seeds), 0)
+    return m
 
 
 def keep_mask(
@@ -426,9 +528,10 @@ def sampled_keep_mask(
     if gamma < _SPARSE_MAX_GAMMA:
         keep = torch.empty(size, dtype=torch.bool, device=device, memory_format=fmt).fill_(True)
         seeds = seed_positions(math.prod(size[:2] + grid), gamma, device, None)
-        pos = block_positions(seeds, size[:2], grid, spatial, block_t, seed_region, keep.stride())
+        pos, dropped = dropped_units(seeds, size[:2], grid, spatial, block_t, seed_region, keep.stride(),
+                                     count=scale == "count")
         keep.as_strided((keep.numel(),), (1,)).index_fill_(0, torch.from_numpy(pos.reshape(-1)).to(device), False)
-        kept = keep.numel() - distinct_count(seeds, pos, grid, spatial, block_t, seed_region) if scale == "count" else 0
+        kept = keep.numel() - dropped
     else:
         u = torch.empty(size[:2] + grid, dtype=torch.float32, device=device, memory_format=fmt).uniform_()
         keep = expand_dense(u < gamma, spatial, block_t, seed_region, fmt)

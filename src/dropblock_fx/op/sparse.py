@@ -11,7 +11,7 @@ number per position (the official algorithm) and sliding a ``k x k`` max over th
   mask is one multiply by the scale plus a scatter of zeros;
 * the number of distinct dropped units (the ``"count"`` normaliser) is known without a pass
   over the map: blocks of different maps never overlap, and only maps with two or more seeds
-  need their positions deduplicated.
+  need their overlaps counted (on a small bitmap of those maps alone).
 
 The index arithmetic runs in NumPy on the CPU (a few microseconds a call where torch
 launches cost more); the random numbers come from torch's generator, so ``torch.manual_seed``
@@ -27,15 +27,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["seed_positions", "block_positions", "distinct_count"]
+__all__ = ["seed_positions", "block_positions", "distinct_count", "dropped_units"]
 
 
 def seed_positions(count: int, gamma: float, device: torch.device, generator: Optional[torch.Generator]) -> np.ndarray:
     """Sorted flat positions (int64) of the successes of ``count`` iid Bernoulli(``gamma``) trials.
 
-    The failures before each success are ``floor(log(1 - u) / log(1 - gamma))`` for a uniform
-    ``u``: the gaps of iid Bernoulli trials are iid geometric, so this is exact, and it draws
-    about ``count * gamma`` numbers instead of ``count``.
+    The gaps between successes of iid Bernoulli trials are iid geometric, so the positions are
+    the running sums of geometric draws (torch's ``geometric_``, one random number each): exact,
+    and about ``count * gamma`` numbers instead of ``count``.
 
     Examples:
         >>> g = torch.Generator().manual_seed(0)
@@ -44,26 +44,23 @@ def seed_positions(count: int, gamma: float, device: torch.device, generator: Op
     """
     if gamma <= 0.0 or count == 0:
         return np.empty(0, dtype=np.int64)
-    log_q = math.log1p(-gamma) if gamma < 1.0 else -math.inf
+    if gamma >= 1.0:
+        return np.arange(count, dtype=np.int64)
     mean = count * gamma
     chunks: list[np.ndarray] = []
     start = 0  # the next trial not yet decided
     while start < count:
         remaining = count - start
         m = int(min(remaining, mean * (remaining / count) + 6.0 * math.sqrt(mean + 1.0) + 16))
-        u = torch.rand(m, dtype=torch.float64, device=device, generator=generator).cpu().numpy()
-        if gamma < 1.0:
-            steps = np.floor(np.log1p(-u) / log_q)
-            steps += 1.0
-        else:
-            steps = np.ones(m)
-        pos = np.cumsum(steps)  # exact in float64 below 2**53
-        pos += start - 1
-        inside = int(np.searchsorted(pos, count))  # pos is increasing: the first `inside` are < count
-        chunks.append(pos[:inside].astype(np.int64))
+        # Trials up to and including each success; float64 holds them exactly (below 2**53).
+        w = torch.empty(m, dtype=torch.float64, device=device).geometric_(gamma, generator=generator).cpu().numpy()
+        w[0] += start - 1  # so the running sums are the positions
+        np.cumsum(w, out=w)
+        inside = int(np.searchsorted(w, count))  # w is increasing: the first `inside` are < count
+        chunks.append(w[:inside].astype(np.int64))
         if inside < m:
             break
-        start = int(pos[-1]) + 1
+        start = int(w[-1]) + 1
     return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
 
@@ -75,6 +72,23 @@ def _block_offsets(block: tuple[int, ...], strides: tuple[int, ...]) -> np.ndarr
         off = np.add.outer(off, np.arange(k, dtype=np.int64) * s).reshape(-1)
     off.setflags(write=False)
     return off
+
+
+def _valid_positions(
+    seeds: np.ndarray, plane_local: tuple[np.ndarray, np.ndarray], mask_nc: tuple[int, int], grid: tuple[int, ...],
+    block: tuple[int, ...], strides: tuple[int, ...],
+) -> np.ndarray:
+    # A seed's block starts at the seed: its first unit is the map's base plus the seed's
+    # offset in the grid (a table per grid and strides), the rest follow at fixed offsets.
+    plane, local = plane_local
+    if strides[0] == mask_nc[1] * strides[1]:  # maps in storage order (contiguous)
+        base = plane * strides[1]
+    else:
+        n, c = np.divmod(plane, mask_nc[1])
+        base = n * strides[0]
+        base += c * strides[1]
+    base += _block_offsets(tuple(grid), tuple(strides[2:]))[local]
+    return base[:, None] + _block_offsets(tuple(block), tuple(strides[2:]))[None, :]
 
 
 def block_positions(
@@ -92,55 +106,110 @@ def block_positions(
         >>> block_positions(np.array([0, 3]), (1, 1), (2, 2), (3, 3), (2, 2), "valid", (9, 9, 3, 1)).tolist()
         [[0, 1, 3, 4], [4, 5, 7, 8]]
     """
-    coords = np.unravel_index(seeds, tuple(mask_nc) + tuple(grid))
-    n_sp = len(spatial)
-    base = coords[0] * strides[0] + coords[1] * strides[1]
     if seed_region == "valid":
-        for d in range(n_sp):
-            base += coords[2 + d] * strides[2 + d]
-        return base[:, None] + _block_offsets(tuple(block), tuple(strides[2:]))[None, :]
-    flat = base[:, None]
+        return _valid_positions(seeds, np.divmod(seeds, math.prod(grid)), mask_nc, grid, block, strides)
+    coords = np.unravel_index(seeds, tuple(mask_nc) + tuple(grid))
+    flat = (coords[0] * strides[0] + coords[1] * strides[1])[:, None]
     for d, (k, size) in enumerate(zip(block, spatial)):
         c = coords[2 + d][:, None] + (np.arange(k, dtype=np.int64) - k // 2)[None, :]
         np.clip(c, 0, size - 1, out=c)
         c *= strides[2 + d]
-        flat = (flat[:, :, None] + c[:, None, :]).reshape(len(seeds), -1)
+        flat = (flat[:, :, None] + c[:, None, :]).reshape(len(seeds), flat.shape[1] * k)
     return flat
 
 
 def distinct_count(
-    seeds: np.ndarray, positions: np.ndarray, grid: tuple[int, ...], spatial: tuple[int, ...],
-    block: tuple[int, ...], seed_region: str,
+    seeds: np.ndarray, grid: tuple[int, ...], spatial: tuple[int, ...], block: tuple[int, ...], seed_region: str,
 ) -> int:
-    """How many distinct units the blocks at ``positions`` (from `block_positions`) cover.
+    """How many distinct units the blocks of ``seeds`` (flat, sorted positions in the
+    ``maps + grid`` seed tensor, as `seed_positions` gives them) cover.
 
     Blocks of different maps never overlap, so a seed alone in its map drops a whole block
     (clipped at the border with ``seed_region="full"``); only the maps with several seeds have
-    their positions deduplicated.
+    their blocks drawn, on a bitmap of those maps alone, and its set units counted.
 
     Examples:
         >>> seeds = np.array([0, 3, 4])   # map 0: seeds at (0, 0) and (1, 1); map 1: one seed
-        >>> pos = block_positions(seeds, (2, 1), (2, 2), (3, 3), (2, 2), "valid", (9, 9, 3, 1))
-        >>> distinct_count(seeds, pos, (2, 2), (3, 3), (2, 2), "valid")
+        >>> distinct_count(seeds, (2, 2), (3, 3), (2, 2), "valid")
         11
     """
-    n = len(seeds)
-    if n == 0:
+    if len(seeds) == 0:
         return 0
+    return _distinct(seeds, seeds // math.prod(grid), grid, spatial, block, seed_region)
+
+
+def _distinct(
+    seeds: np.ndarray, plane: np.ndarray, grid: tuple[int, ...], spatial: tuple[int, ...], block: tuple[int, ...],
+    seed_region: str,
+) -> int:
+    n_grid = math.prod(grid)
+    same = plane[1:] == plane[:-1]  # seeds are sorted: a map's seeds are neighbours
+    several = bool(same.any())
+    if several:
+        shared = np.zeros(len(seeds), dtype=bool)
+        shared[1:] |= same
+        shared[:-1] |= same
+        alone = seeds[~shared]
+    else:
+        alone = seeds
     if seed_region == "valid":
-        sizes = np.full(n, math.prod(block), dtype=np.int64)
+        total = len(alone) * math.prod(block)
     else:  # a full-region block is clipped where it crosses the border
-        coords = np.unravel_index(seeds % math.prod(grid), tuple(grid))
-        sizes = np.ones(n, dtype=np.int64)
+        coords = np.unravel_index(alone % n_grid, tuple(grid))
+        sizes = np.ones(len(alone), dtype=np.int64)
         for g, k, size in zip(coords, block, spatial):
             sizes *= np.minimum(size - 1, g + (k - 1) // 2) - np.maximum(0, g - k // 2) + 1
-    plane = seeds // math.prod(grid)
-    same = plane[1:] == plane[:-1]  # seeds are sorted: a map's seeds are neighbours
-    if not same.any():
-        return int(sizes.sum())
-    shared = np.zeros(n, dtype=bool)
-    shared[1:] |= same
-    shared[:-1] |= same
-    # Sorting a few thousand positions beats np.unique's hash table here.
-    v = np.sort(positions[shared], axis=None)
-    return int(sizes[~shared].sum()) + 1 + int(np.count_nonzero(v[1:] != v[:-1]))
+        total = int(sizes.sum())
+    if not several:
+        return total
+    # The maps with several seeds: their blocks drawn again on a bitmap of those maps only
+    # (numbered in order), whose set units are counted once each.
+    p = plane[shared]
+    first = np.empty(len(p), dtype=bool)
+    first[0] = True
+    np.not_equal(p[1:], p[:-1], out=first[1:])
+    rank = np.cumsum(first)
+    rank -= 1
+    maps = int(rank[-1]) + 1
+    local = seeds[shared] - p * n_grid
+    local += rank * n_grid
+    dense = _row_major((maps, 1) + tuple(spatial))
+    keys = block_positions(local, (maps, 1), grid, spatial, block, seed_region, dense)
+    bitmap = np.zeros(maps * math.prod(spatial), dtype=bool)
+    bitmap[keys.reshape(-1)] = True
+    return total + int(np.count_nonzero(bitmap))
+
+
+def dropped_units(
+    seeds: np.ndarray, mask_nc: tuple[int, int], grid: tuple[int, ...], spatial: tuple[int, ...],
+    block: tuple[int, ...], seed_region: str, strides: tuple[int, ...], count: bool = True,
+) -> tuple[np.ndarray, int]:
+    """`block_positions` and, when ``count``, `distinct_count` of the same seeds (0 otherwise),
+    sharing their arithmetic: what the op calls once per site.
+
+    Examples:
+        >>> pos, n = dropped_units(np.array([0, 3, 4]), (2, 1), (2, 2), (3, 3), (2, 2), "valid", (9, 9, 3, 1))
+        >>> pos.shape, n
+        ((3, 4), 11)
+    """
+    if seed_region != "valid":
+        pos = block_positions(seeds, mask_nc, grid, spatial, block, seed_region, strides)
+        return pos, (distinct_count(seeds, grid, spatial, block, seed_region) if count else 0)
+    plane_local = np.divmod(seeds, math.prod(grid))
+    pos = _valid_positions(seeds, plane_local, mask_nc, grid, block, strides)
+    if not count or len(seeds) == 0:
+        return pos, 0
+    return pos, _distinct(seeds, plane_local[0], grid, spatial, block, seed_region)
+
+
+def _row_major(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Row-major strides of ``shape``.
+
+    Examples:
+        >>> _row_major((2, 1, 3, 4))
+        (12, 12, 4, 1)
+    """
+    strides = [1] * len(shape)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    return tuple(strides)
