@@ -497,56 +497,83 @@ def _mask_layout(shape: Sequence[int], mask: str, channels_last: bool, block: Se
     return (n, c, *shape[2:]), fmt
 
 
-# The op's name carries the version of its output layout: inductor's on-disk caches key a
-# compiled graph on the ops it calls, not on their code, so a graph compiled when the mask was
-# always full-size must not be reused now that a block covering its map gives one flag per map.
-@torch.library.custom_op(
-    "dropblock_fx::sampled_keep_mask_v2", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
-)
-def sampled_keep_mask(
+def _sampled_keep_mask(
     drop_prob: torch.Tensor, shape: Sequence[int], channels_last: bool, block: Sequence[int], mask: str,
     seed_region: str, gamma_scale: float, scale: str, calibrate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keep-mask (bool) of a tensor of ``shape`` and its normaliser (a 0-d fp32 tensor),
-    drawn from torch's global generator: what a compiled graph calls on the CPU.
-
-    One opaque op per site: ``torch.compile`` traces and generates no kernel for the sampling
-    (the sparse sampler of the eager path runs inside), and fuses the multiply by the mask
-    into the neighbouring kernels. ``drop_prob`` is a tensor, so a new rate never recompiles;
-    the op is tagged as seeded random, so compiled graphs neither merge two calls nor
-    recompute one in the backward. ``block`` is clipped to the map already.
-    """
-    size, fmt = _mask_layout(shape, mask, channels_last, block, seed_region)
-    spatial = tuple([int(v) for v in shape[2:]])
-    block_t = clip_block(spatial, tuple([int(k) for k in block]))
-    gamma = seed_rate(float(drop_prob), spatial, block_t, gamma_scale, calibrate, seed_region)
-    grid = seed_grid(spatial, block_t, seed_region)
+    """The kernel of `sampled_keep_mask`."""
+    size, fmt, plan = _compiled_plan(tuple(shape), channels_last, tuple(block), mask, seed_region, scale,
+                                     float(drop_prob), gamma_scale, calibrate)
     device = drop_prob.device
-    if covers_whole_map(spatial, block_t, seed_region):  # one flag per map (size ends in 1s)
-        keep, factor = whole_map_keep(size[:2], spatial, float(gamma), scale, torch.float32, device)
-        return keep, torch.tensor(factor, dtype=torch.float32, device=device)
-    if gamma < _SPARSE_MAX_GAMMA:
+    factor: float
+    if plan is not None and plan.whole_map:  # one flag per map (size ends in 1s)
+        keep, factor = whole_map_keep(plan.mask_nc, plan.spatial, plan.gamma, scale, torch.float32, device)
+    elif plan is not None:
         keep = torch.empty(size, dtype=torch.bool, device=device, memory_format=fmt).fill_(True)
-        seeds = seed_positions(math.prod(size[:2] + grid), gamma, device, None)
-        pos, dropped = dropped_units(seeds, size[:2], grid, spatial, block_t, seed_region, keep.stride(),
-                                     count=scale == "count")
-        keep.as_strided((keep.numel(),), (1,)).index_fill_(0, torch.from_numpy(pos.reshape(-1)).to(device), False)
-        kept = keep.numel() - dropped
-    else:
-        u = torch.empty(size[:2] + grid, dtype=torch.float32, device=device, memory_format=fmt).uniform_()
-        keep = expand_dense(u < gamma, spatial, block_t, seed_region, fmt)
-        kept = int(torch.count_nonzero(keep)) if scale == "count" else 0
-    if scale == "count":
-        factor = count_scale(keep.numel(), kept, torch.float32)
-    elif scale == "expected":
-        factor = float(expected_scale(gamma, spatial, block_t, seed_region))
-    else:
-        factor = 1.0
+        pos, factor = sample_dropped(plan, seed_region, scale, torch.float32)
+        keep.as_strided((keep.numel(),), (1,)).index_fill_(0, pos.to(device), False)
+    else:  # a seed rate the sparse sampler does not take: the dense draw
+        spatial = tuple([int(v) for v in shape[2:]])
+        block_t = clip_block(spatial, tuple([int(k) for k in block]))
+        gamma = float(seed_rate(float(drop_prob), spatial, block_t, gamma_scale, calibrate, seed_region))
+        if covers_whole_map(spatial, block_t, seed_region):
+            keep, factor = whole_map_keep(size[:2], spatial, gamma, scale, torch.float32, device)
+        else:
+            u = torch.empty(size[:2] + seed_grid(spatial, block_t, seed_region), dtype=torch.float32, device=device,
+                            memory_format=fmt).uniform_()
+            keep = expand_dense(u < gamma, spatial, block_t, seed_region, fmt)
+            if scale == "count":
+                factor = count_scale(keep.numel(), int(torch.count_nonzero(keep)), torch.float32)
+            elif scale == "expected":
+                factor = float(expected_scale(gamma, spatial, block_t, seed_region))
+            else:
+                factor = 1.0
     return keep, torch.tensor(factor, dtype=torch.float32, device=device)
 
 
-@sampled_keep_mask.register_fake
+@lru_cache(maxsize=1024)
+def _compiled_plan(
+    shape: tuple[int, ...], channels_last: bool, block: tuple[int, ...], mask: str, seed_region: str, scale: str,
+    drop_prob: float, gamma_scale: float, calibrate: bool,
+) -> tuple[tuple[int, ...], torch.memory_format, Optional[SparsePlan]]:
+    """The compiled op's mask size and layout, and the `SparsePlan` of its full-size mask."""
+    size, fmt = _mask_layout(shape, mask, channels_last, block, seed_region)
+    full = size[:2] + tuple(shape[2:])
+    return size, fmt, sparse_plan(full, strides_of(full, fmt), block, seed_region, scale, drop_prob, gamma_scale,
+                                  calibrate)
+
+
 def _sampled_keep_mask_fake(drop_prob, shape, channels_last, block, mask, seed_region, gamma_scale, scale, calibrate):
     size, fmt = _mask_layout(shape, mask, channels_last, block, seed_region)
     keep = torch.empty(size, dtype=torch.bool, device=drop_prob.device, memory_format=fmt)
     return keep, torch.empty((), dtype=torch.float32, device=drop_prob.device)
+
+
+# Registered with torch.library's low-level API, not ``torch.library.custom_op``: a compiled
+# graph calls the op at every site and step, and custom_op's Python wrapper (its autograd
+# check and aliasing checks) cost about 0.1 ms a call inside a training step, more than the
+# op's own bookkeeping. The op has no autograd formula: its outputs are a mask and a scale.
+#
+# The op's name carries the version of its output layout: inductor's on-disk caches key a
+# compiled graph on the ops it calls, not on their code, so a graph compiled when the mask was
+# always full-size must not be reused now that a block covering its map gives one flag per map.
+_LIB = torch.library.Library("dropblock_fx", "FRAGMENT")
+_LIB.define(
+    "sampled_keep_mask_v2(Tensor drop_prob, SymInt[] shape, bool channels_last, SymInt[] block, str mask, "
+    "str seed_region, float gamma_scale, str scale, bool calibrate) -> (Tensor, Tensor)",
+    tags=(torch.Tag.pt2_compliant_tag, torch.Tag.nondeterministic_seeded),
+)
+_LIB.impl("sampled_keep_mask_v2", _sampled_keep_mask, "CompositeExplicitAutograd")
+torch.library.register_fake("dropblock_fx::sampled_keep_mask_v2", _sampled_keep_mask_fake, lib=_LIB)
+
+sampled_keep_mask = torch.ops.dropblock_fx.sampled_keep_mask_v2.default
+"""``torch.ops.dropblock_fx.sampled_keep_mask_v2(drop_prob, shape, channels_last, block, mask,
+seed_region, gamma_scale, scale, calibrate) -> (keep, scale)``: the keep-mask (bool) of a tensor
+of ``shape`` and its normaliser (a 0-d fp32 tensor), drawn from torch's global generator: what a
+compiled graph calls on the CPU.
+
+One opaque op per site: ``torch.compile`` traces and generates no kernel for the sampling (the
+sparse sampler of the eager path runs inside), and fuses the multiply by the mask into the
+neighbouring kernels. ``drop_prob`` is a tensor, so a new rate never recompiles; the op is
+tagged as seeded random, so compiled graphs neither merge two calls nor recompute one in the
+backward. ``block`` is clipped to the map already."""

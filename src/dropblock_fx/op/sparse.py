@@ -81,14 +81,22 @@ def _valid_positions(
     # A seed's block starts at the seed: its first unit is the map's base plus the seed's
     # offset in the grid (a table per grid and strides), the rest follow at fixed offsets.
     plane, local = plane_local
+    lut, offsets = _position_tables(tuple(grid), tuple(block), tuple(strides[2:]))
     if strides[0] == mask_nc[1] * strides[1]:  # maps in storage order (contiguous)
         base = plane * strides[1]
     else:
         n, c = np.divmod(plane, mask_nc[1])
         base = n * strides[0]
-        base += c * strides[1]
-    base += _block_offsets(tuple(grid), tuple(strides[2:]))[local]
-    return base[:, None] + _block_offsets(tuple(block), tuple(strides[2:]))[None, :]
+        base += c if strides[1] == 1 else c * strides[1]
+    base += lut[local]
+    return np.add.outer(base, offsets)
+
+
+@lru_cache(maxsize=256)
+def _position_tables(grid: tuple[int, ...], block: tuple[int, ...], strides: tuple[int, ...]
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """For these spatial strides: the offset of each seed-grid position, and a block's offsets."""
+    return _block_offsets(grid, strides), _block_offsets(block, strides)
 
 
 def block_positions(
@@ -135,49 +143,64 @@ def distinct_count(
     """
     if len(seeds) == 0:
         return 0
-    return _distinct(seeds, seeds // math.prod(grid), grid, spatial, block, seed_region)
+    if seed_region == "valid":
+        plane, local = np.divmod(seeds, math.prod(grid))
+        return _distinct(seeds, plane, local, grid, spatial, block, seed_region)
+    return _distinct(seeds, seeds // math.prod(grid), None, grid, spatial, block, seed_region)
 
 
 def _distinct(
-    seeds: np.ndarray, plane: np.ndarray, grid: tuple[int, ...], spatial: tuple[int, ...], block: tuple[int, ...],
-    seed_region: str,
+    seeds: np.ndarray, plane: np.ndarray, local: Optional[np.ndarray], grid: tuple[int, ...], spatial: tuple[int, ...],
+    block: tuple[int, ...], seed_region: str,
 ) -> int:
-    n_grid = math.prod(grid)
+    # ``plane`` and ``local``: each seed's map and its position in the map's seed grid.
     same = plane[1:] == plane[:-1]  # seeds are sorted: a map's seeds are neighbours
-    several = bool(same.any())
-    if several:
-        shared = np.zeros(len(seeds), dtype=bool)
-        shared[1:] |= same
-        shared[:-1] |= same
-        alone = seeds[~shared]
-    else:
-        alone = seeds
+    if not same.any():
+        return len(seeds) * math.prod(block) if seed_region == "valid" else _clipped_sizes(seeds, grid, spatial, block)
+    shared = np.zeros(len(seeds), dtype=bool)
+    shared[1:] = same
+    shared[:-1] |= same
     if seed_region == "valid":
-        total = len(alone) * math.prod(block)
-    else:  # a full-region block is clipped where it crosses the border
-        coords = np.unravel_index(alone % n_grid, tuple(grid))
-        sizes = np.ones(len(alone), dtype=np.int64)
-        for g, k, size in zip(coords, block, spatial):
-            sizes *= np.minimum(size - 1, g + (k - 1) // 2) - np.maximum(0, g - k // 2) + 1
-        total = int(sizes.sum())
-    if not several:
-        return total
+        total = (len(seeds) - int(np.count_nonzero(shared))) * math.prod(block)
+    else:
+        total = _clipped_sizes(seeds[~shared], grid, spatial, block)
     # The maps with several seeds: their blocks drawn again on a bitmap of those maps only
     # (numbered in order), whose set units are counted once each.
     p = plane[shared]
-    first = np.empty(len(p), dtype=bool)
-    first[0] = True
-    np.not_equal(p[1:], p[:-1], out=first[1:])
-    rank = np.cumsum(first)
-    rank -= 1
+    rank = np.empty(len(p), dtype=np.int64)
+    rank[0] = 0
+    np.cumsum(p[1:] != p[:-1], out=rank[1:])
     maps = int(rank[-1]) + 1
-    local = seeds[shared] - p * n_grid
-    local += rank * n_grid
-    dense = _row_major((maps, 1) + tuple(spatial))
-    keys = block_positions(local, (maps, 1), grid, spatial, block, seed_region, dense)
-    bitmap = np.zeros(maps * math.prod(spatial), dtype=bool)
+    area = math.prod(spatial)
+    if seed_region == "valid" and local is not None:
+        lut, offsets = _map_tables(tuple(grid), tuple(spatial), tuple(block))
+        keys = rank * area
+        keys += lut[local[shared]]
+        keys = np.add.outer(keys, offsets)
+    else:
+        n_grid = math.prod(grid)
+        rank *= n_grid
+        rank += seeds[shared] - p * n_grid
+        keys = block_positions(rank, (maps, 1), grid, spatial, block, seed_region, _row_major((maps, 1) + tuple(spatial)))
+    bitmap = np.zeros(maps * area, dtype=bool)
     bitmap[keys.reshape(-1)] = True
     return total + int(np.count_nonzero(bitmap))
+
+
+def _clipped_sizes(seeds: np.ndarray, grid: tuple[int, ...], spatial: tuple[int, ...], block: tuple[int, ...]) -> int:
+    """Units covered by the full-region blocks of ``seeds``, each clipped at the border, summed."""
+    coords = np.unravel_index(seeds % math.prod(grid), tuple(grid))
+    sizes = np.ones(len(seeds), dtype=np.int64)
+    for g, k, size in zip(coords, block, spatial):
+        sizes *= np.minimum(size - 1, g + (k - 1) // 2) - np.maximum(0, g - k // 2) + 1
+    return int(sizes.sum())
+
+
+@lru_cache(maxsize=256)
+def _map_tables(grid: tuple[int, ...], spatial: tuple[int, ...], block: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """In one map, row-major: the offset of each seed-grid position's block, and a block's offsets."""
+    strides = _row_major(spatial)
+    return _block_offsets(grid, strides), _block_offsets(block, strides)
 
 
 def dropped_units(
@@ -199,7 +222,7 @@ def dropped_units(
     pos = _valid_positions(seeds, plane_local, mask_nc, grid, block, strides)
     if not count or len(seeds) == 0:
         return pos, 0
-    return pos, _distinct(seeds, plane_local[0], grid, spatial, block, seed_region)
+    return pos, _distinct(seeds, plane_local[0], plane_local[1], grid, spatial, block, seed_region)
 
 
 def _row_major(shape: tuple[int, ...]) -> tuple[int, ...]:
