@@ -7,7 +7,8 @@ different set of modules at the paper's 36 sites of a ResNet-50 (after ``act1``,
 the schedule). They run **round-robin in one process** (every round steps each variant once,
 in a rotating order), so a load that comes and goes hits all of them alike; the table gives
 the median and the minimum over rounds and the median of the per-round ratios to the
-baseline.
+baseline, with the middle half of those ratios (first to third quartile): on a shared
+machine that spread says how far one run's median can be trusted.
 
 Variants (``--variants`` picks some by substring; the baseline always runs):
 
@@ -144,8 +145,10 @@ def run_steps(runners: list[Runner], warmup: int, rounds: int) -> list[dict]:
     rows = []
     for r in runners:
         ratios = [a / b for a, b in zip(r.samples, base)]
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
         rows.append({"variant": r.name, "sites": r.sites, "median_ms": statistics.median(r.samples),
                      "min_ms": min(r.samples), "ratio_median": statistics.median(ratios),
+                     "ratio_q1": q1, "ratio_q3": q3,
                      "ratio_of_mins": min(r.samples) / min(base), "samples": r.samples})
     print(f"load average (1, 5, 15 min) during the rounds: {' | '.join(loads)}")
     return rows
@@ -153,11 +156,14 @@ def run_steps(runners: list[Runner], warmup: int, rounds: int) -> list[dict]:
 
 def print_steps(rows: list[dict], title: str) -> None:
     print(f"\n{title}")
-    print(f"| {'variant':26s} | sites | median ms | min ms | vs baseline (median of ratios) | ratio of minimums |")
-    print(f"|{'-' * 28}|------:|----------:|-------:|-------------------------------:|------------------:|")
+    print(f"| {'variant':26s} | sites | median ms | min ms | vs baseline (median of ratios) "
+          f"| middle half of ratios | ratio of minimums |")
+    print(f"|{'-' * 28}|------:|----------:|-------:|-------------------------------:|----------------------:"
+          f"|------------------:|")
     for r in rows:
+        spread = f"{100 * (r['ratio_q1'] - 1):+.1f}% .. {100 * (r['ratio_q3'] - 1):+.1f}%"
         print(f"| {r['variant']:26s} | {r['sites']:5d} | {r['median_ms']:9.1f} | {r['min_ms']:6.1f} "
-              f"| {100 * (r['ratio_median'] - 1):+29.1f}% | {100 * (r['ratio_of_mins'] - 1):+16.1f}% |")
+              f"| {100 * (r['ratio_median'] - 1):+29.1f}% | {spread:>21s} | {100 * (r['ratio_of_mins'] - 1):+16.1f}% |")
 
 
 def compile_once(build: Callable[[], tuple[nn.Module, int]], x: torch.Tensor, y: torch.Tensor,
