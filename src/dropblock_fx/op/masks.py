@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .gamma import clip_block, expected_scale, seed_grid, seed_rate
-from .sparse import block_positions, dropped_units, seed_positions
+from .sparse import block_positions, dropped_units, seed_positions, strides_of
 
 __all__ = [
     "BACKENDS", "set_backend", "pick_backend", "keep_mask", "dropped_positions", "sampled_keep_mask", "under_functorch",
@@ -223,24 +223,6 @@ def count_scale(numel: int, kept: int, dtype: torch.dtype) -> float:
     return round_to(round_to(q, torch.float32), dtype)
 
 
-def strides_of(shape: tuple[int, ...], fmt: torch.memory_format) -> tuple[int, ...]:
-    """The strides of a dense tensor of ``shape`` in ``fmt`` (contiguous or channels-last).
-
-    Examples:
-        >>> strides_of((2, 3, 4, 5), torch.channels_last)
-        (60, 1, 15, 3)
-    """
-    order = list(range(len(shape)))
-    if fmt in (torch.channels_last, torch.channels_last_3d):
-        order = [0] + order[2:] + [1]  # the channel dim varies fastest
-    strides = [0] * len(shape)
-    step = 1
-    for d in reversed(order):
-        strides[d] = step
-        step *= shape[d]
-    return tuple(strides)
-
-
 def dropped_positions(
     x: torch.Tensor,
     gamma: float,
@@ -264,21 +246,9 @@ def dropped_positions(
         >>> round(out.sum().item()) == x.numel()   # the count normaliser keeps the sum
         True
     """
-    spatial = tuple([int(s) for s in x.shape[2:]])
-    grid = seed_grid(spatial, block, seed_region)
-    mask_nc = (int(x.shape[0]), int(x.shape[1]))
-    seeds = seed_positions(math.prod(mask_nc + grid), gamma, x.device, generator)
-    pos, dropped = dropped_units(seeds, mask_nc, grid, spatial, block, seed_region, strides_of(tuple(x.shape), fmt),
-                                 count=scale == "count")
-    factor: Scale
-    if scale == "count":
-        numel = x.numel()
-        factor = count_scale(numel, numel - dropped, x.dtype)
-    elif scale == "expected":
-        factor = expected_scale(gamma, spatial, block, seed_region)
-    else:
-        factor = 1.0
-    return torch.from_numpy(pos.reshape(-1)), factor
+    shape = tuple([int(s) for s in x.shape])
+    plan = _plan(shape, strides_of(shape, fmt), fmt, True, tuple(block), seed_region, scale, gamma)
+    return sample_dropped(plan, seed_region, scale, x.dtype, generator, x.device)
 
 
 class SparsePlan(NamedTuple):
@@ -320,16 +290,22 @@ def sparse_plan(
         return None
     fmt = _memory_format(torch.empty_strided(shape, stride, device="meta"))
     strides = strides_of(shape, fmt)
+    return _plan(tuple(shape), strides, fmt, tuple(stride) == strides, block, seed_region, scale, float(gamma))
+
+
+def _plan(shape: tuple[int, ...], strides: tuple[int, ...], fmt: torch.memory_format, dense: bool,
+          block: tuple[int, ...], seed_region: str, scale: str, gamma: float) -> SparsePlan:
+    spatial = shape[2:]
     grid = seed_grid(spatial, block, seed_region)
     mask_nc = (shape[0], shape[1])
-    whole = covers_whole_map(spatial, block, seed_region)
     expected = float(expected_scale(gamma, spatial, block, seed_region)) if scale == "expected" else 1.0
-    return SparsePlan(float(gamma), whole, fmt, tuple(stride) == strides, mask_nc, spatial, block, grid, strides,
-                      math.prod(mask_nc + grid), math.prod(shape), expected)
+    return SparsePlan(gamma, covers_whole_map(spatial, block, seed_region), fmt, dense, mask_nc, spatial, block,
+                      grid, strides, math.prod(mask_nc + grid), math.prod(shape), expected)
 
 
 def sample_dropped(plan: SparsePlan, seed_region: str, scale: str, dtype: torch.dtype,
-                   generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, float]:
+                   generator: Optional[torch.Generator] = None, device: torch.device = _CPU,
+                   ) -> tuple[torch.Tensor, float]:
     """A fresh per-channel mask of `plan`'s input as the flat positions it drops (see
     `dropped_positions`, which draws the same) and the normaliser as a float.
 
@@ -342,7 +318,7 @@ def sample_dropped(plan: SparsePlan, seed_region: str, scale: str, dtype: torch.
         >>> torch.equal(pos, pos2), s == s2
         (True, True)
     """
-    seeds = seed_positions(plan.n_seeds, plan.gamma, _CPU, generator)
+    seeds = seed_positions(plan.n_seeds, plan.gamma, device, generator)
     pos, dropped = dropped_units(seeds, plan.mask_nc, plan.grid, plan.spatial, plan.block, seed_region,
                                  plan.strides, count=scale == "count")
     if scale == "count":
@@ -418,7 +394,7 @@ def whole_map_scaled_keep(
         >>> torch.equal(m, keep.to(torch.float32) * s)
         True
     """
-    seeds = seed_positions(mask_nc[0] * mask_nc[1], gamma, torch.device("cpu"), generator)
+    seeds = seed_positions(mask_nc[0] * mask_nc[1], gamma, _CPU, generator)
     factor = _whole_map_factor(mask_nc, spatial, len(seeds), gamma, scale, dtype)
     m = torch.full(mask_nc + (1,) * len(spatial), factor, dtype=dtype)
     if len(seeds):

@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["seed_positions", "block_positions", "distinct_count", "dropped_units"]
+__all__ = ["seed_positions", "block_positions", "distinct_count", "dropped_units", "strides_of"]
 
 
 def seed_positions(count: int, gamma: float, device: torch.device, generator: Optional[torch.Generator]) -> np.ndarray:
@@ -173,7 +173,7 @@ def _distinct(
     maps = int(rank[-1]) + 1
     area = math.prod(spatial)
     if seed_region == "valid" and local is not None:
-        lut, offsets = _map_tables(tuple(grid), tuple(spatial), tuple(block))
+        lut, offsets = _position_tables(tuple(grid), tuple(block), strides_of(tuple(spatial), torch.contiguous_format))
         keys = rank * area
         keys += lut[local[shared]]
         keys = np.add.outer(keys, offsets)
@@ -181,7 +181,8 @@ def _distinct(
         n_grid = math.prod(grid)
         rank *= n_grid
         rank += seeds[shared] - p * n_grid
-        keys = block_positions(rank, (maps, 1), grid, spatial, block, seed_region, _row_major((maps, 1) + tuple(spatial)))
+        dense = strides_of((maps, 1) + tuple(spatial), torch.contiguous_format)
+        keys = block_positions(rank, (maps, 1), grid, spatial, block, seed_region, dense)
     bitmap = np.zeros(maps * area, dtype=bool)
     bitmap[keys.reshape(-1)] = True
     return total + int(np.count_nonzero(bitmap))
@@ -194,13 +195,6 @@ def _clipped_sizes(seeds: np.ndarray, grid: tuple[int, ...], spatial: tuple[int,
     for g, k, size in zip(coords, block, spatial):
         sizes *= np.minimum(size - 1, g + (k - 1) // 2) - np.maximum(0, g - k // 2) + 1
     return int(sizes.sum())
-
-
-@lru_cache(maxsize=256)
-def _map_tables(grid: tuple[int, ...], spatial: tuple[int, ...], block: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """In one map, row-major: the offset of each seed-grid position's block, and a block's offsets."""
-    strides = _row_major(spatial)
-    return _block_offsets(grid, strides), _block_offsets(block, strides)
 
 
 def dropped_units(
@@ -225,14 +219,19 @@ def dropped_units(
     return pos, _distinct(seeds, plane_local[0], plane_local[1], grid, spatial, block, seed_region)
 
 
-def _row_major(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Row-major strides of ``shape``.
+def strides_of(shape: tuple[int, ...], fmt: torch.memory_format) -> tuple[int, ...]:
+    """The strides of a dense tensor of ``shape`` in ``fmt`` (contiguous or channels-last).
 
     Examples:
-        >>> _row_major((2, 1, 3, 4))
-        (12, 12, 4, 1)
+        >>> strides_of((2, 3, 4, 5), torch.channels_last)
+        (60, 1, 15, 3)
     """
-    strides = [1] * len(shape)
-    for d in range(len(shape) - 2, -1, -1):
-        strides[d] = strides[d + 1] * shape[d + 1]
+    order = list(range(len(shape)))
+    if fmt in (torch.channels_last, torch.channels_last_3d):
+        order = [0] + order[2:] + [1]  # the channel dim varies fastest
+    strides = [0] * len(shape)
+    step = 1
+    for d in reversed(order):
+        strides[d] = step
+        step *= shape[d]
     return tuple(strides)
