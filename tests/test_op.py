@@ -515,6 +515,30 @@ def test_a_block_as_large_as_its_map_drops_whole_maps_from_one_flag_each(dtype, 
     assert torch.equal(x.grad, grad * (~dropped)[..., None, None].to(dtype) * scale)
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("seed_region", ["valid", "full"])
+def test_the_compiled_ops_mask_is_the_eager_one_in_the_layout_its_fake_promises(channels_last, seed_region):
+    """The CPU op a compiled graph calls builds its mask (in NumPy) from the seeds the eager
+    path draws: for the same seed it keeps exactly the units eager mode keeps, its strides are
+    those of its fake (what the compiled kernels index with), and its scale is eager's."""
+    shape = (3, 5, 12, 11)
+    p = 0.15
+    fake_keep, _ = masks._sampled_keep_mask_fake(torch.tensor(p), list(shape), channels_last, [3, 3], "channel",
+                                                 seed_region, 1.0, "count", False)
+    torch.manual_seed(11)
+    keep, factor = masks.sampled_keep_mask(torch.tensor(p), list(shape), channels_last, [3, 3], "channel",
+                                           seed_region, 1.0, "count", False)
+    x = torch.ones(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(11)
+    eager = fn.drop_block(x, p, 3, seed_region=seed_region)
+    assert keep.dtype == torch.bool and keep.shape == shape and keep.stride() == fake_keep.stride()
+    assert torch.equal(keep, eager != 0) and not keep.all()
+    assert factor.dtype == torch.float32 and factor.dim() == 0
+    assert factor.item() == eager.max().item() == np.float32(keep.numel()) / np.float32(int(keep.sum()))
+
+
 @pytest.mark.parametrize("drop", [0.2, 0.6])
 def test_a_compiled_site_whose_block_covers_its_map_draws_one_flag_per_map(drop):
     """Under torch.compile the CPU op's mask has one flag per map when the block covers the map

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import NamedTuple, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -318,14 +319,19 @@ def sample_dropped(plan: SparsePlan, seed_region: str, scale: str, dtype: torch.
         >>> torch.equal(pos, pos2), s == s2
         (True, True)
     """
+    pos, factor = _sample_dropped(plan, seed_region, scale, dtype, generator, device)
+    return torch.from_numpy(pos.reshape(-1)), factor
+
+
+def _sample_dropped(plan: SparsePlan, seed_region: str, scale: str, dtype: torch.dtype,
+                    generator: Optional[torch.Generator], device: torch.device) -> tuple[np.ndarray, float]:
+    # `sample_dropped` with the positions left in NumPy (``(seeds, prod(block))``).
     seeds = seed_positions(plan.n_seeds, plan.gamma, device, generator)
     pos, dropped = dropped_units(seeds, plan.mask_nc, plan.grid, plan.spatial, plan.block, seed_region,
                                  plan.strides, count=scale == "count")
     if scale == "count":
-        factor = count_scale(plan.numel, plan.numel - dropped, dtype)
-    else:
-        factor = plan.expected
-    return torch.from_numpy(pos.reshape(-1)), factor
+        return pos, count_scale(plan.numel, plan.numel - dropped, dtype)
+    return pos, plan.expected
 
 
 def covers_whole_map(spatial: Sequence[int], block: Sequence[int], seed_region: str) -> bool:
@@ -482,12 +488,20 @@ def _sampled_keep_mask(
                                      float(drop_prob), gamma_scale, calibrate)
     device = drop_prob.device
     factor: float
+    # The mask is built in NumPy: a NumPy fill and scatter of a bool array cost a fraction of
+    # torch's on the CPU (``fill_`` and ``index_fill_`` on bool), and a compiled graph calls
+    # this at every site of every step. The positions are those the eager path zeroes.
     if plan is not None and plan.whole_map:  # one flag per map (size ends in 1s)
-        keep, factor = whole_map_keep(plan.mask_nc, plan.spatial, plan.gamma, scale, torch.float32, device)
+        seeds = seed_positions(plan.n_seeds, plan.gamma, device, None)
+        flags = np.ones(plan.n_seeds, dtype=np.bool_)
+        flags[seeds] = False
+        keep = torch.from_numpy(flags).view(size).to(device)
+        factor = _whole_map_factor(plan.mask_nc, plan.spatial, len(seeds), plan.gamma, scale, torch.float32)
     elif plan is not None:
-        keep = torch.empty(size, dtype=torch.bool, device=device, memory_format=fmt).fill_(True)
-        pos, factor = sample_dropped(plan, seed_region, scale, torch.float32)
-        keep.as_strided((keep.numel(),), (1,)).index_fill_(0, pos.to(device), False)
+        pos, factor = _sample_dropped(plan, seed_region, scale, torch.float32, None, device)
+        flat = np.ones(plan.numel, dtype=np.bool_)
+        flat[pos] = False  # flat positions in the storage order of ``fmt``
+        keep = torch.from_numpy(flat).as_strided(size, plan.strides).to(device)
     else:  # a seed rate the sparse sampler does not take: the dense draw
         spatial = tuple([int(v) for v in shape[2:]])
         block_t = clip_block(spatial, tuple([int(k) for k in block]))
@@ -504,7 +518,8 @@ def _sampled_keep_mask(
                 factor = float(expected_scale(gamma, spatial, block_t, seed_region))
             else:
                 factor = 1.0
-    return keep, torch.tensor(factor, dtype=torch.float32, device=device)
+    # A 0-d tensor from NumPy: a fraction of the cost of ``torch.tensor``.
+    return keep, torch.from_numpy(np.array(factor, dtype=np.float32)).to(device)
 
 
 @lru_cache(maxsize=1024)
