@@ -34,8 +34,8 @@ Modes:
 
 CPU, the figures in docs/performance.md::
 
-    python benchmarks/bench_step_overhead.py --batch 8 --rounds 20
-    python benchmarks/bench_step_overhead.py --batch 32 --rounds 8 --variants timm "ours per-channel" "one multiply"
+    python benchmarks/bench_step_overhead.py --batch 8 --rounds 30
+    python benchmarks/bench_step_overhead.py --batch 32 --rounds 6 --variants timm "ours per-channel" "one multiply"
     python benchmarks/bench_step_overhead.py --compile --image 160 --rounds 100 --variants "ours per-channel" "fixed mask" "one multiply"
     python benchmarks/bench_step_overhead.py --compile-time --image 160 --variants "ours per-channel"
 
