@@ -55,6 +55,26 @@ class IsinstanceUNet(nn.Module):
         return self.head(x)
 
 
+class GainUp(IsinstanceUp):
+    """`IsinstanceUp` whose output is scaled by a learned per-channel gain (LayerScale), read
+    from its own parameter in the forward, with its size taken from the parameter."""
+
+    def __init__(self, cin: int, cskip: int, cout: int):
+        super().__init__(cin, cskip, cout)
+        self.gain = nn.Parameter(torch.full((cout,), 0.5))
+
+    def forward(self, x, skip=None):
+        return super().forward(x, skip) * self.gain.reshape(1, self.gain.shape[0], 1, 1)
+
+
+class GainUNet(IsinstanceUNet):
+    """IsinstanceUNet with `GainUp` decoder blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.dec = nn.ModuleList([GainUp(64, 32, 32), GainUp(32, 16, 16), GainUp(16, 8, 8)])
+
+
 # 2. A detection head that caches what it derives from the input on itself --------------------
 
 class CachingHead(nn.Module):

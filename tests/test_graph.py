@@ -514,3 +514,28 @@ def test_a_shared_patch_leaves_someone_elses_patch_alone():
     finally:
         nn.Module.__call__ = original
     assert [n.op for n in graph.nodes] == ["placeholder", "call_module", "call_module", "output"]
+
+
+def test_a_specialised_trace_reads_a_parameter_once_and_its_sizes_as_constants():
+    """A block traced for its recorded call (it asks ``isinstance`` about its skip) that reads
+    its own parameter: one get_attr node for it (reading it through the trace's patched
+    ``__getattr__`` used to record a node per level of a recursion, until it overflowed), and
+    the parameter's sizes are constants, not ``size`` nodes: only the batch and spatial sizes
+    of the inputs are symbolic."""
+    from constructs import GainUp
+
+    from dropblock_fx.graph.specialise import trace_specialised
+
+    block = GainUp(16, 8, 8)
+    bound = {"x": torch.empty(1, 16, 8, 8, device="meta"), "skip": torch.empty(1, 8, 16, 16, device="meta")}
+    graphs, guard = trace_specialised(block, (), bound, symbolic=True)
+    graph = graphs["any"]
+    gets = [n for n in graph.nodes if n.op == "get_attr"]
+    assert [n.target for n in gets] == ["gain"], [n.target for n in gets]
+    (reshape,) = [n for n in graph.nodes if n.target == "reshape"]
+    assert reshape.args == (gets[0], 1, 8, 1, 1)
+    assert not [n for n in graph.nodes if n.target == "size"]
+    assert guard == {"x": ("tensor", (16, None, None)), "skip": ("tensor", (8, None, None))}  # spatial sizes open
+    block.eval()
+    x, skip = torch.randn(2, 16, 6, 5), torch.randn(2, 8, 12, 10)
+    assert torch.equal(torch.fx.GraphModule(block, graph)(x, skip), block(x, skip))

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import dropblock_fx as dbx
-from constructs import (Backbone, CheckpointNet, IteratingUNet, PatchUnfoldBlock, PooledGateBlock, RelPosAttention,
+from constructs import (Backbone, CheckpointNet, GainUNet, IteratingUNet, PatchUnfoldBlock, PooledGateBlock, RelPosAttention,
                         SharedModuleNet, SizeBranchBlock, TFPadBlock, WindowBlock)
 from dropblock_fx.testing import check_surgery
 
@@ -275,3 +275,23 @@ def test_smp_unet_decoder_blocks_run():
     model = _third_party("smp-unet").eval()
     p = check_surgery(model, torch.randn(2, 3, 128, 128))
     assert any(r.path.startswith("decoder.blocks.0.") for r in p.rows)
+
+
+def test_decoder_blocks_that_read_their_own_gain_are_traced_for_any_map_size():
+    """Decoder blocks traced for their recorded call that scale by their own parameter: the
+    parameter's read recorded junk nodes, and the deepest block's trace fell back to its
+    planned map size (its guard said ``x=Nx64x8x8``), so a call at another size was traced
+    again. Every block is now traced once for any map size, and its rows run at both sizes."""
+    model = GainUNet().eval()
+    stages = [0, 1, 2, 3]
+    p = dbx.plan(model, input_size=SIZE, stages=stages)
+    guards = [n for n in p.notes if n.startswith("dec.") and "traced for calls like the planned one" in n]
+    assert len(guards) == 3 and all("x*x*" in n for n in guards), guards
+    assert {r.path.split(".")[1] for r in p.rows if r.path.startswith("dec.")} == {"0", "1", "2"}
+    check_surgery(model, _x(), stages=stages)
+    applied = dbx.apply_dropblock(copy.deepcopy(model), input_size=SIZE, stages=stages)
+    seen = _runs(applied, _x())
+    assert sorted(seen) == sorted(r.path for r in p.rows)
+    assert all({s[2:] for s in seen[r.path]} == {r.resolution} for r in p.rows)
+    seen = _runs(applied, _x((3, 96, 96)))
+    assert sorted(seen) == sorted(r.path for r in p.rows)

@@ -153,12 +153,16 @@ class _MetaProxy(fx.Proxy):
     specialised trace runs, ``isinstance(p, torch.Tensor)``: see `_patched`).
 
     The first dim is symbolic (a ``size(0)`` node); with a symbolic tracer, so are the spatial
-    dims of feature maps (4-D and 5-D tensors); the others are concrete.
+    dims of feature maps (4-D and 5-D tensors); the others are concrete, and so are all the
+    sizes of the module's own parameters and buffers.
     """
 
     _meta: Any = None
+    _fixed = False  # a parameter or buffer of the module: its sizes are constants
 
     def _symbolic(self, i: int) -> bool:
+        if self._fixed:
+            return False
         n = self._meta.dim()
         return i == 0 or (self.tracer.symbolic and n in (4, 5) and i >= 2)  # type: ignore[attr-defined]
 
@@ -296,8 +300,15 @@ class _SpecialisingTracer(LeafTracer):
                     finally:
                         self._computing = False
                 elif kind == "get_attr":
-                    obj = attr_at(self.root, str(target))
+                    # Read past the trace's patched ``__getattr__``: through it, reading a
+                    # parameter records another get_attr node, whose meta reads it again.
+                    self._computing = True
+                    try:
+                        obj = attr_at(self.root, str(target))
+                    finally:
+                        self._computing = False
                     p._meta = to_meta(obj) if isinstance(obj, torch.Tensor) else unknown
+                    p._fixed = True
         except Exception:  # noqa: BLE001 - no value: shape questions on it stay symbolic
             p._meta = None
         if p._meta is unknown:
@@ -319,6 +330,7 @@ class _SpecialisingTracer(LeafTracer):
         out = super().getattr(attr, attr_val, parameter_proxy_cache)
         if isinstance(out, _MetaProxy) and isinstance(attr_val, torch.Tensor):
             out._meta = to_meta(attr_val)
+            out._fixed = True
         return out
 
 
