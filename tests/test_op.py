@@ -517,11 +517,12 @@ def test_a_block_as_large_as_its_map_drops_whole_maps_from_one_flag_each(dtype, 
 
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("seed_region", ["valid", "full"])
-def test_the_compiled_ops_mask_is_the_eager_one_in_the_layout_its_fake_promises(channels_last, seed_region):
+@pytest.mark.parametrize("shape", [(3, 5, 12, 11), (3, 1, 12, 11)], ids=["5-channels", "1-channel"])
+def test_the_compiled_ops_mask_is_the_eager_one_in_the_layout_its_fake_promises(channels_last, seed_region, shape):
     """The CPU op a compiled graph calls builds its mask (in NumPy) from the seeds the eager
     path draws: for the same seed it keeps exactly the units eager mode keeps, its strides are
-    those of its fake (what the compiled kernels index with), and its scale is eager's."""
-    shape = (3, 5, 12, 11)
+    those of its fake (what the compiled kernels index with; with one channel a channels-last
+    and a contiguous mask differ in a stride, not in storage order), and its scale is eager's."""
     p = 0.15
     fake_keep, _ = masks._sampled_keep_mask_fake(torch.tensor(p), list(shape), channels_last, [3, 3], "channel",
                                                  seed_region, 1.0, "count", False)

@@ -484,7 +484,7 @@ def _sampled_keep_mask(
     seed_region: str, gamma_scale: float, scale: str, calibrate: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel of `sampled_keep_mask`."""
-    size, fmt, plan = _compiled_plan(tuple(shape), channels_last, tuple(block), mask, seed_region, scale,
+    size, fmt, strides, plan = _compiled_plan(tuple(shape), channels_last, tuple(block), mask, seed_region, scale,
                                      float(drop_prob), gamma_scale, calibrate)
     device = drop_prob.device
     factor: float
@@ -500,8 +500,8 @@ def _sampled_keep_mask(
     elif plan is not None:
         pos, factor = _sample_dropped(plan, seed_region, scale, torch.float32, None, device)
         flat = np.ones(plan.numel, dtype=np.bool_)
-        flat[pos] = False  # flat positions in the storage order of ``fmt``
-        keep = torch.from_numpy(flat).as_strided(size, plan.strides).to(device)
+        flat[pos] = False  # flat positions in storage order (``fmt``'s, or the same one)
+        keep = torch.from_numpy(flat).as_strided(size, strides).to(device)
     else:  # a seed rate the sparse sampler does not take: the dense draw
         spatial = tuple([int(v) for v in shape[2:]])
         block_t = clip_block(spatial, tuple([int(k) for k in block]))
@@ -526,12 +526,14 @@ def _sampled_keep_mask(
 def _compiled_plan(
     shape: tuple[int, ...], channels_last: bool, block: tuple[int, ...], mask: str, seed_region: str, scale: str,
     drop_prob: float, gamma_scale: float, calibrate: bool,
-) -> tuple[tuple[int, ...], torch.memory_format, Optional[SparsePlan]]:
-    """The compiled op's mask size and layout, and the `SparsePlan` of its full-size mask."""
+) -> tuple[tuple[int, ...], torch.memory_format, tuple[int, ...], Optional[SparsePlan]]:
+    """The compiled op's mask size, layout and strides (its fake's), and the `SparsePlan` of its
+    full-size mask. The plan's layout can be contiguous where the fake's is channels-last (one
+    channel, or 1x1 maps): the two storage orders are then the same, but not all the strides."""
     size, fmt = _mask_layout(shape, mask, channels_last, block, seed_region)
     full = size[:2] + tuple(shape[2:])
-    return size, fmt, sparse_plan(full, strides_of(full, fmt), block, seed_region, scale, drop_prob, gamma_scale,
-                                  calibrate)
+    return size, fmt, strides_of(size, fmt), sparse_plan(full, strides_of(full, fmt), block, seed_region, scale,
+                                                         drop_prob, gamma_scale, calibrate)
 
 
 def _sampled_keep_mask_fake(drop_prob, shape, channels_last, block, mask, seed_region, gamma_scale, scale, calibrate):
