@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -125,3 +128,37 @@ class NormFree(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+@functools.lru_cache(maxsize=None)
+def lightning_net_class() -> type:
+    """``LightningNet(samples, target_drop_prob=None)``: a LightningModule (Lightning is imported
+    here, on first use: it takes seconds) of a conv, ``DropBlock2d(0.2, 3)`` and a linear head,
+    trained with SGD on ``samples`` random 8x8 images in batches of 2; ``seen`` records the
+    DropBlock module's rate at each training step."""
+    import lightning.pytorch as L
+
+    from dropblock_fx import DropBlock2d
+
+    class LightningNet(L.LightningModule):
+        def __init__(self, samples: int, target_drop_prob: Optional[float] = None):
+            super().__init__()
+            torch.manual_seed(0)
+            self.samples = samples
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), DropBlock2d(0.2, 3), nn.AdaptiveAvgPool2d(1),
+                                      nn.Flatten(), nn.Linear(4, 1))
+            if target_drop_prob is not None:
+                self.body[1].target_drop_prob = target_drop_prob
+            self.seen: list[float] = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(self.body[1].drop_prob)
+            return self.body(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.randn(self.samples, 3, 8, 8), batch_size=2)
+
+    return LightningNet

@@ -222,34 +222,15 @@ def _run_lightning(rank: int, result: dict) -> None:
 
     import lightning.pytorch as L
     import torch
-    from torch import nn
+    from small_models import lightning_net_class
 
-    from dropblock_fx import DropBlock2d
     from dropblock_fx.integrations.lightning import DropBlockScheduleCallback
 
     warnings.simplefilter("ignore")
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), NODE_RANK="0", WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT="1")  # the group exists: never dialled
 
-    class Net(L.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), DropBlock2d(0.2, 3),
-                                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 1))
-            self.seen = []
-
-        def training_step(self, batch, batch_idx):
-            self.seen.append(self.body[1].drop_prob)
-            return self.body(batch).pow(2).mean()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01)
-
-        def train_dataloader(self):
-            return torch.utils.data.DataLoader(torch.randn(32, 3, 8, 8), batch_size=2)
-
-    net = Net()
+    net = lightning_net_class()(32)
     cb = DropBlockScheduleCallback()
     trainer = L.Trainer(accelerator="cpu", devices=WORLD, strategy="ddp", max_epochs=1, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,

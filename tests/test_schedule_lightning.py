@@ -7,10 +7,9 @@ import importlib.util
 import warnings
 
 import pytest
-import torch
-from torch import nn
 
-from dropblock_fx import DropBlock2d, DropBlockNd, attach_schedule
+from dropblock_fx import DropBlockNd, attach_schedule
+from small_models import lightning_net_class
 
 # Lightning takes ~3 s to import: it is imported when a test here runs, not when the suite is
 # collected (by every xdist worker)
@@ -33,31 +32,7 @@ def DropBlockScheduleCallback(**kw):  # noqa: N802 - stands for the class
 
 
 def Net():  # noqa: N802 - stands for the class
-    return _net_class()()
-
-
-@functools.lru_cache(maxsize=None)
-def _net_class() -> type:
-    class Net(_lightning().LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.body = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), DropBlock2d(0.2, 3), nn.AdaptiveAvgPool2d(1),
-                                      nn.Flatten(), nn.Linear(4, 1))
-            self.body[1].target_drop_prob = 0.2
-            self.seen: list[float] = []
-
-        def training_step(self, batch, batch_idx):
-            self.seen.append(self.body[1].drop_prob)
-            return self.body(batch).pow(2).mean()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01)
-
-        def train_dataloader(self):
-            return torch.utils.data.DataLoader(torch.randn(TOTAL * 2, 3, 8, 8), batch_size=2)
-
-    return Net
+    return lightning_net_class()(TOTAL * 2, target_drop_prob=0.2)
 
 
 def _trainer(**kw):
