@@ -330,7 +330,6 @@ class _SpecialisingTracer(LeafTracer):
         out = super().getattr(attr, attr_val, parameter_proxy_cache)
         if isinstance(out, _MetaProxy) and isinstance(attr_val, torch.Tensor):
             out._meta = to_meta(attr_val)
-            out._fixed = True
         return out
 
 

@@ -375,9 +375,9 @@ def whole_map_keep(
     size = mask_nc + (1,) * len(spatial)
     if gamma < _SPARSE_MAX_GAMMA:
         seeds = seed_positions(mask_nc[0] * mask_nc[1], gamma, device, generator)
-        keep = torch.ones(size, dtype=torch.bool, device=device)
-        if len(seeds):
-            keep.view(-1).index_fill_(0, torch.from_numpy(seeds).to(device), False)
+        flags = np.ones(mask_nc[0] * mask_nc[1], dtype=np.bool_)  # NumPy: cheaper than torch on bool
+        flags[seeds] = False
+        keep = torch.from_numpy(flags).view(size).to(device)
         dropped = len(seeds)
     else:  # as the dense path draws: one uniform per map
         keep = torch.rand(size, dtype=torch.float32, device=device, generator=generator) >= gamma
@@ -492,11 +492,7 @@ def _sampled_keep_mask(
     # torch's on the CPU (``fill_`` and ``index_fill_`` on bool), and a compiled graph calls
     # this at every site of every step. The positions are those the eager path zeroes.
     if plan is not None and plan.whole_map:  # one flag per map (size ends in 1s)
-        seeds = seed_positions(plan.n_seeds, plan.gamma, device, None)
-        flags = np.ones(plan.n_seeds, dtype=np.bool_)
-        flags[seeds] = False
-        keep = torch.from_numpy(flags).view(size).to(device)
-        factor = _whole_map_factor(plan.mask_nc, plan.spatial, len(seeds), plan.gamma, scale, torch.float32)
+        keep, factor = whole_map_keep(plan.mask_nc, plan.spatial, plan.gamma, scale, torch.float32, device)
     elif plan is not None:
         pos, factor = _sample_dropped(plan, seed_region, scale, torch.float32, None, device)
         flat = np.ones(plan.numel, dtype=np.bool_)
