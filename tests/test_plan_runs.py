@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 import dropblock_fx as dbx
-from constructs import (Backbone, CheckpointNet, GainUNet, IteratingUNet, PatchUnfoldBlock, PooledGateBlock, RelPosAttention,
-                        SharedModuleNet, SizeBranchBlock, TFPadBlock, WindowBlock)
+from constructs import (Backbone, CheckpointNet, GainUNet, IteratingUNet, PatchUnfoldBlock, PooledGateBlock,
+                        RelPosAttention, SharedModuleNet, SizeBranchBlock, TFPadBlock, WindowBlock)
 from dropblock_fx.testing import check_surgery
 
 SIZE = (3, 128, 128)

@@ -240,6 +240,16 @@ class _SpecialisingTracer(LeafTracer):
         self.device = device or torch.device("cpu")
         self._computing = False  # running a leaf on meta values: no nodes, no proxies
 
+    @contextlib.contextmanager
+    def _untraced(self) -> Iterator[None]:
+        """Run meta values without recording: module calls run as they are, and attribute reads
+        bypass the trace's patched ``__getattr__``."""
+        self._computing = True
+        try:
+            yield
+        finally:
+            self._computing = False
+
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         if self._computing:
             return forward(*args, **kwargs)
@@ -294,19 +304,13 @@ class _SpecialisingTracer(LeafTracer):
                 elif kind == "call_method":
                     p._meta = getattr(a[0], target)(*a[1:], **k)
                 elif kind == "call_module":
-                    self._computing = True
-                    try:
+                    with self._untraced():
                         p._meta = run_meta(self.root.get_submodule(target), a, k, self._cache)
-                    finally:
-                        self._computing = False
                 elif kind == "get_attr":
                     # Read past the trace's patched ``__getattr__``: through it, reading a
                     # parameter records another get_attr node, whose meta reads it again.
-                    self._computing = True
-                    try:
+                    with self._untraced():
                         obj = attr_at(self.root, str(target))
-                    finally:
-                        self._computing = False
                     p._meta = to_meta(obj) if isinstance(obj, torch.Tensor) else unknown
                     p._fixed = True
         except Exception:  # noqa: BLE001 - no value: shape questions on it stay symbolic
