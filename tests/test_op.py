@@ -266,6 +266,51 @@ def test_distinct_count_matches_the_set_of_positions_on_random_shapes():
         assert sparse.distinct_count(seeds, grid, spatial, k, region) == len(set(pos.reshape(-1).tolist()))
 
 
+@pytest.mark.parametrize("sort_max", [None, -1])  # the sort, and the bitmap of the shared maps
+def test_dropped_units_are_the_blocks_and_count_them(monkeypatch, sort_max):
+    """What the op calls per site: the flat positions of the seeds' blocks (as a set, those of
+    `block_positions`) and the number of distinct units among them, by either way of counting,
+    over random maps, blocks, regions, layouts and rates."""
+    from dropblock_fx.op import sparse
+
+    if sort_max is not None:
+        monkeypatch.setattr(sparse, "_SORT_MAX", sort_max)
+    rng = np.random.default_rng(1)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        spatial = tuple(int(v) for v in rng.integers(1, 13, 2))
+        k = tuple(int(min(s, v)) for s, v in zip(spatial, rng.integers(1, 8, 2)))
+        shape = (int(rng.integers(1, 4)), int(rng.integers(1, 9))) + spatial
+        region = str(rng.choice(["valid", "full"]))
+        fmt = torch.channels_last if rng.random() < 0.5 else torch.contiguous_format
+        strides = masks.strides_of(shape, fmt)
+        grid = masks.seed_grid(spatial, k, region)
+        gamma = float(rng.choice([0.01, 0.1, 0.5]))
+        seeds = sparse.seed_positions(math.prod(shape[:2] + grid), gamma, torch.device("cpu"), g)
+        blocks = sparse.block_positions(seeds, shape[:2], grid, spatial, k, region, strides)
+        pos, count = sparse.dropped_units(seeds, shape[:2], grid, spatial, k, region, strides)
+        assert pos.ndim == 1 and sorted(pos.tolist()) == sorted(blocks.reshape(-1).tolist())
+        assert count == len(set(pos.tolist()))
+        _, none = sparse.dropped_units(seeds, shape[:2], grid, spatial, k, region, strides, count=False)
+        assert none == 0
+
+
+def test_geometric_sampler_draws_in_chunks_as_in_one(monkeypatch):
+    """The seed sampler draws the gaps between seeds in chunks sized to reach the end in one
+    draw; when a chunk falls short it draws the next from where it stopped. The gaps are
+    one stream, so chunks of 3 give the same positions as one chunk."""
+    from dropblock_fx.op import sparse
+
+    cpu = torch.device("cpu")
+    for count, gamma in [(1000, 0.05), (50, 0.5), (7, 0.9)]:
+        whole = sparse.seed_positions(count, gamma, cpu, torch.Generator().manual_seed(3))
+        with monkeypatch.context() as m:
+            m.setattr(sparse, "_chunk_size", lambda remaining, count, mean: min(remaining, 3))
+            chunked = sparse.seed_positions(count, gamma, cpu, torch.Generator().manual_seed(3))
+        assert len(whole) > 3 and whole.dtype == chunked.dtype == np.int64
+        assert np.array_equal(whole, chunked)
+
+
 def test_cpu_path_forward_mode_and_double_backward():
     x = torch.randn(2, 4, 9, 9, dtype=torch.float64, requires_grad=True)
 

@@ -320,12 +320,12 @@ def sample_dropped(plan: SparsePlan, seed_region: str, scale: str, dtype: torch.
         (True, True)
     """
     pos, factor = _sample_dropped(plan, seed_region, scale, dtype, generator, device)
-    return torch.from_numpy(pos.reshape(-1)), factor
+    return torch.from_numpy(pos), factor
 
 
 def _sample_dropped(plan: SparsePlan, seed_region: str, scale: str, dtype: torch.dtype,
                     generator: Optional[torch.Generator], device: torch.device) -> tuple[np.ndarray, float]:
-    # `sample_dropped` with the positions left in NumPy (``(seeds, prod(block))``).
+    # `sample_dropped` with the positions left in NumPy (one flat array).
     seeds = seed_positions(plan.n_seeds, plan.gamma, device, generator)
     pos, dropped = dropped_units(seeds, plan.mask_nc, plan.grid, plan.spatial, plan.block, seed_region,
                                  plan.strides, count=scale == "count")

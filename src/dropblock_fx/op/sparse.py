@@ -51,17 +51,30 @@ def seed_positions(count: int, gamma: float, device: torch.device, generator: Op
     start = 0  # the next trial not yet decided
     while start < count:
         remaining = count - start
-        m = int(min(remaining, mean * (remaining / count) + 6.0 * math.sqrt(mean + 1.0) + 16))
-        # Trials up to and including each success; float64 holds them exactly (below 2**53).
-        w = torch.empty(m, dtype=torch.float64, device=device).geometric_(gamma, generator=generator).cpu().numpy()
-        w[0] += start - 1  # so the running sums are the positions
-        np.cumsum(w, out=w)
-        inside = int(np.searchsorted(w, count))  # w is increasing: the first `inside` are < count
-        chunks.append(w[:inside].astype(np.int64))
+        m = _chunk_size(remaining, count, mean)
+        # Trials up to and including each success: torch draws each as a float64 and rounds
+        # it to the tensor's dtype, so int64 holds the same whole numbers with no cast here.
+        w = torch.empty(m, dtype=torch.int64, device=device).geometric_(gamma, generator=generator)
+        pos = (w if device.type == "cpu" else w.cpu()).numpy()
+        pos[0] += start - 1  # so the running sums are the positions
+        pos.cumsum(out=pos)
+        inside = int(pos.searchsorted(count))  # pos is increasing: the first `inside` are < count
         if inside < m:
+            chunks.append(pos[:inside])
             break
-        start = int(w[-1]) + 1
+        chunks.append(pos)
+        start = int(pos[-1]) + 1
     return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+
+def _chunk_size(remaining: int, count: int, mean: float) -> int:
+    """How many gaps to draw for the ``remaining`` of ``count`` trials: their expected number of
+    successes plus six standard deviations, so one draw nearly always reaches the end."""
+    return int(min(remaining, mean * (remaining / count) + 6.0 * math.sqrt(mean + 1.0) + 16))
+
+
+# Up to this many positions `dropped_units` counts the distinct ones by sorting them.
+_SORT_MAX = 1 << 16
 
 
 @lru_cache(maxsize=256)
@@ -201,22 +214,34 @@ def dropped_units(
     seeds: np.ndarray, mask_nc: tuple[int, int], grid: tuple[int, ...], spatial: tuple[int, ...],
     block: tuple[int, ...], seed_region: str, strides: tuple[int, ...], count: bool = True,
 ) -> tuple[np.ndarray, int]:
-    """`block_positions` and, when ``count``, `distinct_count` of the same seeds (0 otherwise),
-    sharing their arithmetic: what the op calls once per site.
+    """The `block_positions` of ``seeds`` as one flat array (a unit may be listed more than
+    once; in no set order) and, when ``count``, their `distinct_count` (0 otherwise), sharing
+    their arithmetic: what the op calls once per site.
 
     Examples:
         >>> pos, n = dropped_units(np.array([0, 3, 4]), (2, 1), (2, 2), (3, 3), (2, 2), "valid", (9, 9, 3, 1))
-        >>> pos.shape, n
-        ((3, 4), 11)
+        >>> sorted(set(pos.tolist())), n
+        ([0, 1, 3, 4, 5, 7, 8, 9, 10, 12, 13], 11)
     """
     if seed_region != "valid":
         pos = block_positions(seeds, mask_nc, grid, spatial, block, seed_region, strides)
-        return pos, (distinct_count(seeds, grid, spatial, block, seed_region) if count else 0)
-    plane_local = np.divmod(seeds, math.prod(grid))
-    pos = _valid_positions(seeds, plane_local, mask_nc, grid, block, strides)
+        plane_local = None
+    else:
+        plane_local = np.divmod(seeds, math.prod(grid))
+        pos = _valid_positions(seeds, plane_local, mask_nc, grid, block, strides)
+    flat = pos.reshape(-1)  # a view: pos is a new array in row-major order
     if not count or len(seeds) == 0:
-        return pos, 0
-    return pos, _distinct(seeds, plane_local[0], plane_local[1], grid, spatial, block, seed_region)
+        return flat, 0
+    if flat.size <= _SORT_MAX:
+        # Each unit has one storage position (clipped units repeat the border's, a unit the
+        # block does drop): the distinct positions are the dropped units. Sorted in place by
+        # a stable sort (timsort: each block's positions already increase), which takes fewer
+        # NumPy calls than the bitmap below, and in order they are scattered in order.
+        flat.sort(kind="stable")
+        return flat, flat.size - int(np.count_nonzero(flat[1:] == flat[:-1]))
+    if plane_local is None:
+        return flat, distinct_count(seeds, grid, spatial, block, seed_region)
+    return flat, _distinct(seeds, plane_local[0], plane_local[1], grid, spatial, block, seed_region)
 
 
 def strides_of(shape: tuple[int, ...], fmt: torch.memory_format) -> tuple[int, ...]:
