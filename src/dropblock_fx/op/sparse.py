@@ -10,12 +10,15 @@ number per position (the official algorithm) and sliding a ``k x k`` max over th
   the output), in its memory format: the caller zeroes them (``index_fill_``), so applying the
   mask is one multiply by the scale plus a scatter of zeros;
 * the number of distinct dropped units (the ``"count"`` normaliser) is known without a pass
-  over the map: blocks of different maps never overlap, and only maps with two or more seeds
-  need their overlaps counted (on a small bitmap of those maps alone).
+  over the map: each unit has one storage position, so it is the number of distinct
+  positions, counted by sorting them (or, for large sets, on a small bitmap of the maps with
+  two or more seeds: blocks of different maps never overlap).
 
 The index arithmetic runs in NumPy on the CPU (a few microseconds a call where torch
-launches cost more); the random numbers come from torch's generator, so ``torch.manual_seed``
-and ``generator=`` decide the masks.
+launches cost more; inside a training step, where the convolutions around it evict its code
+and data from the caches, 10-40 us a call, so what it costs follows its number of calls);
+the random numbers come from torch's generator, so ``torch.manual_seed`` and ``generator=``
+decide the masks.
 """
 
 from __future__ import annotations
