@@ -23,13 +23,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 import torch.fx
 from torch import nn
 
 from .op.functional import drop_block_train
+from .op.masks import pick_backend
 from .op.options import BlockSize, DropBlockOptions, OptionFields, check_drop_prob, normalize_block_size
 
-__all__ = ["DropBlock2d", "DropBlock3d", "DropBlockNd", "Placement", "TrainWatch", "is_inserted"]
+__all__ = ["DropBlock2d", "DropBlock3d", "DropBlockNd", "Placement", "TrainWatch", "is_inserted",
+           "writable_norm_output"]
 
 
 @runtime_checkable
@@ -61,6 +64,11 @@ class Placement:
             default of ``attach_schedule``; ``None``: the recipe has none (a constant rate).
         watch: called by each eager training forward (see `TrainWatch`); shared by
             the modules of one ``apply_dropblock`` call.
+        owns_input: the planner found that its input is a norm layer's output that nothing
+            else reads, so an eager training forward writes its result into that tensor (no
+            new feature map) whenever autograd allows it: the input came from a norm whose
+            backward keeps its own input, not its output (`writable_norm_output`). Outputs and
+            gradients are the same as out of place; ``False`` turns it off.
 
     Examples:
         >>> Placement(4, "conv", 0.1, path="layer4.0.dropblock_conv1", resolution=(7, 7)).resolution
@@ -74,6 +82,7 @@ class Placement:
     resolution: tuple[int, ...] = ()
     recipe_schedule: Any = None
     watch: Optional[TrainWatch] = field(default=None, compare=False, repr=False)
+    owns_input: bool = False
 
 
 def is_inserted(m: object) -> bool:
@@ -84,6 +93,39 @@ def is_inserted(m: object) -> bool:
         False
     """
     return isinstance(m, DropBlockNd) and m.placement is not None
+
+
+# The autograd nodes of norm layers whose backward reads the norm's input and statistics, never
+# its output (their saved tensors: input, weight, running stats, mean and inverse std), so
+# writing into that output leaves their backward intact.
+_NORM_NODES = frozenset({
+    "NativeBatchNormBackward0", "CudnnBatchNormBackward0", "MiopenBatchNormBackward0",
+    "NativeGroupNormBackward0",
+})
+
+
+def writable_norm_output(x: torch.Tensor) -> bool:
+    """May a DropBlock that is the only reader of ``x`` write its result into ``x``?
+
+    True when ``x`` is a dense, non-view tensor that a batch or group norm just produced
+    (its autograd node saves the norm's input, not ``x``), or that needs no gradient; never
+    under ``torch.func`` transforms or forward-mode AD. The caller must know that nothing else
+    reads ``x`` (surgery does: `Placement.owns_input`).
+
+    Examples:
+        >>> bn = torch.nn.BatchNorm2d(4)
+        >>> x = torch.randn(2, 4, 8, 8, requires_grad=True)
+        >>> writable_norm_output(bn(x)), writable_norm_output(torch.relu(bn(x)))
+        (True, False)
+    """
+    if x._base is not None or _forward_ad._current_level >= 0 or torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return False
+    if x.requires_grad and type(x.grad_fn).__name__ not in _NORM_NODES:
+        return False
+    if x.is_contiguous():
+        return True
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    return x.is_contiguous(memory_format=fmt)
 
 
 def _option(name: str) -> property:
@@ -258,12 +300,20 @@ class DropBlockNd(nn.Module):
         if not self.training:
             return x
         p: float | torch.Tensor
+        o = self._options
+        inplace = o.inplace
         if torch.compiler.is_compiling():
             p = self.drop_prob_tensor
         else:
             placement = self.placement
-            if placement is not None and placement.watch is not None:
-                placement.watch(self, x.shape[2:])  # a torch.Size: a tuple, compared as one
+            if placement is not None:
+                if placement.watch is not None:
+                    placement.watch(self, x.shape[2:])  # a torch.Size: a tuple, compared as one
+                if placement.owns_input and not inplace:
+                    # Nothing else reads x (the planner checked the graph) and autograd does
+                    # not need it: write into it, sparing a new map. (The fused GPU kernels
+                    # write a new map either way: in place would add a copy there.)
+                    inplace = writable_norm_output(x) and pick_backend(x) != "triton"
             rate = self.drop_prob_tensor
             if rate is not self._own_rate:  # functional_call: a rate from outside
                 p = rate
@@ -271,10 +321,9 @@ class DropBlockNd(nn.Module):
                 return x
             else:
                 p = self._drop_prob
-        o = self._options
         return drop_block_train(
             x, p, normalize_block_size(o.block_size, self.n_spatial), o.mask, o.seed_region, o.gamma_scale,
-            o.scale, o.noise, o.calibrate, o.inplace, self.generator,
+            o.scale, o.noise, o.calibrate, inplace, self.generator,
         )
 
     def _scripted(self, x: torch.Tensor) -> torch.Tensor:
