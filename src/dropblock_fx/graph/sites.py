@@ -30,12 +30,13 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from .feature_maps import FeatureMaps, side_nodes
 from .leaves import ADD_FUNCTIONS, ADD_METHODS, is_act_node, is_conv, is_identity, is_norm, is_norm_act
 
-__all__ = ["Site", "find_sites", "insert_sites"]
+__all__ = ["Site", "find_sites", "insert_sites", "owns_norm_output", "writable_norm"]
 
 
 @dataclass
@@ -282,3 +283,47 @@ def insert_sites(graph: fx.Graph, sites: list[Site]) -> None:
                 _, new = dropblock(src, site)
             dst.replace_input_with(src, new)
     graph.lint()
+
+
+# Norms whose backward reads their input and statistics, never their output: a DropBlock that
+# is the only reader of their output may write into it (modules.writable_norm_output checks
+# the autograd node at run time as well).
+_WRITABLE_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
+_WRITABLE_NORM_FUNCTIONS = (F.batch_norm, torch.batch_norm, F.group_norm, torch.group_norm)
+
+
+def writable_norm(m: Any) -> bool:
+    """Is ``m`` a batch or group norm module with no forward hooks (a hook could keep its output)?
+
+    Examples:
+        >>> writable_norm(nn.BatchNorm2d(8)), writable_norm(nn.LayerNorm(8))
+        (True, False)
+    """
+    return isinstance(m, _WRITABLE_NORMS) and not m._forward_hooks and not m._forward_pre_hooks
+
+
+def owns_norm_output(graph: fx.Graph, name: str, unit: nn.Module) -> bool:
+    """Is the DropBlock call ``name`` in ``graph`` the only reader of a norm's output?
+
+    The norm is a batch or group norm module without forward hooks (`writable_norm`) or the
+    functional form; the DropBlock reads it directly (not through a permuted view) and no other
+    node reads it. A graph without the call says False.
+
+    Examples:
+        >>> unit = nn.Module()
+        >>> unit.bn = nn.BatchNorm2d(8)
+        >>> g = fx.Graph()
+        >>> bn = g.call_module("bn", (g.placeholder("x"),))
+        >>> out = g.output(g.call_module("dropblock", (bn,)))
+        >>> owns_norm_output(g, "dropblock", unit)
+        True
+    """
+    node = next((n for n in graph.nodes if n.op == "call_module" and n.target == name), None)
+    if node is None or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+        return False
+    src = node.args[0]
+    if len(src.users) != 1:
+        return False
+    if src.op == "call_module":
+        return writable_norm(unit.get_submodule(str(src.target)))
+    return src.op == "call_function" and src.target in _WRITABLE_NORM_FUNCTIONS
