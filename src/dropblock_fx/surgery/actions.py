@@ -9,14 +9,14 @@ with a note, never applied.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable
 
 import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
-from ..graph.sites import Site, insert_sites
+from ..graph.sites import Site, insert_sites, owns_norm_output, writable_norm
 from ..graph.leaves import checkpoint_flag
 from ..graph.specialise import respec_info
 from ..graph.splice import compile_source, graph_source
@@ -94,6 +94,8 @@ def build_actions(ctx: SiteContext, chosen: list[Candidate]) -> tuple[list[PlanR
     for act in actions.values():
         if act.how == "graph":
             _rewrite_or_drop(ctx, act)
+        elif act.how == "after" and act.rows[0].mechanism == "after-norm" and writable_norm(act.module):
+            act.rows = [replace(act.rows[0], owns_input=True)]  # the norm's output goes to it alone
     return _kept(rows, actions.values())
 
 
@@ -106,9 +108,10 @@ def _rewrite_or_drop(ctx: SiteContext, act: Action) -> None:
 
 
 def _kept(rows: list[PlanRow], actions: Iterable[Action]) -> tuple[list[PlanRow], list[Action]]:
+    """The rows the kept actions realise (as the actions hold them), in plan order."""
     kept = [a for a in actions if a.rows]
-    paths = {r.path for a in kept for r in a.rows}
-    return [r for r in rows if r.path in paths], kept
+    by_path = {r.path: r for a in kept for r in a.rows}
+    return [by_path[r.path] for r in rows if r.path in by_path], kept
 
 
 def without_rows(ctx: SiteContext, rows: list[PlanRow], actions: list[Action],
@@ -150,6 +153,12 @@ def _rewrite(ctx: SiteContext, act: Action) -> str:
     problem = check_graphs(graphs, unit.module, bound, expected, extra=names, cache=ctx.meta_cache)
     if problem:
         return f"its rewritten forward failed verification: {problem}"
+    # A site that alone reads a norm's output in every graph writes into it. Not in a unit
+    # traced for one call (a call of another size is traced again: its graph is not seen here).
+    act.rows = [replace(row, owns_input=unit.guard is None and all(
+        owns_norm_output(g, name, unit.module) for g in graphs.values()
+        if any(n.op == "call_module" and n.target == name for n in g.nodes)))
+        for name, row in zip(act.names, act.rows)]
     try:
         plain = {m: g for m, g in unit.graphs.items() if not m.startswith("ckpt:")}  # type: ignore[union-attr]
         respec = None if unit.guard is None else respec_info(unit.module, plain, unit.extra_leaves, sites, unit.guard)

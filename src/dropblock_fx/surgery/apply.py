@@ -33,7 +33,8 @@ def _make(row: PlanRow, p: Plan, watch: ModelWatch, parent: nn.Module, varying: 
     cls = DropBlock3d if len(row.resolution) == 3 else DropBlock2d
     m = cls.from_options(row.target_drop_prob, row.options)
     m.placement = Placement(row.stage, row.kind, row.target_drop_prob, row.path,
-                            () if varying else tuple(row.resolution), p.recipe.schedule, watch)
+                            () if varying else tuple(row.resolution), p.recipe.schedule, watch,
+                            owns_input=row.owns_input)
     return m.train(parent.training)
 
 

@@ -50,6 +50,10 @@ _SEEN = ("seen_resolution", "seen_block_size", "seen_expected_drop_prob", "skipp
 class PlanRow:
     """One DropBlock module of a plan.
 
+    ``owns_input``: the module is the only reader of a batch or group norm's output, so its
+    eager training forwards write into that tensor instead of a new one (same outputs and
+    gradients; see `dropblock_fx.modules.Placement`).
+
     The ``seen_*`` fields are filled only in [`describe`][dropblock_fx.describe]'s answer, for a module that
     trained on feature maps of another size than planned: that size, the block size clipped
     to it and the expected real rate there; ``skipped_at``, for a module that did not run at
@@ -73,6 +77,7 @@ class PlanRow:
     # describe() only: the input sizes of this module's block at which the block ran its original
     # forward (it could not be traced for them), so this module did not run
     skipped_at: tuple[tuple[int, ...], ...] = ()
+    owns_input: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         skip = {"options"} if self.seen_resolution or self.skipped_at else {"options", *_SEEN}

@@ -1,0 +1,271 @@
+"""DropBlock that writes into a norm's output when it is that output's only reader.
+
+The planner marks such rows (``PlanRow.owns_input``); their modules' eager training forwards
+write the result into the input tensor, where autograd allows it. Outputs, gradients and the
+norms' running statistics must be bit-identical to the out-of-place forward, and nothing that
+another node reads, that autograd saved, or that is a view may ever be written.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import dropblock_fx as dbx
+from dropblock_fx.graph.sites import Site, insert_sites, owns_norm_output, writable_norm
+from dropblock_fx.modules import DropBlockNd, Placement, is_inserted, writable_norm_output
+
+from small_models import WithUntraceable
+
+timm = pytest.importorskip("timm")
+tv = pytest.importorskip("torchvision")
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:.*no schedule is attached")]
+
+
+def _inserted(model: nn.Module) -> dict[str, DropBlockNd]:
+    return {n: m for n, m in model.named_modules() if is_inserted(m)}
+
+
+def _owned_off(model: nn.Module) -> nn.Module:
+    for m in _inserted(model).values():
+        m.placement = dataclasses.replace(m.placement, owns_input=False)
+    return model
+
+
+def _wrote_in_place(model: nn.Module, x: torch.Tensor, backward: bool = True) -> dict[str, bool]:
+    """Per inserted module: did its training forward return its input tensor (written in place)?"""
+    seen: dict[str, bool] = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, out is args[0]))
+             for name, m in _inserted(model).items()]
+    try:
+        out = model.train()(x)
+        if backward:
+            out.sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _step(model: nn.Module, x: torch.Tensor, seed: int) -> tuple[torch.Tensor, list[torch.Tensor], dict]:
+    torch.manual_seed(seed)
+    out = model.train()(x)
+    (out.float() ** 2).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    return out.detach(), grads, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_step(a: nn.Module, b: nn.Module, x: torch.Tensor, seed: int = 3) -> None:
+    oa, ga, sa = _step(a, x, seed)
+    ob, gb, sb = _step(b, x, seed)
+    assert torch.equal(oa, ob)
+    assert all(torch.equal(u, v) for u, v in zip(ga, gb))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # BN running statistics too
+
+
+# ---------------------------------------------------------------------------- planner
+
+
+@pytest.mark.parametrize("make", [lambda: tv.models.resnet50(), lambda: timm.create_model("resnet50")])
+def test_the_paper_resnet50_writes_in_place_after_bn3_and_the_projection_norm(make):
+    model = dbx.apply_dropblock(make(), "paper-resnet50")
+    owned = {r.path for r in dbx.describe(model).rows if r.owns_input}
+    expected = {f"layer{s}.{b}.dropblock_conv_last" for s, n in ((3, 6), (4, 3)) for b in range(n)}
+    expected |= {"layer3.0.dropblock_shortcut", "layer4.0.dropblock_shortcut"}
+    assert owned == expected
+    # after a ReLU (it saves its output) or on the identity (conv1 reads it too): a new tensor
+    assert all(m.placement.owns_input == (name in expected) for name, m in _inserted(model).items())
+    assert all(r["owns_input"] == (r["path"] in expected) for r in dbx.describe(model).as_dicts())
+
+
+def test_owned_rows_write_into_their_input_and_the_step_is_bit_identical():
+    torch.manual_seed(0)
+    model = dbx.apply_dropblock(tv.models.resnet18(), stages=[3, 4], sites=["conv", "conv_last", "shortcut"],
+                                drop_prob=0.3, block_size=3, input_size=[3, 128, 128])
+    owned = {r.path for r in dbx.describe(model).rows if r.owns_input}
+    assert owned == {"layer3.0.dropblock_conv_last", "layer3.1.dropblock_conv_last", "layer3.0.dropblock_shortcut",
+                     "layer4.0.dropblock_conv_last", "layer4.1.dropblock_conv_last", "layer4.0.dropblock_shortcut"}
+    reference = _owned_off(copy.deepcopy(model))
+    x = torch.randn(4, 3, 128, 128)
+    _same_step(model, reference, x)
+    wrote = _wrote_in_place(model, x)
+    assert {n for n, w in wrote.items() if w} == owned and len(wrote) == 12
+    assert not any(_wrote_in_place(reference, x).values())
+
+
+def test_no_grad_training_forward_writes_in_place_and_matches():
+    torch.manual_seed(0)
+    model = dbx.apply_dropblock(tv.models.resnet18(), stages=[4], drop_prob=0.3, block_size=3,
+                                input_size=[3, 128, 128])
+    reference = _owned_off(copy.deepcopy(model))
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        a = model.train()(x)
+        torch.manual_seed(1)
+        b = reference.train()(x)
+        assert torch.equal(a, b)
+        assert all(torch.equal(u, v) for u, v in zip(model.state_dict().values(), reference.state_dict().values()))
+        wrote = _wrote_in_place(model, x, backward=False)
+    assert {n for n, w in wrote.items() if w} == {r.path for r in dbx.describe(model).rows if r.owns_input} != set()
+
+
+class SharedNormBlock(nn.Module):
+    """A residual block whose projection norm's output is read twice: by the add and by a
+    second branch that is added to the block's output."""
+
+    def __init__(self, cin: int, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, c, 3, 2, 1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+        self.proj, self.proj_bn = nn.Conv2d(cin, c, 1, 2, bias=False), nn.BatchNorm2d(c)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.proj_bn(self.proj(x))
+        y = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(y + s) + 0.5 * s
+
+
+class SharedNormNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.b1 = SharedNormBlock(8, 16)
+        self.b2 = SharedNormBlock(16, 32)
+        self.b3 = SharedNormBlock(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b3(self.b2(self.b1(self.stem(x))))
+
+
+def test_a_norm_output_with_a_second_reader_is_not_written():
+    torch.manual_seed(0)
+    model = dbx.apply_dropblock(SharedNormNet(), stages=[2, 3], sites=["conv_last", "shortcut"],
+                                drop_prob=0.3, block_size=3, input_size=[3, 64, 64])
+    rows = {r.path: r for r in dbx.describe(model).rows}
+    assert rows["b3.dropblock_conv_last"].owns_input  # bn2's output goes to the add only
+    shortcuts = [r for p, r in rows.items() if p.endswith("shortcut")]
+    assert shortcuts and not any(r.owns_input for r in shortcuts)  # proj_bn's also to "+ 0.5 * s"
+    reference = _owned_off(copy.deepcopy(model))
+    forced = copy.deepcopy(model)
+    x = torch.randn(4, 3, 64, 64)
+    _same_step(model, reference, x)
+    # what the rule prevents: writing the shared output changes what "+ 0.5 * s" reads
+    for name, m in _inserted(forced).items():
+        m.placement = dataclasses.replace(m.placement, owns_input=True)
+    torch.manual_seed(3)
+    assert not torch.equal(forced.train()(x), _step(reference, x, 3)[0])
+
+
+def test_a_norm_with_a_forward_hook_is_not_written():
+    net = tv.models.resnet18()
+    net.layer4[0].bn2.register_forward_hook(lambda m, a, out: None)
+    model = dbx.apply_dropblock(net, stages=[4], block_size=3, input_size=[3, 128, 128])
+    owned = {r.path for r in dbx.describe(model).rows if r.owns_input}
+    assert "layer4.0.dropblock_conv_last" not in owned and "layer4.1.dropblock_conv_last" in owned
+
+
+def test_a_norm_site_without_a_graph_writes_in_place():
+    torch.manual_seed(0)
+    model = dbx.apply_dropblock(WithUntraceable(), {"stages": [2, 3], "sites": ["conv", "block"]},
+                                input_size=[3, 64, 64], drop_prob=0.3, block_size=3)
+    rows = {r.path: r for r in dbx.describe(model).rows}
+    assert rows["odd.bn.dropblock"].mechanism == "after-norm" and rows["odd.bn.dropblock"].owns_input
+    assert not rows["odd.dropblock"].owns_input  # a block's output: not a norm's
+    x = torch.randn(2, 3, 64, 64)
+    _same_step(model, _owned_off(copy.deepcopy(model)), x)
+    assert _wrote_in_place(model, x)["odd.bn.dropblock"]
+
+
+# ---------------------------------------------------------------------------- graph rule
+
+
+def _graph(*users: str, functional: bool = False) -> tuple[fx.Graph, nn.Module]:
+    unit = nn.Module()
+    unit.bn = nn.BatchNorm2d(4)
+    g = fx.Graph()
+    x = g.placeholder("x")
+    bn = g.call_function(F.batch_norm, (x, None, None)) if functional else g.call_module("bn", (x,))
+    outs = [g.call_module("dropblock", (bn,))]
+    if "add" in users:
+        outs.append(g.call_function(torch.add, (bn, outs[0])))
+    g.output(outs[-1])
+    return g, unit
+
+
+def test_the_graph_rule_wants_a_norm_read_by_the_dropblock_alone():
+    g, unit = _graph()
+    assert owns_norm_output(g, "dropblock", unit)
+    g, unit = _graph("add")
+    assert not owns_norm_output(g, "dropblock", unit)
+    g, unit = _graph(functional=True)
+    assert owns_norm_output(g, "dropblock", unit)
+    assert not owns_norm_output(g, "missing", unit)
+    # through a channels-last site's permute: the DropBlock reads a view, not the norm
+    g, unit = fx.Graph(), nn.Module()
+    unit.bn = nn.BatchNorm2d(4)
+    bn = g.call_module("bn", (g.placeholder("x"),))
+    g.output(bn)
+    insert_sites(g, [Site("conv", "dropblock", "after bn", (1, 4, 8, 8), after=bn.name, channels_last=True)])
+    assert not owns_norm_output(g, "dropblock", unit)
+    assert writable_norm(nn.GroupNorm(2, 4)) and writable_norm(nn.SyncBatchNorm(4))
+    assert not writable_norm(nn.LayerNorm(4)) and not writable_norm(nn.InstanceNorm2d(4))
+
+
+# ---------------------------------------------------------------------------- run-time rule
+
+
+def test_the_run_time_rule_writes_only_a_norm_output_autograd_does_not_keep():
+    bn, gn = nn.BatchNorm2d(4), nn.GroupNorm(2, 4)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    assert writable_norm_output(bn(x)) and writable_norm_output(gn(x))
+    assert writable_norm_output(bn.eval()(x)) and writable_norm_output(bn.train()(x.to(memory_format=torch.channels_last)))
+    assert not writable_norm_output(torch.relu(bn(x)))  # ReLU's backward reads its output
+    assert not writable_norm_output(x)  # a leaf that needs a gradient
+    assert not writable_norm_output(bn(x)[:, :2])  # a view
+    assert not writable_norm_output(nn.LayerNorm([8, 8])(x))
+    assert writable_norm_output(torch.randn(2, 4, 8, 8))  # no autograd: the caller's graph rule decides
+    assert not writable_norm_output(torch.randn(2, 4, 8, 16)[..., ::2])  # not dense
+    seen = []
+    torch.func.vmap(lambda t: seen.append(writable_norm_output(t)) or t)(torch.randn(3, 2, 4, 8, 8))
+    assert seen == [False]
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8))
+        assert not writable_norm_output(bn(dual))
+
+
+def test_an_owning_module_fed_what_it_may_not_write_returns_a_new_tensor():
+    m = dbx.DropBlock2d(0.3, 3)
+    m.placement = Placement(4, "conv_last", 0.3, owns_input=True)
+    bn = nn.BatchNorm2d(4)
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    a = torch.relu(bn(x))
+    torch.manual_seed(0)
+    out = m(a)
+    assert out is not a and a.min() >= 0 and (out == 0).sum() > (a == 0).sum()
+    out.sum().backward()  # ReLU's saved output was left alone
+    b = bn(x)
+    torch.manual_seed(0)
+    out = m(b)
+    assert out is b
+    out.sum().backward()
+    m.placement = dataclasses.replace(m.placement, owns_input=False)
+    b = bn(x)
+    assert m(b) is not b
+
+
+def test_compiled_owning_modules_do_not_break_the_graph():
+    model = dbx.apply_dropblock(tv.models.resnet18(), stages=[4], drop_prob=0.2, block_size=1,
+                                input_size=[3, 64, 64])
+    assert any(m.placement.owns_input for m in _inserted(model).values())
+    explain = torch._dynamo.explain(model.train())(torch.randn(2, 3, 64, 64))
+    assert explain.graph_break_count == 0
