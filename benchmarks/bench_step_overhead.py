@@ -15,6 +15,9 @@ Variants (``--variants`` picks some by substring; the baseline always runs):
 * ``baseline``: no DropBlock.
 * ``timm drop_block_rate``: timm's own placement (``drop_block_rate=--drop``, 9 sites).
 * ``paper, ours per-channel``: ``dropblock_fx.DropBlock2d`` at the 36 sites (the paper's mask).
+* ``paper, apply_dropblock``: the same sites as ``apply_dropblock(model, "paper-resnet50")``
+  puts them (``drop_prob=--drop``): what a user gets, with its per-forward checks, and the
+  sites after ``bn3`` and the projection norm writing into the norm's output.
 * ``paper, ours shared``: the same with ``mask="shared"``.
 * ``paper, ours at rate 0``: per-channel at ``drop_prob=0`` (the first step of a schedule).
 * ``paper, one multiply``: ``x * 1.0`` at the 36 sites: one read and one write of each map
@@ -35,13 +38,17 @@ Modes:
 CPU, the figures in docs/performance.md::
 
     python benchmarks/bench_step_overhead.py --batch 8 --rounds 30
+    python benchmarks/bench_step_overhead.py --batch 8 --rounds 100 --variants "ours per-channel" "apply_dropblock" "one multiply"
+    python benchmarks/bench_step_overhead.py --site-times --batch 8 --rounds 20 --variants "ours per-channel" "apply_dropblock" "one multiply"
     python benchmarks/bench_step_overhead.py --batch 32 --rounds 6 --variants timm "ours per-channel" "one multiply"
     python benchmarks/bench_step_overhead.py --compile --image 160 --rounds 100 --variants "ours per-channel" "fixed mask" "one multiply"
     python benchmarks/bench_step_overhead.py --compile-time --image 160 --variants "ours per-channel"
 
 ``--profile`` instead prints, per operator, the CPU time one eager step of each variant
-spends beyond the baseline's (``torch.profiler``), and per DropBlock site the time of its
-forward and backward.
+spends beyond the baseline's (``torch.profiler``). ``--site-times`` times, inside ``--rounds``
+round-robin eager steps, the forwards of each variant's 36 sites (a clock read before and
+after each site module's forward) and prints the median per step: what the sites themselves
+cost, which a whole step's time on a shared machine cannot resolve.
 """
 
 from __future__ import annotations
@@ -115,6 +122,10 @@ def build_variants(model_name: str, drop: float, example: torch.Tensor | None = 
         m = plain(drop_block_rate=drop)
         return m, sum(1 for mod in m.modules() if type(mod).__name__ == "DropBlock2d")
 
+    def applied() -> tuple[nn.Module, int]:
+        m = dropblock_fx.apply_dropblock(plain(), "paper-resnet50", drop_prob=drop)
+        return m, len(dropblock_fx.describe(m).rows)
+
     def fixed() -> tuple[nn.Module, int]:
         m = plain()
         sites = paper_placement(m, lambda r: FixedMask(r, compiled), drop)
@@ -126,6 +137,7 @@ def build_variants(model_name: str, drop: float, example: torch.Tensor | None = 
         "baseline": lambda: (plain(), 0),
         "timm drop_block_rate": timm_rate,
         "paper, ours per-channel": placed(lambda r: dropblock_fx.DropBlock2d(r, BLOCK)),
+        "paper, apply_dropblock": applied,
         "paper, ours shared": placed(lambda r: dropblock_fx.DropBlock2d(r, BLOCK, mask="shared")),
         "paper, ours at rate 0": placed(lambda r: dropblock_fx.DropBlock2d(0.0, BLOCK)),
         "paper, one multiply": placed(lambda r: OneMultiply()),
@@ -265,6 +277,41 @@ def run_compile_time(variants: dict, argv: list[str], repeats: int) -> list[dict
     return out
 
 
+def run_site_times(runners: list[Runner], warmup: int, rounds: int) -> list[dict]:
+    """Per variant, the summed forward time of its site modules in each of ``rounds`` steps."""
+    totals: dict[str, list[float]] = {}
+    for r in runners[1:]:
+        acc, start = [0.0], [0.0]
+        for m in r.model.modules():
+            if isinstance(m, (dropblock_fx.DropBlockNd, OneMultiply, FixedMask)):
+                m.register_forward_pre_hook(lambda *_, start=start: start.__setitem__(0, time.perf_counter()))
+                m.register_forward_hook(
+                    lambda *_, start=start, acc=acc: acc.__setitem__(0, acc[0] + time.perf_counter() - start[0]))
+        r.site_acc = acc  # type: ignore[attr-defined]
+        totals[r.name] = []
+    for r in runners:
+        for _ in range(warmup):
+            r.step()
+    for i in range(rounds):
+        k = i % len(runners)
+        for r in runners[k:] + runners[:k]:
+            if r.name in totals:
+                r.site_acc[0] = 0.0  # type: ignore[attr-defined]
+            r.samples.append(r.step())
+            if r.name in totals:
+                totals[r.name].append(r.site_acc[0] * 1e3)  # type: ignore[attr-defined]
+    print(f"\n| {'variant':26s} | sites | step median ms | sites' forwards, median ms a step | min ms |")
+    print(f"|{'-' * 28}|------:|---------------:|----------------------------------:|-------:|")
+    rows = []
+    for r in runners[1:]:
+        t = totals[r.name]
+        rows.append({"variant": r.name, "sites": r.sites, "step_median_ms": statistics.median(r.samples),
+                     "sites_fwd_median_ms": statistics.median(t), "sites_fwd_min_ms": min(t)})
+        print(f"| {r.name:26s} | {r.sites:5d} | {statistics.median(r.samples):14.1f} "
+              f"| {statistics.median(t):33.2f} | {min(t):6.2f} |")
+    return rows
+
+
 def run_profile(runners: list[Runner], steps: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -302,6 +349,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compile-time", action="store_true", help="time compiling the training step")
     ap.add_argument("--repeats", type=int, default=1, help="compiles per variant with --compile-time")
     ap.add_argument("--profile", action="store_true", help="per-operator profile of one eager step")
+    ap.add_argument("--site-times", action="store_true", help="time the sites' forwards inside eager steps")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--one-compile", default=None, help=argparse.SUPPRESS)  # a child of --compile-time
     args = ap.parse_args(argv)
@@ -314,7 +362,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (args.batch,))
-    mode = "compile-time" if args.compile_time else "profile" if args.profile else "compiled" if args.compile else "eager"
+    mode = ("compile-time" if args.compile_time else "profile" if args.profile else "site-times" if args.site_times
+            else "compiled" if args.compile else "eager")
     header = (f"device: CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads); "
               f"torch {torch.__version__}; timm {args.model} batch {args.batch} at {args.image}px, "
               f"{'bf16 autocast' if args.bf16 else 'fp32'}{', channels_last' if args.channels_last else ''}, SGD; "
@@ -341,6 +390,8 @@ def main(argv: list[str] | None = None) -> dict:
             runners.append(Runner(name, model, sites, x, y, args.compile, args.channels_last, args.bf16))
         if args.profile:
             result["per_op_ms"] = run_profile(runners, steps=2)
+        elif args.site_times:
+            result["rows"] = run_site_times(runners, args.warmup, args.rounds)
         else:
             rows = run_steps(runners, args.warmup, args.rounds)
             print_steps(rows, f"{mode} training step, {args.rounds} rounds after {args.warmup} warm-up steps each:")
