@@ -290,16 +290,24 @@ def insert_sites(graph: fx.Graph, sites: list[Site]) -> None:
 # the autograd node at run time as well).
 _WRITABLE_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 _WRITABLE_NORM_FUNCTIONS = (F.batch_norm, torch.batch_norm, F.group_norm, torch.group_norm)
+_NORM_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward, nn.GroupNorm.forward)
 
 
 def writable_norm(m: Any) -> bool:
-    """Is ``m`` a batch or group norm module with no forward hooks (a hook could keep its output)?
+    """Is ``m`` a batch or group norm module whose output is the norm's own, with no forward
+    hooks (a hook could keep its output)? Its forward is torch's, or it is one of timm's norm +
+    activation layers with no activation and no dropout (``BatchNormAct2d(apply_act=False)``).
 
     Examples:
         >>> writable_norm(nn.BatchNorm2d(8)), writable_norm(nn.LayerNorm(8))
         (True, False)
     """
-    return isinstance(m, _WRITABLE_NORMS) and not m._forward_hooks and not m._forward_pre_hooks
+    if not isinstance(m, _WRITABLE_NORMS) or m._forward_hooks or m._forward_pre_hooks:
+        return False
+    if type(m).forward in _NORM_FORWARDS:
+        return True
+    return type(m).__module__.startswith("timm.layers.norm_act") and all(
+        type(c) is nn.Identity for c in m.children())
 
 
 def owns_norm_output(graph: fx.Graph, name: str, unit: nn.Module) -> bool:
