@@ -269,3 +269,19 @@ def test_compiled_owning_modules_do_not_break_the_graph():
     assert any(m.placement.owns_input for m in _inserted(model).values())
     explain = torch._dynamo.explain(model.train())(torch.randn(2, 3, 64, 64))
     assert explain.graph_break_count == 0
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "repvgg_a0", "res2net50_14w_8s", "regnety_002", "densenet121"])
+def test_timm_models_write_exactly_their_owning_rows_and_step_bit_identically(name):
+    """SE gates read a tensor beside the site, RepVGG sums normed branches, Res2Net splits maps
+    into views, timm's norm + act layers with no act (EfficientNet's bn3) are plain norms, and
+    DenseNet's norm2 is BatchNormAct2d with a ReLU: not a norm's output, so no owning row."""
+    torch.manual_seed(0)
+    model = dbx.apply_dropblock(timm.create_model(name, num_classes=10), input_size=[3, 96, 96], block_size=3,
+                                drop_prob=0.2, stages=[-2, -1])
+    owned = {r.path for r in dbx.describe(model).rows if r.owns_input}
+    assert (owned == set()) == (name == "densenet121")
+    reference = _owned_off(copy.deepcopy(model))
+    x = torch.randn(2, 3, 96, 96)
+    _same_step(model, reference, x, seed=1)
+    assert {n for n, w in _wrote_in_place(model, x).items() if w} == owned  # every owning row writes
