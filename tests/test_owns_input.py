@@ -203,19 +203,19 @@ def _graph(*users: str, functional: bool = False) -> tuple[fx.Graph, nn.Module]:
 
 def test_the_graph_rule_wants_a_norm_read_by_the_dropblock_alone():
     g, unit = _graph()
-    assert owns_norm_output(g, "dropblock", unit)
+    assert owns_norm_output([g], "dropblock", unit)
     g, unit = _graph("add")
-    assert not owns_norm_output(g, "dropblock", unit)
+    assert not owns_norm_output([g], "dropblock", unit)
     g, unit = _graph(functional=True)
-    assert owns_norm_output(g, "dropblock", unit)
-    assert not owns_norm_output(g, "missing", unit)
+    assert owns_norm_output([g], "dropblock", unit)
+    assert not owns_norm_output([g], "missing", unit)
     # through a channels-last site's permute: the DropBlock reads a view, not the norm
     g, unit = fx.Graph(), nn.Module()
     unit.bn = nn.BatchNorm2d(4)
     bn = g.call_module("bn", (g.placeholder("x"),))
     g.output(bn)
     insert_sites(g, [Site("conv", "dropblock", "after bn", (1, 4, 8, 8), after=bn.name, channels_last=True)])
-    assert not owns_norm_output(g, "dropblock", unit)
+    assert not owns_norm_output([g], "dropblock", unit)
     assert writable_norm(nn.GroupNorm(2, 4)) and writable_norm(nn.SyncBatchNorm(4))
     assert not writable_norm(nn.LayerNorm(4)) and not writable_norm(nn.InstanceNorm2d(4))
 

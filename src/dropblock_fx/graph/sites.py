@@ -27,7 +27,7 @@ always the channels-first shape.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -310,12 +310,13 @@ def writable_norm(m: Any) -> bool:
         type(c) is nn.Identity for c in m.children())
 
 
-def owns_norm_output(graph: fx.Graph, name: str, unit: nn.Module) -> bool:
-    """Is the DropBlock call ``name`` in ``graph`` the only reader of a norm's output?
+def owns_norm_output(graphs: Iterable[fx.Graph], name: str, unit: nn.Module) -> bool:
+    """Is the DropBlock call ``name`` the only reader of a norm's output in every one of a unit's
+    ``graphs`` that has it (and is there one)?
 
     The norm is a batch or group norm module without forward hooks (`writable_norm`) or the
     functional form; the DropBlock reads it directly (not through a permuted view) and no other
-    node reads it. A graph without the call says False.
+    node reads it.
 
     Examples:
         >>> unit = nn.Module()
@@ -323,15 +324,23 @@ def owns_norm_output(graph: fx.Graph, name: str, unit: nn.Module) -> bool:
         >>> g = fx.Graph()
         >>> bn = g.call_module("bn", (g.placeholder("x"),))
         >>> out = g.output(g.call_module("dropblock", (bn,)))
-        >>> owns_norm_output(g, "dropblock", unit)
-        True
+        >>> owns_norm_output([g], "dropblock", unit), owns_norm_output([g], "other", unit)
+        (True, False)
     """
-    node = next((n for n in graph.nodes if n.op == "call_module" and n.target == name), None)
-    if node is None or len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
-        return False
-    src = node.args[0]
-    if len(src.users) != 1:
-        return False
-    if src.op == "call_module":
-        return writable_norm(unit.get_submodule(str(src.target)))
-    return src.op == "call_function" and src.target in _WRITABLE_NORM_FUNCTIONS
+    seen = False
+    for graph in graphs:
+        node = next((n for n in graph.nodes if n.op == "call_module" and n.target == name), None)
+        if node is None:
+            continue
+        seen = True
+        if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+            return False
+        src = node.args[0]
+        if len(src.users) != 1:
+            return False
+        if src.op == "call_module":
+            if not writable_norm(unit.get_submodule(str(src.target))):
+                return False
+        elif not (src.op == "call_function" and src.target in _WRITABLE_NORM_FUNCTIONS):
+            return False
+    return seen

@@ -155,10 +155,8 @@ def _rewrite(ctx: SiteContext, act: Action) -> str:
         return f"its rewritten forward failed verification: {problem}"
     # A site that alone reads a norm's output in every graph writes into it. Not in a unit
     # traced for one call (a call of another size is traced again: its graph is not seen here).
-    act.rows = [replace(row, owns_input=unit.guard is None and all(
-        owns_norm_output(g, name, unit.module) for g in graphs.values()
-        if any(n.op == "call_module" and n.target == name for n in g.nodes)))
-        for name, row in zip(act.names, act.rows)]
+    act.rows = [replace(row, owns_input=unit.guard is None and owns_norm_output(graphs.values(), name, unit.module))
+                for name, row in zip(act.names, act.rows)]
     try:
         plain = {m: g for m, g in unit.graphs.items() if not m.startswith("ckpt:")}  # type: ignore[union-attr]
         respec = None if unit.guard is None else respec_info(unit.module, plain, unit.extra_leaves, sites, unit.guard)
