@@ -285,3 +285,26 @@ def test_timm_models_write_exactly_their_owning_rows_and_step_bit_identically(na
     x = torch.randn(2, 3, 96, 96)
     _same_step(model, reference, x, seed=1)
     assert {n for n, w in _wrote_in_place(model, x).items() if w} == owned  # every owning row writes
+
+
+@pytest.mark.parametrize("name", ["smp-unet", "efficientnet-pytorch", "monai-resnet18"])
+def test_third_party_models_write_exactly_their_owning_rows_and_step_bit_identically(name):
+    """Models from other libraries: a segmentation U-Net with a timm-free encoder and decoder
+    (segmentation_models_pytorch), lukemelas' EfficientNet (its own BN and swish), MONAI's ResNet."""
+    if name == "smp-unet":
+        smp = pytest.importorskip("segmentation_models_pytorch")
+        make = lambda: smp.Unet("resnet34", encoder_weights=None, classes=2)  # noqa: E731
+    elif name == "efficientnet-pytorch":
+        effnet = pytest.importorskip("efficientnet_pytorch")
+        make = lambda: effnet.EfficientNet.from_name("efficientnet-b0", num_classes=10)  # noqa: E731
+    else:
+        nets = pytest.importorskip("monai.networks.nets")
+        make = lambda: nets.resnet18(spatial_dims=2, n_input_channels=3, num_classes=4)  # noqa: E731
+    torch.manual_seed(0)
+    model = dbx.apply_dropblock(make(), input_size=[3, 128, 128], block_size=3, drop_prob=0.2)
+    owned = {r.path for r in dbx.describe(model).rows if r.owns_input}
+    assert owned
+    reference = _owned_off(copy.deepcopy(model))
+    x = torch.randn(2, 3, 128, 128)
+    _same_step(model, reference, x, seed=1)
+    assert {n for n, w in _wrote_in_place(model, x).items() if w} == owned
