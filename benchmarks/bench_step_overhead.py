@@ -39,10 +39,22 @@ CPU, the figures in docs/performance.md::
 
     python benchmarks/bench_step_overhead.py --batch 8 --rounds 30
     python benchmarks/bench_step_overhead.py --batch 8 --rounds 100 --variants "ours per-channel" "apply_dropblock" "one multiply"
+    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184 \
+        python benchmarks/bench_step_overhead.py --batch 8 --rounds 100 --variants "ours per-channel" "apply_dropblock" "one multiply"
     python benchmarks/bench_step_overhead.py --site-times --batch 8 --rounds 20 --variants "ours per-channel" "apply_dropblock" "one multiply"
     python benchmarks/bench_step_overhead.py --batch 32 --rounds 6 --variants timm "ours per-channel" "one multiply"
     python benchmarks/bench_step_overhead.py --compile --image 160 --rounds 100 --variants "ours per-channel" "fixed mask" "one multiply"
     python benchmarks/bench_step_overhead.py --compile-time --image 160 --variants "ours per-channel"
+
+The step tables come with a second one (on Unix): per variant, the median a step of the
+process's minor page faults and of its user and system CPU time (``resource.getrusage``). A
+page fault is the kernel mapping and zeroing a 4 KiB page of fresh memory: with glibc's
+default settings the large buffers freed at the end of a step go back to the OS, so the new
+tensors of the next one (a site's output, its gradient) are faulted in again, and that system
+time is part of what each new tensor costs. The header names the allocator settings
+(``MALLOC_*``, ``LD_PRELOAD``) and the transparent hugepage mode; to see a step without the
+faults, run with ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184``
+(glibc then keeps freed memory for reuse).
 
 ``--profile`` instead prints, per operator, the CPU time one eager step of each variant
 spends beyond the baseline's (``torch.profiler``). ``--site-times`` times, inside ``--rounds``
@@ -65,6 +77,11 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None  # type: ignore[assignment]
 
 import torch
 import torch.nn.functional as F
@@ -160,15 +177,40 @@ class Runner:
         self.fwd = torch.compile(model) if compile_ else model
         self.x, self.y, self.bf16 = x, y, bf16
         self.samples: list[float] = []
+        # Per step: the process's minor page faults and its user and system CPU ms (both threads).
+        self.usage: list[tuple[int, float, float]] = []
 
     def step(self) -> float:
+        u0 = _usage()
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
             loss = F.cross_entropy(self.fwd(self.x), self.y)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return (time.perf_counter() - t0) * 1e3
+        ms = (time.perf_counter() - t0) * 1e3
+        u1 = _usage()
+        if u0 is not None and u1 is not None:
+            self.usage.append((u1[0] - u0[0], (u1[1] - u0[1]) * 1e3, (u1[2] - u0[2]) * 1e3))
+        return ms
+
+
+def _usage() -> tuple[int, float, float] | None:
+    """(minor page faults, user CPU s, system CPU s) of this process so far; None off Unix."""
+    if resource is None:  # pragma: no cover - Windows
+        return None
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_minflt, ru.ru_utime, ru.ru_stime
+
+
+def _allocator() -> str:
+    """The settings that decide whether freed memory goes back to the OS (and is faulted in again)."""
+    env = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(("MALLOC_", "LD_PRELOAD", "THP_"))]
+    try:
+        thp = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        thp = "n/a"
+    return f"allocator env {' '.join(env) or 'default'}; transparent hugepages {thp}"
 
 
 def _load() -> str:
@@ -198,6 +240,15 @@ def run_steps(runners: list[Runner], warmup: int, rounds: int) -> list[dict]:
                      "min_ms": min(r.samples), "ratio_median": statistics.median(ratios),
                      "ratio_q1": q1, "ratio_q3": q3,
                      "ratio_of_mins": min(r.samples) / min(base), "samples": r.samples})
+        if r.usage and runners[0].usage:
+            cpu = [u[1] + u[2] for u in r.usage]
+            cpu_ratios = [a / b for a, b in zip(cpu, [u[1] + u[2] for u in runners[0].usage])]
+            rows[-1].update({
+                "faults_median": statistics.median(u[0] for u in r.usage),
+                "user_ms_median": statistics.median(u[1] for u in r.usage),
+                "sys_ms_median": statistics.median(u[2] for u in r.usage),
+                "cpu_ratio_median": statistics.median(cpu_ratios), "usage": r.usage,
+            })
     print(f"load average (1, 5, 15 min) during the rounds: {' | '.join(loads)}")
     return rows
 
@@ -212,6 +263,14 @@ def print_steps(rows: list[dict], title: str) -> None:
         spread = f"{100 * (r['ratio_q1'] - 1):+.1f}% .. {100 * (r['ratio_q3'] - 1):+.1f}%"
         print(f"| {r['variant']:26s} | {r['sites']:5d} | {r['median_ms']:9.1f} | {r['min_ms']:6.1f} "
               f"| {100 * (r['ratio_median'] - 1):+29.1f}% | {spread:>21s} | {100 * (r['ratio_of_mins'] - 1):+16.1f}% |")
+    if all("faults_median" in r for r in rows):
+        print("\nPer step, medians: the process's minor page faults (each a 4 KiB page of fresh memory the"
+              "\nkernel maps and zeroes) and its CPU time on both threads, user and system:")
+        print(f"| {'variant':26s} | page faults | user CPU ms | system CPU ms | CPU time vs baseline (median of ratios) |")
+        print(f"|{'-' * 28}|------------:|------------:|--------------:|---------------------------------------:|")
+        for r in rows:
+            print(f"| {r['variant']:26s} | {r['faults_median']:11.0f} | {r['user_ms_median']:11.0f} "
+                  f"| {r['sys_ms_median']:13.0f} | {100 * (r['cpu_ratio_median'] - 1):+37.1f}% |")
 
 
 def compile_once(build: Callable[[], tuple[nn.Module, int]], x: torch.Tensor, y: torch.Tensor,
@@ -368,7 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"torch {torch.__version__}; timm {args.model} batch {args.batch} at {args.image}px, "
               f"{'bf16 autocast' if args.bf16 else 'fp32'}{', channels_last' if args.channels_last else ''}, SGD; "
               f"drop {args.drop} (layer3 {args.drop / 4:g}), block {BLOCK}; mode {mode}; "
-              f"{time.strftime('%Y-%m-%d %H:%M')}; load average at start {_load()}")
+              f"{time.strftime('%Y-%m-%d %H:%M')}; load average at start {_load()}; {_allocator()}")
     if not args.one_compile:
         print(header, flush=True)
 
