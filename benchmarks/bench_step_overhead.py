@@ -224,6 +224,7 @@ def run_steps(runners: list[Runner], warmup: int, rounds: int) -> list[dict]:
     for r in runners:
         for _ in range(warmup):
             r.step()
+        r.usage.clear()  # the rounds only, as the times
     loads = [_load()]
     for i in range(rounds):
         k = i % len(runners)  # rotate the order: no variant always runs first
