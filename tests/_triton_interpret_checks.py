@@ -300,6 +300,38 @@ def check_inplace_and_tensor_rate():
     assert torch.equal(y1, torch.zeros_like(x)), "drop_prob=1 must drop everything (and no NaN)"
 
 
+def check_inplace_writes_into_x_bit_exact():
+    # In place, the kernels write into x itself: same storage, the bits and the gradient of a
+    # new tensor, every layout and with noise; a non-dense x falls back to a copy.
+    dbx.set_backend("triton")
+    for shape, fmt, noise in (((2, 3, 9, 11), torch.contiguous_format, False),
+                              ((2, 3, 9, 11), torch.channels_last, True),
+                              ((2, 2, 4, 5, 6), torch.contiguous_format, False)):
+        base = torch.randn(shape).contiguous(memory_format=fmt)
+        g = torch.randn(shape)
+        w = torch.randn(shape, requires_grad=True)
+        torch.manual_seed(3)
+        a = base * w
+        ref = dbx.drop_block(a, 0.3, 3, noise=noise)
+        (ref * g).sum().backward()
+        grad_ref = w.grad.clone()
+        w.grad = None
+        torch.manual_seed(3)
+        b = (base * w).contiguous(memory_format=fmt)
+        ptr = b.data_ptr()
+        out = dbx.drop_block(b, 0.3, 3, noise=noise, inplace=True)
+        assert out is b and out.data_ptr() == ptr and type(out.grad_fn).__name__ == "_FusedInplaceBackward"
+        assert torch.equal(out, ref), "in place must give the bits of a new tensor"
+        (out * g).sum().backward()
+        assert torch.equal(w.grad, grad_ref)
+    x = torch.randn(2, 3, 9, 22)[..., ::2]  # not dense: a new map, copied back
+    torch.manual_seed(5)
+    ref = dbx.drop_block(x.clone(), 0.3, 3)
+    torch.manual_seed(5)
+    y = dbx.drop_block(x, 0.3, 3, inplace=True)
+    assert y is x and torch.equal(y, ref)
+
+
 def check_module_in_eval_and_train():
     dbx.set_backend("triton")
     m = dbx.DropBlock3d(0.2, 3)

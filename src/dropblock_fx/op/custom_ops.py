@@ -136,11 +136,33 @@ def drop_block_triton(
     seed_t = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=dev, generator=generator)
     if torch.compiler.is_compiling():
         out = _apply_traceable(x, gamma_t, seed_t, scale_t, block, mask, seed_region, scale, noise, generator)
+    elif inplace and tk.dense_input(x)[0] is x:
+        # Eager, in place: the kernels write into x (no second map, no copy). Outside the
+        # custom op, which may not mutate its input; the same kernels, bits and backward.
+        return _FusedInplace.apply(x, gamma_t, seed_t, scale_t, tuple(block), mask, seed_region, scale, noise)
     else:
         out = drop_block_fused(x, gamma_t, seed_t, scale_t, list(block), mask, seed_region, scale, noise)[0]
     if inplace:
         return x.copy_(out)
     return out
+
+
+class _FusedInplace(torch.autograd.Function):
+    """`drop_block_fused` writing into its (dense) input: saves the drop bits and the scale,
+    and its backward is the fused op's."""
+
+    @staticmethod
+    def forward(ctx, x, gamma_t, seed_t, scale_t, block, mask, seed_region, scale, noise):  # type: ignore[override]
+        ctx.mark_dirty(x)
+        out, bits, s = tk.drop_block_forward(x, gamma_t, seed_t, scale_t, list(block), mask, seed_region, scale,
+                                             noise, out=x)
+        ctx.save_for_backward(bits, s)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        bits, s = ctx.saved_tensors
+        return drop_block_fused_backward(grad, bits, s), None, None, None, None, None, None, None, None
 
 
 def _apply_traceable(x, gamma_t, seed_t, scale_t, block, mask, seed_region, scale, noise, generator) -> Tensor:

@@ -434,6 +434,7 @@ def drop_block_forward(
     seed_region: str,
     scale_mode: str,
     noise: bool,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward kernels; returns ``(out, drop_bits, scale)``.
 
@@ -448,10 +449,16 @@ def drop_block_forward(
         seed_region: ``"valid"`` or ``"full"``.
         scale_mode: ``"count"`` (computed on chip), else ``scale_in`` is applied.
         noise: fill dropped units with N(0, 1).
+        out: where to write the result: ``x`` itself (dense, contiguous or channels-last) for an
+            in-place call. The apply kernel reads each unit of ``x`` before it writes the same
+            unit, so writing into ``x`` gives the bits a new tensor would hold. Default: a new
+            tensor like ``x``.
     """
     xd, cl = dense_input(x)
+    if out is not None and (out is not x or xd is not x):
+        raise ValueError("out must be x itself, and x dense (contiguous or channels-last)")
     bits, cnt = drop_block_mask(gamma.to(x.device), seed, tuple(xd.shape), cl, block, mask, seed_region)
-    out = torch.empty_like(xd)
+    out = torch.empty_like(xd) if out is None else xd
     scale_out = xd.new_empty((), dtype=torch.float32)
     spatial = tuple(int(s) for s in xd.shape[2:])
     width = spatial[-1]
