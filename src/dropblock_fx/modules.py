@@ -28,7 +28,6 @@ import torch.fx
 from torch import nn
 
 from .op.functional import drop_block_train
-from .op.masks import pick_backend
 from .op.options import BlockSize, DropBlockOptions, OptionFields, check_drop_prob, normalize_block_size
 
 __all__ = ["DropBlock2d", "DropBlock3d", "DropBlockNd", "Placement", "TrainWatch", "is_inserted",
@@ -311,9 +310,9 @@ class DropBlockNd(nn.Module):
                     placement.watch(self, x.shape[2:])  # a torch.Size: a tuple, compared as one
                 if placement.owns_input and not inplace:
                     # Nothing else reads x (the planner checked the graph) and autograd does
-                    # not need it: write into it, sparing a new map. (The fused GPU kernels
-                    # write a new map either way: in place would add a copy there.)
-                    inplace = writable_norm_output(x) and pick_backend(x) != "triton"
+                    # not need it: write into it, sparing a new map (on the CPU paths and the
+                    # fused GPU kernels alike).
+                    inplace = writable_norm_output(x)
             rate = self.drop_prob_tensor
             if rate is not self._own_rate:  # functional_call: a rate from outside
                 p = rate
