@@ -136,7 +136,7 @@ def drop_block_triton(
     seed_t = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device=dev, generator=generator)
     if torch.compiler.is_compiling():
         out = _apply_traceable(x, gamma_t, seed_t, scale_t, block, mask, seed_region, scale, noise, generator)
-    elif inplace and tk.dense_input(x)[0] is x:
+    elif inplace and (x.is_contiguous() or tk.is_channels_last(x)):
         # Eager, in place: the kernels write into x (no second map, no copy). Outside the
         # custom op, which may not mutate its input; the same kernels, bits and backward.
         return _FusedInplace.apply(x, gamma_t, seed_t, scale_t, tuple(block), mask, seed_region, scale, noise)
@@ -161,8 +161,7 @@ class _FusedInplace(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        bits, s = ctx.saved_tensors
-        return drop_block_fused_backward(grad, bits, s), None, None, None, None, None, None, None, None
+        return _backward(ctx, grad, None, None)  # the fused op's: same inputs, same saved tensors
 
 
 def _apply_traceable(x, gamma_t, seed_t, scale_t, block, mask, seed_region, scale, noise, generator) -> Tensor:
