@@ -3,11 +3,11 @@ TF-port libraries, random init, CPU, offline, through the same check as the zoo 
 (``dropblock_fx.testing.check_surgery``, default recipe, planned at the test input size).
 
 Needs the ``thirdparty`` extra (``pip install -e ".[thirdparty]"``): segmentation-models-pytorch,
-MONAI, efficientnet_pytorch, transformers, kornia, dynamic-network-architectures (nnU-Net's
-networks); and, without their dependency pins, which ask for other torch versions or for
-video and OCR stacks the check does not use::
+MONAI, efficientnet_pytorch, transformers, kornia; and, without their dependency pins, which
+ask for other torch versions, an older timm (dynamic-network-architectures, nnU-Net's
+networks) or video and OCR stacks the check does not use::
 
-    pip install --no-deps facenet-pytorch pytorchvideo python-doctr
+    pip install --no-deps facenet-pytorch pytorchvideo python-doctr dynamic-network-architectures
     pip install fvcore iopath anyascii shapely pypdfium2 h5py validators pyclipper rapidfuzz langdetect
 
 A library that is not installed is reported as skipped. Writes its table into ``docs/coverage.md`` between its marker lines (``--out``) and
