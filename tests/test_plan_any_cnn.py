@@ -228,6 +228,26 @@ def test_a_failed_check_leaves_the_model_as_it_came(monkeypatch):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+
+def test_check_surgery_on_a_model_with_no_site():
+    """kornia's TFeat: an input norm, then convs with no norm after them, so no conv site:
+    apply_dropblock inserts nothing and keeps no plan. The check fails at "sites" with the
+    plan's notes, or, with require_sites=False, passes and returns the empty plan, the model
+    left as it came."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.InstanceNorm2d(1), nn.Conv2d(1, 8, 7), nn.Tanh(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 6),
+                          nn.Tanh()).eval()
+    before, tree = copy.deepcopy(model.state_dict()), repr(model)
+    with pytest.warns(UserWarning, match="nothing inserted"):
+        with pytest.raises(CheckFailed, match=r"^\[sites\] AssertionError: no DropBlock site .*no sites of kinds"):
+            check_surgery(model, _x(1, 32, 32))
+    with pytest.warns(UserWarning, match="nothing inserted"):
+        p = check_surgery(model, _x(1, 32, 32), require_sites=False)
+    assert not p.rows and any("no sites of kinds" in n for n in p.notes), p.notes
+    assert repr(model) == tree and not hasattr(model, "dropblock_plan")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 # ---------------------------------------------------------------- warnings and errors
 
 

@@ -29,7 +29,8 @@ from .graph.splice import original_class
 from .modes import training_mode
 from .modules import DropBlock3d, DropBlockNd, is_inserted
 from .recipe import resolve_stages
-from .surgery import Plan, apply_dropblock, describe, plan_of, remove_dropblock
+from .surgery import Plan, apply_dropblock, plan_of, remove_dropblock
+from .surgery import plan as plan_model
 from .surgery.target import as_inputs
 
 __all__ = ["CheckFailed", "check_surgery", "module_state", "output_tensors", "zoo_model"]
@@ -89,6 +90,10 @@ def _without_surgery(state: dict, inserted: set[str]) -> dict:
     return {k: v for k, v in state.items() if k[1] not in ("_modules", "dropblock_plan") and k[0] not in inserted}
 
 
+# apply_dropblock's own keywords, which plan() does not take.
+_APPLY_ONLY = ("replace", "keep_foreign", "verify")
+
+
 def check_surgery(model: nn.Module, x: Any, recipe: Any = None, *, runner: Optional[nn.Module] = None,
                   require_sites: bool = True, **overrides: Any) -> Plan:
     """Apply DropBlock to ``model`` (in place), check every guarantee on input ``x``, then
@@ -108,7 +113,9 @@ def check_surgery(model: nn.Module, x: Any, recipe: Any = None, *, runner: Optio
             ``input_size=`` default to ``x``'s size).
         runner: the module to call with ``x`` (default: ``model``), e.g. a detector's
             backbone when ``target="backbone.body"``.
-        require_sites: fail when nothing was inserted.
+        require_sites: fail when nothing was inserted (step ``"sites"``, with the plan's
+            notes); with False, a model the recipe finds no site in passes the checks that
+            remain (its outputs and weights unchanged) and its plan, with no rows, is returned.
 
     Examples:
         >>> import torchvision
@@ -146,7 +153,10 @@ def _check(model: nn.Module, x: Any, recipe: Any, runner: nn.Module, require_sit
     step = "apply_dropblock"
     try:
         apply_dropblock(model, recipe, **overrides)
-        plan = describe(model)
+        applied = plan_of(model)
+        # Nothing inserted: apply_dropblock keeps no plan (and warns); the plan says why.
+        plan = applied if applied is not None else plan_model(
+            model, recipe, **{k: v for k, v in overrides.items() if k not in _APPLY_ONLY})
         mods = {n: m for n, m in model.named_modules() if isinstance(m, DropBlockNd)}
 
         step = "sites"
