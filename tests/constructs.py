@@ -758,3 +758,42 @@ def chain_net(layer) -> nn.Sequential:
         mods += [nn.Conv2d(cin, 16, 3, 2, 1), layer(16), nn.ReLU()]
         cin = 16
     return nn.Sequential(*mods)
+
+
+class PyramidPool(nn.Module):
+    """segmentation-models-pytorch's PSP module (PSPNet, UPerNet): the map pooled to 1, 2, 3
+    and 6 bins, each through a 1x1 conv + BN + ReLU and upsampled back, then concatenated.
+    ``adaptive=False``: MONAI's AHNet, strided max pools of 8 and 16 and a 1x1 projection."""
+
+    def __init__(self, c: int, adaptive: bool = True):
+        super().__init__()
+        if adaptive:
+            self.blocks = nn.ModuleList(
+                nn.Sequential(nn.AdaptiveAvgPool2d(b), nn.Conv2d(c, c // 4, 1, bias=False), nn.BatchNorm2d(c // 4),
+                              nn.ReLU()) for b in (1, 2, 3, 6))
+        else:
+            self.blocks = nn.ModuleList(nn.Sequential(nn.MaxPool2d(k, k), nn.Conv2d(c, c // 4, 1)) for k in (8, 16))
+        self.out = cbr(c + len(self.blocks) * (c // 4), c)
+
+    def forward(self, x):
+        size = x.shape[2:]
+        pooled = [F.interpolate(b(x), size=size, mode="bilinear", align_corners=False) for b in self.blocks]
+        return self.out(torch.cat([x, *pooled], dim=1))
+
+
+class PSPNet(nn.Module):
+    """An encoder of conv + BN + ReLU stages at strides 2..8 (or 2..32 with ``depth=5``), then a
+    `PyramidPool` at the encoder's output stride and a 1x1 head."""
+
+    def __init__(self, depth: int = 3, adaptive: bool = True):
+        super().__init__()
+        layers, cin = [], 3
+        for i in range(depth):
+            layers.append(nn.Sequential(cbr(cin, 16 * 2 ** i, 2), cbr(16 * 2 ** i, 16 * 2 ** i)))
+            cin = 16 * 2 ** i
+        self.encoder = nn.Sequential(*layers)
+        self.psp = PyramidPool(cin, adaptive)
+        self.head = nn.Conv2d(cin, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.psp(self.encoder(x)))

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import dropblock_fx as dbx
-from constructs import (Bottleneck, ChannelScale, FilterResponseNorm, FlatNet, NamedTupleNet, RectPoolNet, TwoNamesUNet,
-                        TwoPathway, ValidPaddingNet, chain_net)
+from constructs import (Bottleneck, ChannelScale, FilterResponseNorm, FlatNet, NamedTupleNet, PSPNet, RectPoolNet,
+                        TwoNamesUNet, TwoPathway, ValidPaddingNet, chain_net)
 from dropblock_fx import SurgeryError
 from dropblock_fx.graph.splice import original_class
 from dropblock_fx.testing import CheckFailed, check_surgery
@@ -149,6 +149,23 @@ def test_a_flat_model_gets_sites_in_its_own_forward_and_keeps_its_class():
     assert sum(n.op == "call_module" and "dropblock" in str(n.target) for n in traced.graph.nodes) == 2
     dbx.remove_dropblock(model)
     assert type(model) is FlatNet
+
+
+
+# ---------------------------------------------------------------- pyramid pooling
+
+
+@pytest.mark.parametrize("depth, adaptive", [(3, True), (5, True), (3, False)])
+def test_a_pyramid_pooling_branch_is_no_stage_and_holds_no_site(depth, adaptive):
+    """PSPNet's and UPerNet's pooled bins (adaptive pools to 1, 2, 3, 6) and AHNet's strided
+    max pools of 8 and 16, each followed by 1x1 convs and upsampled back: their maps are not
+    deeper stages (the last two stages stay the encoder's) and hold no DropBlock."""
+    model = PSPNet(depth, adaptive).eval()
+    p = check_surgery(model, _x(3, 128, 128))
+    assert [s.index for s in p.stages] == list(range(depth))
+    assert sorted({r.stage for r in p.rows}) == [depth - 2, depth - 1]
+    assert not [r.path for r in p.rows if r.path.startswith("psp.blocks")]
+    assert all(r.resolution == p.stages[r.stage].resolution for r in p.rows if r.path.startswith("psp"))
 
 
 # ---------------------------------------------------------------- unknown norms

@@ -207,7 +207,8 @@ def is_identity(m: Any) -> bool:
     return isinstance(m, nn.Identity) or (isinstance(m, nn.Dropout) and m.p == 0.0)
 
 
-def _is_act_module(m: Any) -> bool:
+def is_act_module(m: Any) -> bool:
+    """An activation layer (torch's, or timm's own classes)."""
     if isinstance(m, _ACT_MODULES):
         return True
     return type(m).__module__.startswith("timm.layers.activations")
@@ -216,7 +217,7 @@ def _is_act_module(m: Any) -> bool:
 def is_act_node(node: fx.Node, root: nn.Module) -> bool:
     """An activation call (module, function or method) in a traced graph."""
     if node.op == "call_module":
-        return _is_act_module(root.get_submodule(node.target))
+        return is_act_module(root.get_submodule(node.target))
     if node.op == "call_function":
         return node.target in _ACT_FUNCTIONS
     if node.op == "call_method":
@@ -236,7 +237,7 @@ def is_leaf(m: nn.Module) -> bool:
     _extras()
     if isinstance(m, DropBlockNd) or foreign_dropblock(m):
         return True
-    if is_conv(m) or is_norm(m) or _is_act_module(m):
+    if is_conv(m) or is_norm(m) or is_act_module(m):
         return True
     if type(m) in _TIMM_LEAVES:
         return True

@@ -6,8 +6,11 @@ The rule, in three parts:
 1. **Stage index.** Stage ``k`` is the part of the network at nominal output stride
    ``2 ** (k + 1)`` (ResNet-50: stage 3 = ``layer3`` at stride 16, stage 4 = ``layer4`` at
    stride 32); strides 1 and 2 are both stage 0; a stride where no conv runs (VGG's trailing
-   max-pool) is not a stage. A map a stride collapsed to 1x1 is a stage (with no site);
-   squeeze-excitation vectors and pooled maps are not feature maps.
+   max-pool) is not a stage, nor is a stride past every other, entered by pooling, where only
+   pointwise layers (1x1 convs, norms, activations) make maps: a pyramid-pooling branch
+   (PSPNet, UPerNet, AHNet) belongs to the stage it returns to. A map a stride collapsed to 1x1 is a stage
+   (with no site); squeeze-excitation vectors, pooled maps and maps pooled to a fixed number
+   of bins (adaptive pools: PSPNet's 1, 2, 3, 6) are not feature maps.
 2. **Nominal stride.** A feature map's nominal stride is its real stride times the dilation
    that replaced the missing strides (DeepLab, ``replace_stride_with_dilation``, timm's
    ``output_stride``). That dilation is read per *group*: the outermost module whose every
@@ -42,7 +45,7 @@ import torch
 from torch import nn
 
 from .feature_maps import FeatureMaps
-from .leaves import is_container, is_conv
+from .leaves import is_act_module, is_container, is_conv, is_identity, is_norm
 from .shapes import Call, ShapeRecord
 
 __all__ = ["Stage", "StageMap", "stage_of_shape", "map_stages", "find_stages"]
@@ -471,7 +474,9 @@ def map_stages(root: nn.Module, record: ShapeRecord) -> StageMap:
     end = record.ends
     steps = Steps(record)
     collapsed = _collapsed(record, steps)
-    logs = {i: _feature_log(record, c, steps, collapsed) for i, c in enumerate(record.calls)}
+    binned = _binned(record)
+    logs = {i: None if id(c.output) in binned else _feature_log(record, c, steps, collapsed)
+            for i, c in enumerate(record.calls)}
     factor = _dilation_factors(root, record, end, logs, steps)
     nominal: dict[int, int] = {}
     for i, log in logs.items():
@@ -512,6 +517,12 @@ def find_stages(root: nn.Module, record: ShapeRecord, stages_by_call: dict[int, 
     # for a feature map when C is close to W).
     if conv_res:
         res = conv_res
+    # Nor is a stride past the network's deepest, entered by pooling, where only pointwise
+    # layers run (1x1 convs, norms, activations): a pyramid-pooling branch (PSPNet's and UPerNet's pooled bins, AHNet's
+    # pooled projections: pool, 1x1 conv, upsample back) is part of the stage it comes back to.
+    pooled = _pooled_branches(record, stages_by_call)
+    if any(st not in pooled for st in res):
+        res = {st: r for st, r in res.items() if st not in pooled}
     modules = _stage_modules(root, record, site_stages)
     names = _feature_info_names(root, record, stages_by_call)
     stages = []
@@ -522,6 +533,61 @@ def find_stages(root: nn.Module, record: ShapeRecord, stages_by_call: dict[int, 
         stages.append(Stage(st, names.get(st) or plain or f"stage{st}", 2 ** (st + 1), res[st],
                             dil.get(st, 1), mods, real))
     return stages
+
+
+def _binned(record: ShapeRecord) -> frozenset[int]:
+    """Ids of maps pooled to a fixed number of bins (an adaptive pool that changed the map's
+    size: PSPNet's and UPerNet's pyramid of 1, 2, 3 and 6 bins) and of what pointwise layers
+    compute from them at that size: their size follows the bins, not the input, so they are
+    not feature maps of any stride."""
+    ids: set[int] = set()
+    for c in sorted(record.calls, key=lambda c: c.end):  # a producer ends before its users
+        s = _out_shape(c)
+        first = next((t for t in _tensors((c.args, c.kwargs)) if t.dim() in (4, 5)), None)
+        if s is None or first is None:
+            continue
+        if isinstance(c.module, _GLOBAL_POOLS):
+            if tuple(first.shape[2:]) != s[2:]:
+                ids.add(id(c.output))
+        elif id(first) in ids and tuple(first.shape[2:]) == s[2:] and _pointwise(c.module) is not None:
+            ids.add(id(c.output))
+    return frozenset(ids)
+
+
+def _pointwise(m: nn.Module) -> Optional[str]:
+    """``"pool"``, ``"pointwise"`` (a 1x1 conv, a norm, an activation, an identity, dropout, or a
+    plain container of those), or None for any other module."""
+    if isinstance(m, _POOLS):
+        return "pool"
+    if is_conv(m):
+        return "pointwise" if all(k == 1 for k in m.kernel_size) else None
+    if is_norm(m) or is_act_module(m) or is_identity(m) or isinstance(m, nn.modules.dropout._DropoutNd):
+        return "pointwise"
+    if is_container(m) or type(m).forward is nn.Sequential.forward:
+        return "pointwise" if all(_pointwise(c) is not None for c in m.children()) else None
+    return None
+
+
+_POOLS = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+          nn.modules.pooling._AdaptiveMaxPoolNd)
+
+
+def _pooled_branches(record: ShapeRecord, stages_by_call: dict[int, int]) -> set[int]:
+    """Strides deeper than any other whose maps come only from pooling layers and pointwise
+    layers (1x1 convs, norms, activations, identities, dropout): at least one pool, and no other
+    module (a spatial conv, an attention block or any module of unknown kind) makes a map there."""
+    kinds: dict[int, set[str]] = {}
+    for i, st in stages_by_call.items():
+        m = record.calls[i].module
+        if is_container(m) or type(m).forward is nn.Sequential.forward:
+            continue  # its layers are counted themselves
+        kinds.setdefault(st, set()).add(_pointwise(m) or "other")
+    pooled = {st for st, k in kinds.items() if "pool" in k and k <= {"pool", "pointwise"}}
+    # Only past the deepest stride where anything else runs: a branch that pools deeper than
+    # the network goes. (ShuffleNetV2's max-pool at stride 4, before the next block's 1x1 conv,
+    # is on the way down and keeps its stage.)
+    deepest = max((st for st in kinds if st not in pooled), default=None)
+    return {st for st in pooled if deepest is not None and st > deepest}
 
 
 def _stage_modules(root: nn.Module, record: ShapeRecord, by_call: dict[int, int]) -> dict[int, list[str]]:
