@@ -8,7 +8,7 @@ ask for other torch versions, an older timm (dynamic-network-architectures, nnU-
 networks) or video and OCR stacks the check does not use::
 
     pip install --no-deps facenet-pytorch pytorchvideo python-doctr dynamic-network-architectures
-    pip install fvcore iopath anyascii shapely pypdfium2 h5py validators pyclipper rapidfuzz langdetect
+    pip install fvcore iopath anyascii shapely pypdfium2 h5py validators pyclipper rapidfuzz langdetect opencv-python-headless
 
 A library that is not installed is reported as skipped. Writes its table into ``docs/coverage.md`` between its marker lines (``--out``) and
 prints ``N passed, M failed``::
@@ -101,6 +101,10 @@ MODELS: dict[str, tuple[str, Callable[[], Any], Any, str]] = {
                                   "nested dense skip paths"),
     "smp:DeepLabV3Plus-resnet50": ("segmentation-models-pytorch", _smp("DeepLabV3Plus", "resnet50"),
                                    (3, 128, 128), "dilated encoder, ASPP"),
+    "smp:PSPNet-resnet34": ("segmentation-models-pytorch", _smp("PSPNet", "resnet34"), (3, 128, 128),
+                            "pyramid pooling (1, 2, 3, 6 bins) after a stride-8 encoder"),
+    "smp:UPerNet-resnet34": ("segmentation-models-pytorch", _smp("UPerNet", "resnet34"), (3, 128, 128),
+                             "pyramid pooling on the deepest map, an FPN"),
     "smp:FPN-efficientnet-b0": ("segmentation-models-pytorch", _smp("FPN", "efficientnet-b0"), (3, 128, 128),
                                 "an EfficientNet encoder from another implementation"),
     "smp:Linknet-resnet18": ("segmentation-models-pytorch", _smp("Linknet", "resnet18"), (3, 128, 128),
@@ -115,6 +119,8 @@ MODELS: dict[str, tuple[str, Callable[[], Any], Any, str]] = {
                         (1, 128, 128), "decoder blocks take the skip as an argument"),
     "monai:SegResNet": ("monai", _monai("SegResNet", spatial_dims=2, init_filters=8, in_channels=1,
                                         out_channels=2), (1, 128, 128), "pre-activation residual blocks"),
+    "monai:AHNet": ("monai", _monai("AHNet", spatial_dims=2, in_channels=1, out_channels=2), (1, 128, 128),
+                    "max pools of 8 to 64 and 1x1 projections (pyramid pooling), anisotropic pools"),
     "monai:DenseNet121": ("monai", _monai("DenseNet121", spatial_dims=2, in_channels=3, out_channels=2),
                           (3, 128, 128), "dense layers, transitions"),
     "monai:SEResNet50": ("monai", _monai("SEResNet50", spatial_dims=2, in_channels=3, num_classes=2),
