@@ -8,9 +8,9 @@ The rule, in three parts:
    stride 32); strides 1 and 2 are both stage 0; a stride where no conv runs (VGG's trailing
    max-pool) is not a stage, nor is a stride past every other, entered by pooling, where only
    pointwise layers (1x1 convs, norms, activations) make maps: a pyramid-pooling branch
-   (PSPNet, UPerNet, AHNet) belongs to the stage it returns to. A map a stride collapsed to 1x1 is a stage
-   (with no site); squeeze-excitation vectors, pooled maps and maps pooled to a fixed number
-   of bins (adaptive pools: PSPNet's 1, 2, 3, 6) are not feature maps.
+   (PSPNet, UPerNet, AHNet) belongs to the stage it returns to. A map a stride collapsed to
+   1x1 is a stage (with no site); squeeze-excitation vectors, pooled maps and maps pooled to
+   a fixed number of bins (adaptive pools: PSPNet's 1, 2, 3, 6) are not feature maps.
 2. **Nominal stride.** A feature map's nominal stride is its real stride times the dilation
    that replaced the missing strides (DeepLab, ``replace_stride_with_dilation``, timm's
    ``output_stride``). That dilation is read per *group*: the outermost module whose every
@@ -518,8 +518,9 @@ def find_stages(root: nn.Module, record: ShapeRecord, stages_by_call: dict[int, 
     if conv_res:
         res = conv_res
     # Nor is a stride past the network's deepest, entered by pooling, where only pointwise
-    # layers run (1x1 convs, norms, activations): a pyramid-pooling branch (PSPNet's and UPerNet's pooled bins, AHNet's
-    # pooled projections: pool, 1x1 conv, upsample back) is part of the stage it comes back to.
+    # layers run (1x1 convs, norms, activations): a pyramid-pooling branch (PSPNet's and
+    # UPerNet's pooled bins, AHNet's pooled projections: pool, 1x1 conv, upsample back) is
+    # part of the stage it comes back to.
     pooled = _pooled_branches(record, stages_by_call)
     if any(st not in pooled for st in res):
         res = {st: r for st, r in res.items() if st not in pooled}
