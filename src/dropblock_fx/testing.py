@@ -18,6 +18,7 @@ library's tests. On one model and one input it applies DropBlock and checks that
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from typing import Any, Optional
 
@@ -90,8 +91,9 @@ def _without_surgery(state: dict, inserted: set[str]) -> dict:
     return {k: v for k, v in state.items() if k[1] not in ("_modules", "dropblock_plan") and k[0] not in inserted}
 
 
-# apply_dropblock's own keywords, which plan() does not take.
-_APPLY_ONLY = ("replace", "keep_foreign", "verify")
+# apply_dropblock's own keywords (replace, keep_foreign, verify), which plan() does not take.
+_APPLY_ONLY = (frozenset(inspect.signature(apply_dropblock).parameters)
+               - frozenset(inspect.signature(plan_model).parameters))
 
 
 def check_surgery(model: nn.Module, x: Any, recipe: Any = None, *, runner: Optional[nn.Module] = None,

@@ -564,9 +564,15 @@ def _pointwise(m: nn.Module) -> Optional[str]:
         return "pointwise" if all(k == 1 for k in m.kernel_size) else None
     if is_norm(m) or is_act_module(m) or is_identity(m) or isinstance(m, nn.modules.dropout._DropoutNd):
         return "pointwise"
-    if is_container(m) or type(m).forward is nn.Sequential.forward:
+    if _runs_children(m):
         return "pointwise" if all(_pointwise(c) is not None for c in m.children()) else None
     return None
+
+
+def _runs_children(m: nn.Module) -> bool:
+    """A plain container, or a subclass of ``nn.Sequential`` that keeps its ``forward``
+    (segmentation-models-pytorch's ``Conv2dReLU``): its calls are its children's."""
+    return is_container(m) or type(m).forward is nn.Sequential.forward
 
 
 _POOLS = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
@@ -580,7 +586,7 @@ def _pooled_branches(record: ShapeRecord, stages_by_call: dict[int, int]) -> set
     kinds: dict[int, set[str]] = {}
     for i, st in stages_by_call.items():
         m = record.calls[i].module
-        if is_container(m) or type(m).forward is nn.Sequential.forward:
+        if _runs_children(m):
             continue  # its layers are counted themselves
         kinds.setdefault(st, set()).add(_pointwise(m) or "other")
     pooled = {st for st, k in kinds.items() if "pool" in k and k <= {"pool", "pointwise"}}
