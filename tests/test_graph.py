@@ -539,3 +539,84 @@ def test_a_specialised_trace_reads_a_parameter_once_and_its_sizes_as_constants()
     block.eval()
     x, skip = torch.randn(2, 16, 6, 5), torch.randn(2, 8, 12, 10)
     assert torch.equal(torch.fx.GraphModule(block, graph)(x, skip), block(x, skip))
+
+
+
+class _Augmented(nn.Module):
+    """Augmented assignments on tensors, and one on a Python int."""
+
+    def forward(self, x):
+        y = x * 3
+        y += x
+        y -= 1
+        y *= x
+        y /= 2
+        n = 1
+        n += 1  # a plain int: stays Python arithmetic
+        y **= n
+        return y
+
+
+class _NewTensors(torch.fx.Interpreter):
+    """Runs a graph and collects the storages its call_function nodes return."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.storages = []
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.op == "call_function" and isinstance(out, torch.Tensor):
+            self.storages.append(out.untyped_storage().data_ptr())
+        return out
+
+
+def test_augmented_assignments_stay_in_place_in_the_traced_forward():
+    """FX's own proxy traces ``y += x`` as ``y = y + x`` (a new tensor); the library's traces,
+    plain and specialised, keep each augmented assignment, so a rewritten forward writes where
+    the original wrote, with the same values."""
+    from torch import fx
+
+    from dropblock_fx.graph.specialise import trace_specialised
+
+    m = _Augmented()
+    x = torch.randn(2, 3)
+    plain_fx = fx.symbolic_trace(m)
+    run = _NewTensors(plain_fx)
+    run.run(x)
+    assert len(set(run.storages)) == 6  # FX alone: every operator a new tensor
+    special = trace_specialised(m, (), {"x": x})[0]
+    for g in (trace_modes(m)["any"], special.get("any") or special["eval"]):
+        gm = fx.GraphModule(m, g)
+        for op in ("+=", "-=", "*=", "/=", "**="):
+            assert op in gm.code, (op, gm.code)
+        assert torch.equal(gm(x), m(x))
+        run = _NewTensors(gm)
+        run.run(x)
+        assert len(set(run.storages)) == 1, gm.code  # ``x * 3``, then written into
+
+
+def test_a_spliced_residual_block_adds_its_shortcut_in_place():
+    """``out += shortcut`` stays in place after splicing: with its DropBlocks at rate 0 a
+    training forward returns the very tensor its last norm wrote (with ``out + shortcut`` it
+    was a new one), and outputs and gradients are those of the original block."""
+    torch.manual_seed(0)
+    block = Residual(4, 4)
+    ref = copy.deepcopy(block)
+    g, sites = sites_of(block, (4, 8, 8))
+    insert_sites(g, sites)
+    for s in sites:
+        block.add_module(s.name, DropBlock2d(0.0, 3))
+    splice_graph(block, graph_source({"any": g}))
+    seen = {}
+    block.bn2.register_forward_hook(lambda mod, args, out: seen.__setitem__("bn2", out))
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    out = block.train()(x)
+    assert out.untyped_storage().data_ptr() == seen["bn2"].untyped_storage().data_ptr()
+    x2 = x.detach().clone().requires_grad_()
+    expected = ref.train()(x2)
+    assert torch.equal(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    assert torch.equal(x.grad, x2.grad)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(block.parameters(), ref.parameters()))

@@ -42,7 +42,7 @@ from torch.utils._pytree import tree_flatten
 
 from .leaves import checkpoint_functions
 from .meta import attr_at, run_checkpointed, run_meta, to_meta, with_batch
-from .tracing import LeafTracer, trace_lock, trace_modes
+from .tracing import InplaceProxy, LeafTracer, trace_lock, trace_modes
 
 __all__ = ["describe_call", "loosen", "call_matches", "trace_specialised", "respecialise", "skeleton"]
 
@@ -148,7 +148,7 @@ def _detailed(guard: dict[str, Any]) -> bool:
 # ---------------------------------------------------------------------------- the tracer
 
 
-class _MetaProxy(fx.Proxy):
+class _MetaProxy(InplaceProxy):
     """A Proxy that answers shape questions like the meta value it carries (and, while a
     specialised trace runs, ``isinstance(p, torch.Tensor)``: see `_patched`).
 

@@ -16,11 +16,19 @@ installs, once for all the traces inside it, two methods that hand each call to 
 or when none traces); FX sees them marked as its own patch and leaves ``nn.Module`` alone.
 The scope holds `trace_lock` (which every trace takes too), so one thread at a time traces
 with it; without the scope a trace is FX's own.
+
+**In-place operators stay in place.** FX's own ``Proxy`` has no ``__iadd__``, so Python runs
+``x += shortcut`` as ``x = x + shortcut`` and the rewritten forward would allocate a new map
+where the original wrote into ``x`` (a residual block's add: one feature map more per block
+and step). `LeafTracer`'s proxies (`InplaceProxy`) record Python's augmented assignments as
+``operator.iadd`` and its kin, which FX generates back as ``x += shortcut``: the rewritten
+forward does what the original did.
 """
 
 from __future__ import annotations
 
 import contextlib
+import operator
 import threading
 from typing import Any, Callable, Iterator, Optional
 
@@ -30,7 +38,7 @@ from torch import fx, nn
 from ..modes import training_mode
 from .leaves import autowrap_functions, is_leaf
 
-__all__ = ["LeafTracer", "SideEffects", "trace_modes", "traces_share_one_patch"]
+__all__ = ["InplaceProxy", "LeafTracer", "SideEffects", "trace_modes", "traces_share_one_patch"]
 
 # ---------------------------------------------------------------------------- one patch
 
@@ -112,6 +120,41 @@ def traces_share_one_patch() -> Iterator[None]:
                 nn.Module.__getattr__ = _ORIG_GETATTR  # type: ignore[method-assign]
 
 
+# Python's augmented assignments that FX generates back as such (``torch.fx.graph.inplace_methods``).
+_INPLACE_OPERATORS = ("add", "and", "floordiv", "lshift", "matmul", "mod", "mul", "or", "pow", "rshift", "sub",
+                      "truediv", "xor")
+
+
+class InplaceProxy(fx.Proxy):
+    """FX's ``Proxy`` that records ``x += y`` (and ``-=``, ``*=``, ...) as ``operator.iadd(x, y)``
+    rather than ``x + y``: the generated forward then updates ``x`` in place, as the traced one did.
+
+    Examples:
+        >>> class Residual(nn.Module):
+        ...     def forward(self, x):
+        ...         y = x * 2
+        ...         y += x
+        ...         return y
+        >>> print(fx.GraphModule(nn.Module(), LeafTracer().trace(Residual())).code.strip())
+        def forward(self, x):
+            mul = x * 2
+            mul += x;  iadd = mul;  mul = x = None
+            return iadd
+    """
+
+
+def _augmented(op: Callable[[Any, Any], Any]) -> Callable[[fx.Proxy, Any], Any]:
+    def method(self: fx.Proxy, other: Any) -> Any:
+        return self.tracer.create_proxy("call_function", op, (self, other), {})
+
+    method.__name__ = op.__name__
+    return method
+
+
+for _name in _INPLACE_OPERATORS:
+    setattr(InplaceProxy, f"__i{_name}__", _augmented(getattr(operator, f"i{_name}")))
+
+
 class LeafTracer(fx.Tracer):
     """An FX tracer with this library's leaf policy; ``extra_leaves`` are treated as leaves too
     (child units of a container are traced as single calls)."""
@@ -122,6 +165,9 @@ class LeafTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return id(m) in self._extra or is_leaf(m)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return InplaceProxy(node, self)
 
     def trace(self, root: Any, concrete_args: Optional[dict[str, Any]] = None) -> fx.Graph:
         """FX's trace; inside `traces_share_one_patch`, through the shared patch."""
