@@ -9,6 +9,7 @@ same input size), then check
 * every DropBlock module is a planned row, in one of the requested stages (the last two of the
   model's stages; its only one for an isotropic net), ``DropBlock3d`` on video models;
 * a train forward + backward runs, with finite outputs and gradients;
+* at rate 0, a train forward + backward asks for no more fresh memory than the unmodified model's;
 * ``remove_dropblock`` restores the original ``repr``, module classes and eval outputs.
 
 Which timm models are CNNs is decided from their modules (built on the meta device, cached

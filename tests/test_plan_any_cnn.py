@@ -246,6 +246,26 @@ def test_a_failed_check_leaves_the_model_as_it_came(monkeypatch):
 
 
 
+def test_check_surgery_fails_a_rewrite_that_asks_for_more_memory(monkeypatch):
+    """With FX's own proxy (``x += shortcut`` traced as ``x + shortcut``) every rewritten
+    residual block allocates one feature map more per training step: the check fails at
+    "memory", naming the excess, and leaves the model as it came; with the library's tracer
+    the same model passes."""
+    from torch import fx
+
+    from dropblock_fx.graph.tracing import LeafTracer
+    from small_models import SmallCNN
+
+    model = SmallCNN().train()
+    before, tree = copy.deepcopy(model.state_dict()), repr(model)
+    check_surgery(model, _x(3, 64, 64))
+    monkeypatch.setattr(LeafTracer, "proxy", fx.Tracer.proxy)
+    with pytest.raises(CheckFailed, match=r"^\[memory\] AssertionError: a training step at rate 0 asks for \d+ bytes more"):
+        check_surgery(model, _x(3, 64, 64))
+    assert repr(model) == tree and not hasattr(model, "dropblock_plan") and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_check_surgery_on_a_model_with_no_site():
     """kornia's TFeat: an input norm, then convs with no norm after them, so no conv site:
     apply_dropblock inserts nothing and keeps no plan. The check fails at "sites" with the

@@ -15,6 +15,7 @@ import dropblock_fx as dbx
 from dropblock_fx import DropBlock2d, DropBlock3d, DropBlockNd, Plan, SurgeryError, apply_dropblock, describe, plan
 from dropblock_fx import remove_dropblock
 from dropblock_fx.recipe import Recipe, StageSpec
+from dropblock_fx.testing import fresh_memory
 
 from small_models import NormFree, SmallCNN, TrainBranchNet, WithUntraceable
 
@@ -367,27 +368,6 @@ def test_plan_rows_are_in_forward_order():
     assert seen == rows and len(rows) == 36
 
 
-def _new_storage_bytes(fn) -> int:
-    """Bytes of the new storages the ops ``fn()`` dispatches return (forward and backward)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    total = [0]
-
-    class Count(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-            out = func(*args, **(kwargs or {}))
-            for t in tree_leaves(out):
-                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
-                    total[0] += t.untyped_storage().nbytes()
-            return out
-
-    with Count():
-        fn()
-    return total[0]
-
-
 @pytest.mark.parametrize("make", [lambda: __import__("timm").create_model("resnet18"),
                                   lambda: __import__("torchvision").models.resnet50()])
 def test_rewritten_blocks_ask_for_no_more_memory_than_the_originals(make):
@@ -415,7 +395,7 @@ def test_rewritten_blocks_ask_for_no_more_memory_than_the_originals(make):
     model.zero_grad(set_to_none=True)
     step(ref)
     ref.zero_grad(set_to_none=True)
-    assert _new_storage_bytes(lambda: step(model)) == _new_storage_bytes(lambda: step(ref))
+    assert fresh_memory(lambda: step(model)) == fresh_memory(lambda: step(ref))
     model.zero_grad(set_to_none=True)
     ref.zero_grad(set_to_none=True)
     out_m, out_r = step(model), step(ref)

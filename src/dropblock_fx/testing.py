@@ -12,6 +12,9 @@ library's tests. On one model and one input it applies DropBlock and checks that
 * a train forward + backward runs, with finite outputs and gradients;
 * every row's DropBlock module runs in that forward; when ``x`` has the planned size, on a
   feature map of its row (``x``'s batch, the row's resolution);
+* at rate 0 a training forward + backward asks for no more fresh memory than the unmodified
+  model's (`fresh_memory`): the rewritten forwards do what the original ones did, in place
+  where those wrote in place;
 * ``remove_dropblock`` restores the module tree, the classes and the eval outputs.
 """
 
@@ -20,7 +23,7 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -34,7 +37,8 @@ from .surgery import Plan, apply_dropblock, plan_of, remove_dropblock
 from .surgery import plan as plan_model
 from .surgery.target import as_inputs
 
-__all__ = ["CheckFailed", "check_surgery", "module_state", "output_tensors", "zoo_model"]
+__all__ = ["CheckFailed", "FreshMemory", "check_surgery", "fresh_memory", "module_state", "output_tensors",
+           "zoo_model"]
 
 
 class CheckFailed(AssertionError):
@@ -59,6 +63,56 @@ def output_tensors(out: Any) -> list[torch.Tensor]:
 def _same(a: Any, b: Any) -> bool:
     ta, tb = output_tensors(a), output_tensors(b)
     return len(ta) == len(tb) > 0 and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(ta, tb))
+
+
+class FreshMemory(NamedTuple):
+    """What `fresh_memory` counted: bytes of new storage, in how many tensors."""
+
+    bytes: int
+    tensors: int
+
+
+def fresh_memory(fn: Callable[[], Any]) -> FreshMemory:
+    """The fresh memory ``fn()`` asks for: the bytes of every new storage that an operator it
+    runs returns (forward and, when ``fn`` calls it, backward), counted under a
+    ``TorchDispatchMode``. A tensor written in place, or a view, adds nothing. The count does
+    not depend on timing or on the allocator: on the CPU, with glibc's defaults, each MiB of
+    it that a training step asks for is 256 page faults, step after step.
+
+    Examples:
+        >>> x = torch.ones(256, 1024)  # 1 MiB of fp32
+        >>> fresh_memory(lambda: x * 2)
+        FreshMemory(bytes=1048576, tensors=1)
+        >>> fresh_memory(lambda: x.mul_(2).view(-1))
+        FreshMemory(bytes=0, tensors=0)
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    def storage(t: torch.Tensor) -> Optional[Any]:
+        try:
+            s = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse, nested: no plain storage
+            return None
+        return s.data_ptr(), s.nbytes()
+
+    count = [0, 0]
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+            given = {storage(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                s = storage(t) if isinstance(t, torch.Tensor) else None
+                if s is not None and s not in given:
+                    given.add(s)
+                    count[0] += s[1]
+                    count[1] += 1
+            return out
+
+    with _Count():
+        fn()
+    return FreshMemory(count[0], count[1])
 
 
 def module_state(model: nn.Module) -> dict:
@@ -144,12 +198,30 @@ def _check(model: nn.Module, x: Any, recipe: Any, runner: nn.Module, require_sit
         a, k = fresh((args, kwargs))
         return runner(*a, **k)
 
+    def train_step() -> Any:  # a forward and a backward in train mode; returns the loss
+        with training_mode(model, True), warnings.catch_warnings():  # a check, not a run: no schedule
+            warnings.filterwarnings("ignore", message=".*no schedule is attached")
+            out = output_tensors(run())
+        loss = sum(t.float().sum() for t in out if t.is_floating_point())
+        if isinstance(loss, torch.Tensor) and loss.requires_grad:
+            loss.backward()
+        return loss
+
     with torch.no_grad():
         ref = run()
     if not output_tensors(ref):
         raise CheckFailed("reference forward", "the model's output holds no tensor")
     cls, tree, classes = type(model), repr(model), [type(m) for m in model.modules()]
     weights = copy.deepcopy(model.state_dict())  # keeps _metadata (MNASNet's loader needs its version)
+    try:
+        with torch.random.fork_rng(devices=[]):  # the same random numbers in both counted steps
+            torch.manual_seed(0)
+            original_memory = fresh_memory(train_step)
+    except Exception as e:  # noqa: BLE001 - the unmodified model cannot train on x
+        raise CheckFailed("reference train step", f"{type(e).__name__}: {' '.join(str(e).split())}") from e
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(weights, strict=True)  # the step moved the norms' running statistics
     state = module_state(model)
 
     step = "apply_dropblock"
@@ -202,16 +274,12 @@ def _check(model: nn.Module, x: Any, recipe: Any, runner: nn.Module, require_sit
         hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: seen.setdefault(n, []).append(tuple(args[0].shape)))
                  for n, m in mods.items()]
         try:
-            with training_mode(model, True), warnings.catch_warnings():  # a check, not a run: no schedule
-                warnings.filterwarnings("ignore", message=".*no schedule is attached")
-                out = output_tensors(run())
+            loss = train_step()
         finally:
             for h in hooks:
                 h.remove()
-        loss = sum(t.float().sum() for t in out if t.is_floating_point())
         if not torch.isfinite(loss):
             raise AssertionError("train output not finite")
-        loss.backward()
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if not grads:
             raise AssertionError("no gradient reached the parameters")
@@ -222,6 +290,20 @@ def _check(model: nn.Module, x: Any, recipe: Any, runner: nn.Module, require_sit
 
         step = "rows run"
         _check_rows_ran(plan, seen, tuple(x_shape or ()), plan_size=tuple(plan.input_shape[1:]))
+
+        step = "memory"
+        for m in mods.values():
+            m.drop_prob = 0.0
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            applied_memory = fresh_memory(train_step)
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(weights, strict=True)
+        if applied_memory.bytes > original_memory.bytes:
+            raise AssertionError(
+                f"a training step at rate 0 asks for {applied_memory.bytes - original_memory.bytes} bytes more "
+                f"fresh memory than the unmodified model's ({applied_memory.tensors} new tensors, "
+                f"{original_memory.tensors} before)")
 
         step = "remove_dropblock"
         remove_dropblock(model)
