@@ -45,6 +45,7 @@ CPU, the figures in docs/performance.md::
     python benchmarks/bench_step_overhead.py --batch 32 --rounds 6 --variants timm "ours per-channel" "one multiply"
     python benchmarks/bench_step_overhead.py --compile --image 160 --rounds 100 --variants "ours per-channel" "fixed mask" "one multiply"
     python benchmarks/bench_step_overhead.py --compile-time --image 160 --variants "ours per-channel"
+    python benchmarks/bench_step_overhead.py --memory
 
 The step tables come with a second one (on Unix): per variant, the median a step of the
 process's minor page faults and of its user and system CPU time (``resource.getrusage``). A
@@ -55,6 +56,13 @@ time is part of what each new tensor costs. The header names the allocator setti
 (``MALLOC_*``, ``LD_PRELOAD``) and the transparent hugepage mode; to see a step without the
 faults, run with ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=17179869184``
 (glibc then keeps freed memory for reuse).
+
+``--memory`` counts, per variant, the fresh memory one eager training step asks for
+(``dropblock_fx.testing.fresh_memory``: the bytes of every new storage an operator returns),
+forward and backward apart,
+and in how many tensors. The count is exact and the same on every run, so it shows what a change
+saves where a step's time on a shared machine cannot: each MiB of it is 256 page faults a
+step with glibc's defaults.
 
 ``--profile`` instead prints, per operator, the CPU time one eager step of each variant
 spends beyond the baseline's (``torch.profiler``). ``--site-times`` times, inside ``--rounds``
@@ -88,6 +96,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dropblock_fx
+from dropblock_fx.testing import fresh_memory
 from bench_resnet50_step import BLOCK, paper_placement  # the same 36 sites as the GPU benchmark
 
 
@@ -372,6 +381,34 @@ def run_site_times(runners: list[Runner], warmup: int, rounds: int) -> list[dict
     return rows
 
 
+def run_memory(runners: list[Runner]) -> list[dict]:
+    """Per variant, the fresh memory of one eager training step's forward and backward."""
+    rows = []
+    for r in runners:
+        r.step()  # warm-up: lazily built state (optimizer buffers, cached plans) is not counted
+        torch.manual_seed(0)
+        holder: dict = {}
+
+        def forward() -> None:
+            holder["loss"] = F.cross_entropy(r.model(r.x), r.y)
+
+        fwd = fresh_memory(forward)
+        bwd = fresh_memory(lambda: holder["loss"].backward())
+        r.opt.zero_grad(set_to_none=True)
+        rows.append({"variant": r.name, "sites": r.sites, "forward_bytes": fwd.bytes, "forward_tensors": fwd.tensors,
+                     "backward_bytes": bwd.bytes, "backward_tensors": bwd.tensors})
+    base = rows[0]["forward_bytes"] + rows[0]["backward_bytes"]
+    print("\nfresh memory of one training step (new storages returned by operators; forward | backward):")
+    print(f"| {'variant':36s} | sites | forward MiB | backward MiB | step MiB | vs baseline | tensors |")
+    print(f"|{'-' * 38}|------:|------------:|-------------:|---------:|------------:|--------:|")
+    for row in rows:
+        total = row["forward_bytes"] + row["backward_bytes"]
+        print(f"| {row['variant']:36s} | {row['sites']:5d} | {row['forward_bytes'] / 2**20:11.1f} "
+              f"| {row['backward_bytes'] / 2**20:12.1f} | {total / 2**20:8.1f} | {(total - base) / 2**20:+10.1f}  "
+              f"| {row['forward_tensors'] + row['backward_tensors']:7d} |")
+    return rows
+
+
 def run_profile(runners: list[Runner], steps: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
@@ -410,6 +447,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=1, help="compiles per variant with --compile-time")
     ap.add_argument("--profile", action="store_true", help="per-operator profile of one eager step")
     ap.add_argument("--site-times", action="store_true", help="time the sites' forwards inside eager steps")
+    ap.add_argument("--memory", action="store_true", help="count the fresh memory of one eager step per variant")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--one-compile", default=None, help=argparse.SUPPRESS)  # a child of --compile-time
     args = ap.parse_args(argv)
@@ -423,7 +461,7 @@ def main(argv: list[str] | None = None) -> dict:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (args.batch,))
     mode = ("compile-time" if args.compile_time else "profile" if args.profile else "site-times" if args.site_times
-            else "compiled" if args.compile else "eager")
+            else "memory" if args.memory else "compiled" if args.compile else "eager")
     header = (f"device: CPU ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads); "
               f"torch {torch.__version__}; timm {args.model} batch {args.batch} at {args.image}px, "
               f"{'bf16 autocast' if args.bf16 else 'fp32'}{', channels_last' if args.channels_last else ''}, SGD; "
@@ -452,6 +490,8 @@ def main(argv: list[str] | None = None) -> dict:
             result["per_op_ms"] = run_profile(runners, steps=2)
         elif args.site_times:
             result["rows"] = run_site_times(runners, args.warmup, args.rounds)
+        elif args.memory:
+            result["rows"] = run_memory(runners)
         else:
             rows = run_steps(runners, args.warmup, args.rounds)
             print_steps(rows, f"{mode} training step, {args.rounds} rounds after {args.warmup} warm-up steps each:")
