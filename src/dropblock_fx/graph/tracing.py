@@ -138,21 +138,24 @@ class InplaceProxy(fx.Proxy):
         >>> print(fx.GraphModule(nn.Module(), LeafTracer().trace(Residual())).code.strip())
         def forward(self, x):
             mul = x * 2
-            mul += x;  iadd = mul;  mul = x = None
-            return iadd
+            mul += x;  add = mul;  mul = x = None
+            return add
     """
 
 
-def _augmented(op: Callable[[Any, Any], Any]) -> Callable[[fx.Proxy, Any], Any]:
+def _augmented(op: Callable[[Any, Any], Any], node_name: str) -> Callable[[fx.Proxy, Any], Any]:
     def method(self: fx.Proxy, other: Any) -> Any:
-        return self.tracer.create_proxy("call_function", op, (self, other), {})
+        # Named as FX names the plain operator's node ("add", not "iadd"): plan anchors such
+        # as "shortcut into add" read the same whichever way the model wrote its addition.
+        return self.tracer.create_proxy("call_function", op, (self, other), {}, name=node_name)
 
     method.__name__ = op.__name__
     return method
 
 
 for _name in _INPLACE_OPERATORS:
-    setattr(InplaceProxy, f"__i{_name}__", _augmented(getattr(operator, f"i{_name}")))
+    _plain = getattr(operator, f"{_name}_", None) or getattr(operator, _name)  # operator.and_, operator.add
+    setattr(InplaceProxy, f"__i{_name}__", _augmented(getattr(operator, f"i{_name}"), _plain.__name__))
 
 
 class LeafTracer(fx.Tracer):
