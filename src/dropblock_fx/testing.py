@@ -12,9 +12,9 @@ library's tests. On one model and one input it applies DropBlock and checks that
 * a train forward + backward runs, with finite outputs and gradients;
 * every row's DropBlock module runs in that forward; when ``x`` has the planned size, on a
   feature map of its row (``x``'s batch, the row's resolution);
-* at rate 0 a training forward + backward asks for no more fresh memory than the unmodified
-  model's (`fresh_memory`): the rewritten forwards do what the original ones did, in place
-  where those wrote in place;
+* at rate 0 a training forward + backward, and an eval forward, ask for no more fresh memory
+  than the unmodified model's (`fresh_memory`): the rewritten forwards do what the original
+  ones did, in place where those wrote in place;
 * ``remove_dropblock`` restores the module tree, the classes and the eval outputs.
 """
 
@@ -207,8 +207,10 @@ def _check(model: nn.Module, x: Any, recipe: Any, runner: nn.Module, require_sit
             loss.backward()
         return loss
 
+    outs: list[Any] = []
     with torch.no_grad():
-        ref = run()
+        original_eval = fresh_memory(lambda: outs.append(run()))
+    ref = outs.pop()
     if not output_tensors(ref):
         raise CheckFailed("reference forward", "the model's output holds no tensor")
     cls, tree, classes = type(model), repr(model), [type(m) for m in model.modules()]
@@ -255,7 +257,8 @@ def _check(model: nn.Module, x: Any, recipe: Any, runner: nn.Module, require_sit
 
         step = "eval identity"
         with torch.no_grad():
-            if not _same(run(), ref):
+            applied_eval = fresh_memory(lambda: outs.append(run()))
+            if not _same(outs.pop(), ref):
                 raise AssertionError("eval outputs differ after apply_dropblock")
 
         step = "state_dict identity"
@@ -299,11 +302,12 @@ def _check(model: nn.Module, x: Any, recipe: Any, runner: nn.Module, require_sit
             applied_memory = fresh_memory(train_step)
         model.zero_grad(set_to_none=True)
         model.load_state_dict(weights, strict=True)
-        if applied_memory.bytes > original_memory.bytes:
-            raise AssertionError(
-                f"a training step at rate 0 asks for {applied_memory.bytes - original_memory.bytes} bytes more "
-                f"fresh memory than the unmodified model's ({applied_memory.tensors} new tensors, "
-                f"{original_memory.tensors} before)")
+        for what, after_, before_ in (("a training step at rate 0", applied_memory, original_memory),
+                                      ("an eval forward", applied_eval, original_eval)):
+            if after_.bytes > before_.bytes:
+                raise AssertionError(
+                    f"{what} asks for {after_.bytes - before_.bytes} bytes more fresh memory than the "
+                    f"unmodified model's ({after_.tensors} new tensors, {before_.tensors} before)")
 
         step = "remove_dropblock"
         remove_dropblock(model)
