@@ -243,9 +243,10 @@ def _check(spec: Spec, res: Result, batch: int) -> None:
     res.input = "x".join(map(str, size))
 
     res.reason = "check"
+    kw = {"target": target} if target else {}
     try:
         try:
-            plan = check_surgery(model, x, runner=sub, **({"target": target} if target else {}))
+            plan = check_surgery(model, x, runner=sub, **kw)
         except CheckFailed as e:
             if not (e.step == "train forward/backward" and "non-finite" in str(e) and batch < _RETRY_BATCH):
                 raise
@@ -255,7 +256,7 @@ def _check(spec: Spec, res: Result, batch: int) -> None:
             # gradients are really broken.
             x = torch.randn(_RETRY_BATCH, *size, generator=g)
             res.input += f", batch {_RETRY_BATCH}"
-            plan = check_surgery(model, x, runner=sub, **({"target": target} if target else {}))
+            plan = check_surgery(model, x, runner=sub, **kw)
     except CheckFailed as e:
         res.reason = e.step
         raise AssertionError(str(e).split("] ", 1)[1]) from None

@@ -215,6 +215,11 @@ def _check(model: nn.Module, x: Any, recipe: Any, runner: nn.Module, require_sit
         raise CheckFailed("reference forward", "the model's output holds no tensor")
     cls, tree, classes = type(model), repr(model), [type(m) for m in model.modules()]
     weights = copy.deepcopy(model.state_dict())  # keeps _metadata (MNASNet's loader needs its version)
+
+    def restore() -> None:  # after a train step: no gradients, the norms' running statistics back
+        model.zero_grad(set_to_none=True)
+        model.load_state_dict(weights, strict=True)
+
     try:
         with torch.random.fork_rng(devices=[]):  # the same random numbers in both counted steps
             torch.manual_seed(0)
@@ -222,8 +227,7 @@ def _check(model: nn.Module, x: Any, recipe: Any, runner: nn.Module, require_sit
     except Exception as e:  # noqa: BLE001 - the unmodified model cannot train on x
         raise CheckFailed("reference train step", f"{type(e).__name__}: {' '.join(str(e).split())}") from e
     finally:
-        model.zero_grad(set_to_none=True)
-        model.load_state_dict(weights, strict=True)  # the step moved the norms' running statistics
+        restore()
     state = module_state(model)
 
     step = "apply_dropblock"
@@ -288,8 +292,7 @@ def _check(model: nn.Module, x: Any, recipe: Any, runner: nn.Module, require_sit
             raise AssertionError("no gradient reached the parameters")
         if not all(torch.isfinite(g).all() for g in grads):
             raise AssertionError("non-finite gradients")
-        model.zero_grad(set_to_none=True)
-        model.load_state_dict(weights, strict=True)
+        restore()
 
         step = "rows run"
         _check_rows_ran(plan, seen, tuple(x_shape or ()), plan_size=tuple(plan.input_shape[1:]))
@@ -300,8 +303,7 @@ def _check(model: nn.Module, x: Any, recipe: Any, runner: nn.Module, require_sit
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             applied_memory = fresh_memory(train_step)
-        model.zero_grad(set_to_none=True)
-        model.load_state_dict(weights, strict=True)
+        restore()
         for what, after_, before_ in (("a training step at rate 0", applied_memory, original_memory),
                                       ("an eval forward", applied_eval, original_eval)):
             if after_.bytes > before_.bytes:
@@ -320,8 +322,7 @@ def _check(model: nn.Module, x: Any, recipe: Any, runner: nn.Module, require_sit
                 raise AssertionError("eval outputs differ after remove_dropblock")
     except Exception as e:  # noqa: BLE001 - every failure names its check
         remove_dropblock(model)  # a failed check leaves the model as it came
-        model.zero_grad(set_to_none=True)
-        model.load_state_dict(weights, strict=True)
+        restore()
         if isinstance(e, CheckFailed):
             raise
         raise CheckFailed(step, f"{type(e).__name__}: {' '.join(str(e).split())}") from e
