@@ -620,3 +620,29 @@ def test_a_spliced_residual_block_adds_its_shortcut_in_place():
     expected.sum().backward()
     assert torch.equal(x.grad, x2.grad)
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(block.parameters(), ref.parameters()))
+
+
+def test_a_forward_with_string_annotations_splices_on_a_torch_that_imports_every_global(monkeypatch):
+    """A forward annotated under ``from __future__ import annotations`` (this file's
+    ``Residual``) puts strings such as ``"torch.Tensor"`` in the generated code's globals.
+    torch 2.11's FX writes an import line for every global and fails on a string; the block
+    then kept its forward and got no DropBlock. Here FX is given that older import writer: the
+    spliced forward still runs its DropBlocks."""
+    import torch.fx.graph_module as gm
+
+    def import_every_global(globals_, importer):  # torch 2.11's _format_import_block
+        return "\n".join(sorted({gm._format_import_statement(k, v, importer) for k, v in globals_.items()}))
+
+    monkeypatch.setattr(gm, "_format_import_block", import_every_global)
+    torch.manual_seed(0)
+    block = Residual(4, 4)
+    g, sites = sites_of(block, (4, 8, 8))
+    assert "torch.Tensor" in g.python_code(root_module="self").globals.values()
+    insert_sites(g, sites)
+    ran = []
+    for s in sites:
+        block.add_module(s.name, DropBlock2d(0.1, 3))
+        getattr(block, s.name).register_forward_hook(lambda mod, args, out, name=s.name: ran.append(name))
+    splice_graph(block, graph_source({"any": g}))
+    block.train()(torch.randn(2, 4, 8, 8))
+    assert sorted(ran) == sorted(s.name for s in sites) and len(ran) >= 3

@@ -73,8 +73,11 @@ def graph_source(graphs: dict[str, fx.Graph], guard: Optional[dict[str, Any]] = 
     modes = list(graphs)
     for mode, graph in graphs.items():
         code = graph.python_code(root_module="self")
-        block = _format_import_block(code.globals, sys_importer)
-        for line in block.splitlines():
+        # A string global is a forward annotation under ``from __future__ import annotations``
+        # (``x: "torch.Tensor"``). Older torch (2.11, for one) has no import line for one, so write it here.
+        strings = {k: v for k, v in code.globals.items() if isinstance(v, str)}
+        block = _format_import_block({k: v for k, v in code.globals.items() if k not in strings}, sys_importer)
+        for line in [f"{k} = {v!r}" for k, v in strings.items()] + block.splitlines():
             imports.setdefault(line, line)
         src = code.src.replace("def forward(", f"def {_fn_name(mode)}(", 1)
         parts.append(src)
