@@ -14,6 +14,9 @@ Variants:
   ``--drop / 4`` in layer3 (the official code's per-group rates at the end of the schedule),
   with ``dropblock_fx.DropBlock2d`` (``mask="channel"``: the paper's choice). On CUDA this
   runs the fused Triton op.
+* ``paper, ours in place``: the same sites and values, each DropBlock writing into the norm
+  output it follows (the ``act1`` / ``act2`` sites moved before their ReLU, which commutes
+  with them); only the identity shortcut stays out of place. What in place can save.
 * ``paper, ours shared``: the same with one mask per sample (``mask="shared"``).
 * ``paper, timm kernel shared`` / ``per-channel``: the same placement with timm's
   ``DropBlock2d`` (``couple_channels=True`` / ``False``).
@@ -21,8 +24,11 @@ Variants:
   engine with the ``paper-resnet50`` recipe.
 
 Each variant runs eager, and with ``--compile`` also under ``torch.compile`` (default mode).
-Prints a table (ms/step, % over baseline, peak GiB, % over baseline, per mode) and writes JSON
-after every variant, so a run cut short keeps what it measured.
+Prints a table (ms/step, % over baseline, peak GiB, % over baseline, warm-up seconds: under
+compile, the compile time) per mode and writes JSON after every variant, so a run cut short
+keeps what it measured. ``--profile NAME ...`` also profiles a few eager steps of the variants
+whose names contain NAME (``torch.profiler``): device time, kernel launches and the largest
+kernels per step, and how much of the step the device was idle (launch gaps).
 
 The GPU run (one command; H100/H200, about 5 to 8 minutes with ``--compile``)::
 
@@ -79,6 +85,30 @@ def paper_placement(model: nn.Module, make: Callable[[float], nn.Module], drop: 
     return n
 
 
+def paper_placement_in_place(model: nn.Module, drop: float) -> int:
+    """The paper's 36 sites with ``DropBlock2d(inplace=True)`` wherever that is exact and safe.
+
+    A site after ``act1`` / ``act2`` moves before the ReLU, onto the norm's output: ReLU commutes
+    with zeroing and with a positive scale, so the block computes the same values and
+    gradients, and the DropBlock can write into the norm's output (the norm's backward reads its
+    input, not its output). After ``bn3`` and after ``downsample`` it writes into the norm's
+    output too. Only the identity shortcut (the block's input, which ``conv1`` saves) is
+    out of place.
+    """
+    n = 0
+    for layer_name, rate in (("layer3", drop / 4), ("layer4", drop)):
+        for blk in getattr(model, layer_name):
+            def make(inplace: bool, r: float = rate) -> nn.Module:
+                return dropblock_fx.DropBlock2d(r, BLOCK, inplace=inplace)
+
+            blk.bn1 = nn.Sequential(blk.bn1, make(True))
+            blk.bn2 = nn.Sequential(blk.bn2, make(True))
+            blk.bn3 = nn.Sequential(blk.bn3, make(True))
+            blk.downsample = make(False) if blk.downsample is None else nn.Sequential(blk.downsample, make(True))
+            n += 4
+    return n
+
+
 def _ours(mask: str) -> Callable[[float], nn.Module]:
     return lambda rate: dropblock_fx.DropBlock2d(rate, BLOCK, mask=mask)
 
@@ -107,10 +137,15 @@ def build_variants(drop: float) -> dict[str, Callable[[], tuple[nn.Module, int]]
         m = plain(drop_block_rate=drop)
         return m, sum(1 for mod in m.modules() if type(mod).__name__ == "DropBlock2d")
 
+    def in_place() -> tuple[nn.Module, int]:
+        m = plain()
+        return m, paper_placement_in_place(m, drop)
+
     variants: dict[str, Callable[[], tuple[nn.Module, int]]] = {
         "baseline": lambda: (plain(), 0),
         "timm drop_block_rate": timm_rate,
         "paper, ours per-channel": placed(_ours("channel")),
+        "paper, ours in place": in_place,
         "paper, ours shared": placed(_ours("shared")),
         "paper, timm kernel shared": placed(_timm_kernel(True)),
         "paper, timm kernel per-channel": placed(_timm_kernel(False)),
@@ -137,7 +172,8 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, compile_: bool, warmup: int, steps: int
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, compile_: bool, warmup: int, steps: int,
+    profile: bool = False,
 ) -> dict:
     model = model.to(device).to(memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -164,7 +200,35 @@ def measure(
         _sync(device)
         samples.append((time.perf_counter() - t) * 1e3)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"ms": statistics.median(samples), "ms_min": min(samples), "peak_gib": peak, "warmup_s": warmup_s}
+    row = {"ms": statistics.median(samples), "ms_min": min(samples), "peak_gib": peak, "warmup_s": warmup_s}
+    if profile:
+        row["profile"] = profile_steps(step, device, 3)
+    return row
+
+
+def profile_steps(step: Callable[[], None], device: torch.device, n: int) -> dict:
+    """Kernel time, launches and the largest kernels per step over ``n`` profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        _sync(device)
+        wall_ms = (time.perf_counter() - t0) * 1e3 / n
+    kernels = []
+    for e in prof.key_averages():
+        dev_us = getattr(e, "self_device_time_total", None)
+        if dev_us is None:
+            dev_us = getattr(e, "self_cuda_time_total", 0)
+        if device.type == "cuda" and getattr(e, "device_type", None) is not None and str(e.device_type).endswith("CUDA"):
+            kernels.append({"name": e.key[:90], "calls": e.count / n, "ms": dev_us / 1e3 / n})
+    kernels.sort(key=lambda k: -k["ms"])
+    busy = sum(k["ms"] for k in kernels)
+    return {"wall_ms": wall_ms, "kernel_ms": busy, "idle_ms": wall_ms - busy,
+            "launches": sum(k["calls"] for k in kernels), "top": kernels[:25]}
 
 
 def _pct(v: float | None, base: float | None) -> str:
@@ -177,8 +241,8 @@ def print_table(rows: list[dict], mode: str) -> None:
     rows = [r for r in rows if r["mode"] == mode]
     base = next((r for r in rows if r["variant"] == "baseline" and "ms" in r), None)
     print(f"\n{mode}:")
-    print(f"| {'variant':32s} | sites | ms/step | vs baseline | peak GiB | vs baseline |")
-    print(f"|{'-' * 34}|------:|--------:|------------:|---------:|------------:|")
+    print(f"| {'variant':32s} | sites | ms/step | vs baseline | peak GiB | vs baseline | warm-up s |")
+    print(f"|{'-' * 34}|------:|--------:|------------:|---------:|------------:|----------:|")
     for r in rows:
         if "error" in r:
             print(f"| {r['variant']:32s} | {r.get('sites', '')!s:>5} | error: {r['error']}")
@@ -186,8 +250,15 @@ def print_table(rows: list[dict], mode: str) -> None:
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "n/a"
         print(
             f"| {r['variant']:32s} | {r['sites']:5d} | {r['ms']:7.1f} | {_pct(r['ms'], base and base['ms']):>11s} "
-            f"| {peak:>8s} | {_pct(r['peak_gib'], base and base['peak_gib']):>11s} |"
+            f"| {peak:>8s} | {_pct(r['peak_gib'], base and base['peak_gib']):>11s} | {r['warmup_s']:9.1f} |"
         )
+    for r in rows:
+        prof = r.get("profile")
+        if prof:
+            print(f"\n{r['variant']} ({mode}), per step: wall {prof['wall_ms']:.1f} ms, kernels {prof['kernel_ms']:.1f} ms, "
+                  f"idle {prof['idle_ms']:.1f} ms, {prof['launches']:.0f} launches; largest kernels:")
+            for k in prof["top"][:15]:
+                print(f"  {k['ms']:8.2f} ms {k['calls']:6.0f}x  {k['name']}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -198,10 +269,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--drop", type=float, default=0.1, help="layer4 rate (layer3 gets a quarter)")
     ap.add_argument("--compile", action="store_true", help="also run every variant under torch.compile")
     ap.add_argument("--compile-only", action="store_true", help="only the torch.compile runs")
-    ap.add_argument("--variants", nargs="*", default=None, help="substrings of variant names to run")
+    ap.add_argument("--variants", nargs="*", default=None,
+                    help="substrings of variant names to run, in this order (baseline always first)")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--profile", nargs="*", default=[], help="substrings of variant names to profile (eager)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -225,8 +298,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(header)
 
     variants = build_variants(args.drop)
-    if args.variants:
-        variants = {k: v for k, v in variants.items() if k == "baseline" or any(s in k for s in args.variants)}
+    if args.variants:  # baseline first, then in the order asked (a run cut short keeps the first ones)
+        names = ["baseline"] + [k for sub in args.variants for k in variants if sub in k and k != "baseline"]
+        variants = {k: variants[k] for k in dict.fromkeys(names)}
     rows: list[dict] = []
     result = {"device": dev_name, "torch": torch.__version__, "header": header,
               "args": vars(args) | {"json": str(out_path)}, "rows": rows}
@@ -236,7 +310,8 @@ def main(argv: list[str] | None = None) -> dict:
             model = None
             try:
                 model, row["sites"] = build()
-                row.update(measure(model, x, y, device, mode == "compile", warmup, steps))
+                prof = mode == "eager" and any(p in name for p in args.profile)
+                row.update(measure(model, x, y, device, mode == "compile", warmup, steps, prof))
                 print(f"  {mode:7s} {name:32s} {row['ms']:8.1f} ms/step"
                       + (f"  peak {row['peak_gib']:.2f} GiB" if row["peak_gib"] is not None else ""), flush=True)
             except Exception as e:  # an anchor failing is a result worth recording
