@@ -228,6 +228,66 @@ def check_backward_exact_all_dtypes():
         assert ggx is None or torch.equal(ggx, torch.zeros_like(xx))
 
 
+def check_counter_is_zeroed_by_the_seed_kernel():
+    """No zero-fill launch: the seed kernel zeroes the dropped-unit counter, whatever the
+    allocator handed out (poisoned here)."""
+    orig = tk.alloc_mask_outputs
+
+    def poisoned(*args, **kwargs):
+        bits, cnt = orig(*args, **kwargs)
+        return bits, cnt.fill_(10**9)
+
+    tk.alloc_mask_outputs = poisoned
+    try:
+        for cl in (False, True):
+            shape = (2, 5, 13, 9)
+            gamma = torch.tensor([0.05])
+            bits, cnt = tk.drop_block_mask(gamma, torch.tensor([11]), shape, cl, (3, 3), "channel", "valid")
+            keep = tk.unpack_keep(bits, shape)
+            assert int(cnt) == int((~keep).sum()) > 0, (int(cnt), int((~keep).sum()))
+    finally:
+        tk.alloc_mask_outputs = orig
+
+
+def check_eager_calls_skip_the_custom_op():
+    """Plain eager calls run the kernels through an autograd.Function (no custom-op dispatch on
+    the host); under a dispatch mode the custom op runs. Same draw, same bits, same gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    calls = []
+    orig = co.drop_block_fused
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return orig(*args, **kwargs)
+
+    dbx.set_backend("triton")
+    co.drop_block_fused = counted
+    try:
+        results = []
+        x = torch.randn(2, 4, 9, 11, dtype=torch.float16, requires_grad=True)
+        g = torch.randn_like(x)
+        for mode in (None, Passthrough):
+            torch.manual_seed(3)
+            if mode is None:
+                y = dbx.drop_block(x, 0.2, 3)
+            else:
+                with mode():
+                    y = dbx.drop_block(x, 0.2, 3)
+            y.backward(g)
+            results.append((y.detach(), x.grad, len(calls)))
+            x.grad = None
+    finally:
+        co.drop_block_fused = orig
+    (y0, g0, n0), (y1, g1, n1) = results
+    assert n0 == 0 and n1 == 1, (n0, n1)
+    assert torch.equal(y0, y1) and torch.equal(g0, g1) and bool((y0 == 0).any())
+
+
 def check_determinism_same_seed():
     dbx.set_backend("triton")
     x = torch.randn(2, 4, 10, 12)

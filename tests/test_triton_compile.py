@@ -31,10 +31,11 @@ def _compiler():
     except ImportError:  # pragma: no cover - older triton
         pytest.skip("this triton has no ahead-of-time compile API")
 
-    def compile_(fn, sig: dict[str, str], consts: dict) -> None:
+    def compile_(fn, sig: dict[str, str], consts: dict, num_warps: int = 4) -> None:
         signature = dict(sig) | {k: "constexpr" for k in consts}
         try:
-            triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32))
+            triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": num_warps})
         except (FileNotFoundError, RuntimeError) as e:  # pragma: no cover - no bundled ptxas
             if isinstance(e, RuntimeError) and "Cannot find" not in str(e):
                 raise
@@ -48,7 +49,8 @@ BITS = {"b_sn": "i32", "b_sc": "i32", "b_sr": "i32", "b_sm": "i32"}
 
 def test_seed_kernels_compile_for_sm90() -> None:
     tk, compile_ = _compiler()
-    compile_(tk._seeds_kernel, {"seed_ptr": "*i64", "gamma_ptr": "*fp32", "seeds_ptr": "*u8", "n": "i32"}, {"BLOCK": 256})
+    compile_(tk._seeds_kernel, {"seed_ptr": "*i64", "gamma_ptr": "*fp32", "seeds_ptr": "*u8", "cnt_ptr": "*i64", "n": "i32"},
+             {"BLOCK": 256})
     for full, (w, gw, k) in ((False, (14, 8, 7)), (True, (7, 7, 7)), (False, (70, 36, 35))):
         bw, lw, nw = tk._word_geometry(w)
         compile_(
@@ -71,7 +73,15 @@ def test_apply_and_grad_kernels_compile_for_sm90() -> None:
     sig = {"x_ptr": "*bf16", "out_ptr": "*bf16", "bits_ptr": "*i32", "cnt_ptr": "*i64", "scale_in_ptr": "*fp32",
            "scale_out_ptr": "*fp32", "seed_ptr": "*i64", "total": "i32", "mask_numel": "i32",
            "mask_numel_f": "fp32"} | BITS
+    import torch
+
+    block, warps = tk._apply_config(torch.bfloat16)  # the launch configuration of 16-bit maps
     compile_(tk._apply_kernel, sig, dict(C=1024, W=14, R=14, LW=16, CL=True, COUNT=True, NOISE=True,
-                                         FIX_BF16=False, IDX64=False, BLOCK=1024))
+                                         FIX_BF16=False, IDX64=False, BLOCK=block), warps)
     sig = {"g_ptr": "*fp16", "gi_ptr": "*fp16", "bits_ptr": "*i32", "scale_ptr": "*fp32", "total": "i64"} | BITS
-    compile_(tk._grad_kernel, sig, dict(C=64, W=7, R=7, LW=8, CL=False, FIX_BF16=False, IDX64=True, BLOCK=1024))
+    compile_(tk._grad_kernel, sig, dict(C=64, W=7, R=7, LW=8, CL=False, FIX_BF16=False, IDX64=True, BLOCK=block),
+             warps)
+    block, warps = tk._apply_config(torch.float32)
+    sig = {"g_ptr": "*fp32", "gi_ptr": "*fp32", "bits_ptr": "*i32", "scale_ptr": "*fp32", "total": "i32"} | BITS
+    compile_(tk._grad_kernel, sig, dict(C=64, W=7, R=7, LW=8, CL=True, FIX_BF16=False, IDX64=False, BLOCK=block),
+             warps)

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
 from . import triton_kernels as tk
 from .gamma import expected_scale
 
@@ -79,9 +81,17 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(bits, scale)
 
 
+def _grad_in(grad: Tensor, bits: Tensor, scale: Tensor) -> Tensor:
+    """``grad * keep * scale``: the kernel itself, or the custom op when a graph of the
+    backward is being built (double backward: the op has its own autograd formula)."""
+    if torch.is_grad_enabled() or not _plain_eager(grad):
+        return drop_block_fused_backward(grad, bits, scale)
+    return tk.drop_block_backward(grad, bits, scale)
+
+
 def _backward(ctx, grad_out, _grad_bits, _grad_scale):
     bits, scale = ctx.saved_tensors
-    return drop_block_fused_backward(grad_out, bits, scale), None, None, None, None, None, None, None, None
+    return _grad_in(grad_out, bits, scale), None, None, None, None, None, None, None, None
 
 
 def _setup_context_bwd(ctx, inputs, output) -> None:
@@ -97,6 +107,42 @@ def _backward_bwd(ctx, gg):
 
 drop_block_fused.register_autograd(_backward, setup_context=_setup_context)
 drop_block_fused_backward.register_autograd(_backward_bwd, setup_context=_setup_context_bwd)
+
+
+def _plain_eager(x: Tensor) -> bool:
+    """A real tensor in plain eager code: no tracing, no dispatch mode, no tensor subclass.
+
+    Then the fused op runs as an ``autograd.Function`` that calls the kernels directly: a
+    custom op's dispatch costs tens of microseconds of host time a call, and a training step
+    calls it once per site (the GPU waits for the host when the sites are many). Anything
+    that traces or transforms (``torch.compile``, ``make_fx``, FX, ``jit.trace``, fake or
+    meta tensors, a ``TorchDispatchMode``) gets the custom op, which it sees as one op.
+    """
+    return (
+        type(x) in (Tensor, torch.nn.Parameter)
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and _get_current_dispatch_mode() is None
+    )
+
+
+_CONSTANTS: dict[tuple[float, torch.device], Tensor] = {}
+
+
+def _constant(value: float, device: torch.device) -> Tensor:
+    """A 1-element fp32 tensor holding ``value`` on ``device``, made once: the kernels read
+    the seed rate and the scale through pointers, and a new tensor per call is one more
+    allocation and copy launch per site and step. Never written to."""
+    key = (value, device)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = torch.full((1,), value, dtype=torch.float32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return t  # memory of a CUDA graph being captured: not kept beyond it
+        if len(_CONSTANTS) >= 1024:  # a schedule that changes the rate every step
+            _CONSTANTS.clear()
+        _CONSTANTS[key] = t
+    return t
 
 
 def drop_block_triton(
@@ -117,8 +163,11 @@ def drop_block_triton(
     """
     spatial = tuple(int(s) for s in x.shape[2:])
     dev = x.device
+    eager = _plain_eager(x)
     if isinstance(gamma, Tensor):
         gamma_t = gamma.to(device=dev, dtype=torch.float32).reshape(1)
+    elif eager:
+        gamma_t = _constant(float(gamma), dev)
     else:
         gamma_t = torch.full((1,), float(gamma), dtype=torch.float32, device=dev)
     if scale == "expected":
@@ -128,7 +177,7 @@ def drop_block_triton(
         else:
             scale_t = torch.full((1,), factor, dtype=torch.float32, device=dev)
     elif scale == "none":
-        scale_t = torch.ones((1,), dtype=torch.float32, device=dev)
+        scale_t = _constant(1.0, dev) if eager else torch.ones((1,), dtype=torch.float32, device=dev)
     else:
         scale_t = gamma_t  # unused: the count normaliser is computed on chip
     # The Philox key is drawn from torch's RNG on the device (no host sync, reproducible
@@ -140,11 +189,29 @@ def drop_block_triton(
         # Eager, in place: the kernels write into x (no second map, no copy). Outside the
         # custom op, which may not mutate its input; the same kernels, bits and backward.
         return _FusedInplace.apply(x, gamma_t, seed_t, scale_t, tuple(block), mask, seed_region, scale, noise)
+    elif eager:
+        out = _Fused.apply(x, gamma_t, seed_t, scale_t, tuple(block), mask, seed_region, scale, noise)
     else:
         out = drop_block_fused(x, gamma_t, seed_t, scale_t, list(block), mask, seed_region, scale, noise)[0]
     if inplace:
         return x.copy_(out)
     return out
+
+
+class _Fused(torch.autograd.Function):
+    """`drop_block_fused` in plain eager code (see `_plain_eager`): the same kernels, the same
+    saved bits and scale and the same backward, without the custom op's dispatch."""
+
+    @staticmethod
+    def forward(ctx, x, gamma_t, seed_t, scale_t, block, mask, seed_region, scale, noise):  # type: ignore[override]
+        out, bits, s = tk.drop_block_forward(x, gamma_t, seed_t, scale_t, list(block), mask, seed_region, scale,
+                                             noise)
+        ctx.save_for_backward(bits, s)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return _backward(ctx, grad, None, None)
 
 
 class _FusedInplace(torch.autograd.Function):

@@ -6,7 +6,7 @@ kernels, all indexing with the geometry of `dropblock_fx.op.gamma`:
 1. ``_seeds_kernel``: one Philox draw per seed position only (``tl.rand4x``: four uniforms
    per counter, seed position ``4 c + j`` takes output ``j``), so the same key gives the same
    mask on any GPU; one byte per seed position (the seed grid: 1/3 of the units at 14x14,
-   block 7).
+   block 7). Its first program also zeroes the counter of kernel 3.
 2. ``_seed_rows_kernel``: dilates each seed row along the last spatial dim (column ``w`` is
    covered iff the running sum of ``hit[t] - hit[t - k]`` is positive: no ``k``-wide loop)
    and packs it to bits: bit ``w`` of a seed row says "some seed of this row covers column w".
@@ -31,7 +31,6 @@ of a warp are coalesced. The arithmetic matches the reference path exactly: the 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -82,8 +81,14 @@ def _uniforms4(seed, c):
 
 
 @triton.jit
-def _seeds_kernel(seed_ptr, gamma_ptr, seeds_ptr, n, BLOCK: tl.constexpr):
-    """One uint8 per seed position of the ``(mask planes, *seed grid)`` tensor: ``u < gamma``."""
+def _seeds_kernel(seed_ptr, gamma_ptr, seeds_ptr, cnt_ptr, n, BLOCK: tl.constexpr):
+    """One uint8 per seed position of the ``(mask planes, *seed grid)`` tensor: ``u < gamma``.
+
+    Program 0 also zeroes the dropped-unit counter that ``_cover_rows_kernel`` (launched
+    after this one, on the same stream) adds to: no separate zero-fill launch.
+    """
+    if tl.program_id(0) == 0:
+        tl.store(cnt_ptr, tl.zeros((), dtype=tl.int64))
     c = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     gamma = tl.load(gamma_ptr)
     u0, u1, u2, u3 = _uniforms4(tl.load(seed_ptr), c)
@@ -270,6 +275,16 @@ def _grad_kernel(
 
 
 _APPLY_BLOCK = 1024
+
+
+def _apply_config(dtype: torch.dtype) -> tuple[int, int]:
+    """Units per program and warps of the apply and grad kernels: 32 bytes of ``x`` per thread.
+
+    Measured on an H200 (bf16 and fp32 maps of 256 x {256, 1024, 2048} channels): 16-bit
+    inputs run 5-20% faster at 4096 units and 8 warps than at 1024 and 4; fp32 is fastest
+    at 1024 and 4.
+    """
+    return (4096, 8) if dtype.itemsize == 2 else (_APPLY_BLOCK, 4)
 _SEED_BLOCK = 256  # Philox counters per program (4 seeds each)
 
 
@@ -295,9 +310,10 @@ def _on_input_device(fn):
     @functools.wraps(fn)
     def wrapper(t: torch.Tensor, *args, **kwargs):
         _check_device(t)
-        ctx = torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-        with ctx:
-            return fn(t, *args, **kwargs)
+        if t.is_cuda and t.device.index != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                return fn(t, *args, **kwargs)
+        return fn(t, *args, **kwargs)
 
     return wrapper
 
@@ -317,9 +333,20 @@ def dense_input(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return x.contiguous(), False
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_pow2(n: int) -> int:
+    """The least power of 2 >= ``n`` (1 for ``n <= 1``); host arithmetic, unlike ``triton.next_power_of_2``
+    (a jit function whose Python call costs microseconds, paid per kernel launch)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+@functools.lru_cache(maxsize=256)
 def _word_geometry(width: int) -> tuple[int, int, int]:
     """Lanes per row (power of 2), bits per word and words per row for a last dim of ``width``."""
-    bw = triton.next_power_of_2(max(width, 1))
+    bw = _next_pow2(max(width, 1))
     lw = min(32, bw)
     return bw, lw, bw // lw
 
@@ -383,7 +410,7 @@ def drop_block_mask(
     if nd not in (2, 3):
         raise ValueError(f"expected a 4-D or 5-D shape, got {tuple(shape)}")
     device = gamma.device
-    bits, _ = alloc_mask_outputs(shape, channels_last, mask, device)
+    bits, cnt = alloc_mask_outputs(shape, channels_last, mask, device)
     spatial = tuple(int(s) for s in shape[2:])
     ks = tuple(min(int(k), s) for k, s in zip(block, spatial))
     full = seed_region == "full"
@@ -398,24 +425,23 @@ def drop_block_mask(
 
     n_seeds = planes * rg * grid_shape[-1]
     seeds = torch.empty(n_seeds, dtype=torch.uint8, device=device)
-    _seeds_kernel[(triton.cdiv(n_seeds, 4 * _SEED_BLOCK),)](seed, gamma, seeds, n_seeds, BLOCK=_SEED_BLOCK)
+    _seeds_kernel[(_cdiv(n_seeds, 4 * _SEED_BLOCK),)](seed, gamma, seeds, cnt, n_seeds, BLOCK=_SEED_BLOCK)
 
     hd = torch.empty((planes * rg, nw), dtype=torch.int32, device=device)
     n_seed_rows = planes * rg
     br = max(1, min(64, 2048 // bw))
     k_last = ks[-1]
-    _seed_rows_kernel[(triton.cdiv(n_seed_rows, br),)](
+    _seed_rows_kernel[(_cdiv(n_seed_rows, br),)](
         seeds, hd, n_seed_rows,
         GW=grid_shape[-1], W=width, K=k_last, FULL=full,
-        BR=br, BW=bw, LW=lw, NW=nw, KP=triton.next_power_of_2(k_last),
+        BR=br, BW=bw, LW=lw, NW=nw, KP=_next_pow2(k_last),
     )
 
-    cnt = torch.zeros(1, dtype=torch.int64, device=device)
     n_rows = planes * r
-    nwp = triton.next_power_of_2(nw)
+    nwp = _next_pow2(nw)
     bq = max(1, 512 // nwp)
     _, _, sr, sm = _bit_strides(bits)
-    _cover_rows_kernel[(triton.cdiv(n_rows, bq),)](
+    _cover_rows_kernel[(_cdiv(n_rows, bq),)](
         hd, bits, cnt, n_rows, bits.size(1), bits.stride(0), bits.stride(1), sr, sm,
         S0=spatial[0], S1=spatial[1] if nd == 3 else 1, G0=grid_shape[0], G1=grid_shape[1] if nd == 3 else 1,
         K0=ks[0], K1=ks[1] if nd == 3 else 1, ND=nd, FULL=full, R=r, RG=rg, NW=nw, BQ=bq, NWP=nwp,
@@ -467,11 +493,13 @@ def drop_block_forward(
     total = xd.numel()
     mask_numel = bits.size(0) * bits.size(1) * math.prod(spatial)
     scale_in = scale_in.reshape(1).to(device=x.device, dtype=torch.float32)
-    _apply_kernel[(triton.cdiv(total, _APPLY_BLOCK),)](
+    blk, warps = _apply_config(xd.dtype)
+    _apply_kernel[(_cdiv(total, blk),)](
         xd, out, bits, cnt, scale_in, scale_out, seed.reshape(1),
         total, mask_numel, float(mask_numel), sn, sc, sr, sm,
         C=xd.shape[1], W=width, R=math.prod(spatial[:-1]), LW=lw, CL=cl, COUNT=scale_mode == "count",
-        NOISE=bool(noise), FIX_BF16=_fix_bf16(xd), IDX64=total + _APPLY_BLOCK >= 2**31, BLOCK=_APPLY_BLOCK,
+        NOISE=bool(noise), FIX_BF16=_fix_bf16(xd), IDX64=total + blk >= 2**31, BLOCK=blk,
+        num_warps=warps,
     )
     return out, bits, scale_out
 
@@ -499,10 +527,11 @@ def drop_block_backward(grad: torch.Tensor, bits: torch.Tensor, scale: torch.Ten
     _, lw, _ = _word_geometry(spatial[-1])
     sn, sc, sr, sm = _bit_strides(bits)
     total = gd.numel()
-    _grad_kernel[(triton.cdiv(total, _APPLY_BLOCK),)](
+    blk, warps = _apply_config(gd.dtype)
+    _grad_kernel[(_cdiv(total, blk),)](
         gd, gi, bits, scale.reshape(1), total, sn, sc, sr, sm,
         C=gd.shape[1], W=spatial[-1], R=math.prod(spatial[:-1]), LW=lw, CL=cl, FIX_BF16=_fix_bf16(gd),
-        IDX64=total + _APPLY_BLOCK >= 2**31, BLOCK=_APPLY_BLOCK,
+        IDX64=total + blk >= 2**31, BLOCK=blk, num_warps=warps,
     )
     return gi
 
@@ -527,7 +556,7 @@ def seed_uniforms(seed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """
     u = torch.empty(shape, dtype=torch.float32, device=seed.device)
     n = u.numel()
-    _uniform_kernel[(triton.cdiv(n, 4 * _SEED_BLOCK),)](seed.reshape(1), u, n, BLOCK=_SEED_BLOCK)
+    _uniform_kernel[(_cdiv(n, 4 * _SEED_BLOCK),)](seed.reshape(1), u, n, BLOCK=_SEED_BLOCK)
     return u
 
 
