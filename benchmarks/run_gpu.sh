@@ -5,6 +5,8 @@
 #   bash benchmarks/run_gpu.sh compile    # ResNet-50 under torch.compile (~4-6 min)
 #   bash benchmarks/run_gpu.sh all        # both, in that order
 #
+# EAGER_VARIANTS / COMPILE_VARIANTS: substrings of the variant names to run, comma-separated
+# (COMPILE_VARIANTS="ours per-channel,apply_dropblock"); default: all eager, four compiled.
 # DEADLINE_S=400 bash benchmarks/run_gpu.sh all: every step is cut so that the whole script
 # ends within 400 seconds (the benchmarks write their JSON after every variant, so a step
 # cut short keeps what it measured).
@@ -44,6 +46,10 @@ step() {  # step NAME MAX_SECONDS command...
 
 "$PY" -c "import dropblock_fx, triton, torch, timm, torchvision; print('torch', torch.__version__, 'triton', triton.__version__, 'timm', timm.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())" \
   || { echo "cannot import dropblock_fx (see the header of this script)"; exit 1; }
+IFS=',' read -r -a EV <<< "${EAGER_VARIANTS:-}"
+EAGER_SEL=()
+[[ ${#EV[@]} -gt 0 ]] && EAGER_SEL=(--variants "${EV[@]}")
+IFS=',' read -r -a COMPILE_SEL <<< "${COMPILE_VARIANTS:-ours per-channel,apply_dropblock,timm kernel per-channel,drop_block_rate}"
 RES=${OUT:-benchmarks/results}
 mkdir -p "$RES"
 
@@ -72,7 +78,7 @@ PYEOF
   # 4. ResNet-50 training step, eager (target: <= +12% time, <= +3% peak memory), with a
   #    profile of the baseline and of the paper placement (kernels and launch gaps per step).
   step "ResNet-50 eager" 300 "$PY" benchmarks/bench_resnet50_step.py --json "$RES/bench_resnet50_step_eager.json" \
-    --warmup 6 --steps 20 \
+    --warmup 6 --steps 20 "${EAGER_SEL[@]}" \
     --profile baseline "ours per-channel" "apply_dropblock"
 fi
 if [[ $MODE == compile || $MODE == all ]]; then
@@ -80,6 +86,6 @@ if [[ $MODE == compile || $MODE == all ]]; then
   #    time, every variant compiled cold (no inductor cache shared between them).
   TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 step "ResNet-50 compile" 580 "$PY" benchmarks/bench_resnet50_step.py --compile-only \
     --json "$RES/bench_resnet50_step_compile.json" --warmup 2 --steps 20 \
-    --variants "ours per-channel" "apply_dropblock" "timm kernel per-channel" "drop_block_rate"
+    --variants "${COMPILE_SEL[@]}"
 fi
 echo "== done in $(( $(date +%s) - START ))s"
