@@ -26,7 +26,7 @@ Variants:
 Each variant runs eager, and with ``--compile`` also under ``torch.compile`` (default mode).
 Prints a table (ms/step, % over baseline, peak GiB, % over baseline, warm-up seconds: under
 compile, the compile time) per mode and writes JSON after every variant, so a run cut short
-keeps what it measured. ``--profile NAME ...`` also profiles a few eager steps of the variants
+keeps what it measured. ``--profile NAME ...`` also profiles a few steps of the variants
 whose names contain NAME (``torch.profiler``): device time, kernel launches and the largest
 kernels per step, and how much of the step the device was idle (launch gaps).
 
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--profile", nargs="*", default=[], help="substrings of variant names to profile (eager)")
+    ap.add_argument("--profile", nargs="*", default=[], help="substrings of variant names to profile")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
             model = None
             try:
                 model, row["sites"] = build()
-                prof = mode == "eager" and any(p in name for p in args.profile)
+                prof = any(p in name for p in args.profile)
                 row.update(measure(model, x, y, device, mode == "compile", warmup, steps, prof))
                 print(f"  {mode:7s} {name:32s} {row['ms']:8.1f} ms/step"
                       + (f"  peak {row['peak_gib']:.2f} GiB" if row["peak_gib"] is not None else ""), flush=True)

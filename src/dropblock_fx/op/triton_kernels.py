@@ -511,7 +511,7 @@ def keep_from_bits(bits: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor
     the unpacking and the multiply using it into the neighbouring pointwise kernels, and the
     partitioner can recompute it in backward from the bits instead of saving a mask.
     """
-    _, lw, _ = _word_geometry(spatial[-1])
+    _, lw, _ = _word_geometry.__wrapped__(spatial[-1])  # traced by dynamo: not through the cache
     lanes = torch.arange(lw, dtype=torch.int32, device=bits.device)
     dropped = (bits.unsqueeze(-1) >> lanes) & 1  # (n_m, c_m, R, words, lw)
     dropped = dropped.flatten(-2)[..., : spatial[-1]]
