@@ -36,7 +36,7 @@ from torch import fx, nn
 from .feature_maps import FeatureMaps, side_nodes
 from .leaves import ADD_FUNCTIONS, ADD_METHODS, is_act_node, is_conv, is_identity, is_norm, is_norm_act
 
-__all__ = ["Site", "find_sites", "insert_sites", "owns_norm_output", "writable_norm"]
+__all__ = ["Site", "commute_with_relu", "find_sites", "insert_sites", "owns_norm_output", "writable_norm"]
 
 
 @dataclass
@@ -344,3 +344,76 @@ def owns_norm_output(graphs: Iterable[fx.Graph], name: str, unit: nn.Module) -> 
         elif not (src.op == "call_function" and src.target in _WRITABLE_NORM_FUNCTIONS):
             return False
     return seen
+
+
+# Activations that commute with a DropBlock without noise: f(0) = 0 and f(a s) = s f(a) for s > 0
+# (ReLU; leaky ReLU with a slope >= 0). Dropping then activating gives the same values, and the
+# same gradients: the activation's backward masks by its output's sign, which zero only adds to
+# where the DropBlock's backward zeroes the gradient anyway.
+_RELU_MODULES = (nn.ReLU, nn.LeakyReLU)
+_RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_, F.relu_, F.leaky_relu, F.leaky_relu_)
+_RELU_METHODS = ("relu", "relu_")
+
+
+def _commuting_relu(node: fx.Node, unit: nn.Module) -> bool:
+    """A ReLU or leaky ReLU (slope >= 0) call whose only tensor input is its first argument."""
+    if any(isinstance(a, fx.Node) for a in node.args[1:]) or any(isinstance(v, fx.Node) for v in node.kwargs.values()):
+        return False
+    if node.op == "call_module":
+        m = unit.get_submodule(str(node.target))
+        if type(m) not in _RELU_MODULES or m._forward_hooks or m._forward_pre_hooks:
+            return False
+        return getattr(m, "negative_slope", 0.0) >= 0
+    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
+        if node.target in (F.leaky_relu, F.leaky_relu_):
+            slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+            return isinstance(slope, (int, float)) and slope >= 0
+        return True
+    return node.op == "call_method" and node.target in _RELU_METHODS
+
+
+def commute_with_relu(graph: fx.Graph, name: str, unit: nn.Module) -> bool:
+    """Move the DropBlock call ``name`` from after a ReLU to before it, onto a norm's output.
+
+    Only where that lets the DropBlock write into the norm's output (`owns_norm_output`): the
+    call reads the ReLU alone, the ReLU reads a batch or group norm's output alone (through
+    identity modules, such as timm's ``drop_block`` slot when it is empty), the norm is
+    `writable_norm` or the functional form, and nothing else reads any of them. ``norm -> relu
+    -> dropblock`` becomes ``norm -> dropblock -> relu``: for a DropBlock without noise the same
+    values and gradients, without a new map for the DropBlock's output. Returns whether it
+    moved.
+
+    Examples:
+        >>> unit = nn.Module()
+        >>> unit.bn, unit.act = nn.BatchNorm2d(8), nn.ReLU(inplace=True)
+        >>> g = fx.Graph()
+        >>> act = g.call_module("act", (g.call_module("bn", (g.placeholder("x"),)),))
+        >>> out = g.output(g.call_module("dropblock", (act,)))
+        >>> commute_with_relu(g, "dropblock", unit), [n.target for n in g.nodes][1:]
+        (True, ['bn', 'dropblock', 'act', 'output'])
+    """
+    db = next((n for n in graph.nodes if n.op == "call_module" and n.target == name), None)
+    if db is None or len(db.args) != 1 or db.kwargs or not isinstance(db.args[0], fx.Node):
+        return False
+    act = db.args[0]
+    if len(act.users) != 1 or not act.args or not isinstance(act.args[0], fx.Node):
+        return False
+    if not _commuting_relu(act, unit):
+        return False
+    reader, norm = act, act.args[0]  # identity modules between the norm and the ReLU are skipped
+    while (norm.op == "call_module" and is_identity(unit.get_submodule(str(norm.target))) and len(norm.users) == 1
+           and len(norm.args) == 1 and not norm.kwargs and isinstance(norm.args[0], fx.Node)):
+        reader, norm = norm, norm.args[0]
+    if len(norm.users) != 1:
+        return False
+    if norm.op == "call_module":
+        if not writable_norm(unit.get_submodule(str(norm.target))):
+            return False
+    elif not (norm.op == "call_function" and norm.target in _WRITABLE_NORM_FUNCTIONS):
+        return False
+    norm.append(db)  # the DropBlock call now runs just after the norm
+    db.replace_all_uses_with(act)
+    db.args = (norm,)
+    reader.replace_input_with(norm, db)
+    graph.lint()
+    return True
