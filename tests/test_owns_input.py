@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from typing import Any
 
 import pytest
 import torch
@@ -74,15 +75,74 @@ def _same_step(a: nn.Module, b: nn.Module, x: torch.Tensor, seed: int = 3) -> No
 
 
 @pytest.mark.parametrize("make", [lambda: tv.models.resnet50(), lambda: timm.create_model("resnet50")])
-def test_the_paper_resnet50_writes_in_place_after_bn3_and_the_projection_norm(make):
+def test_the_paper_resnet50_writes_in_place_on_every_norm_output(make):
+    """29 of the 36 sites: after act1 and act2 (run before the ReLU, on bn1's and bn2's
+    output), after bn3 and after the projection's norm. The identity shortcuts read the block's
+    input, which conv1 reads too: those 7 make a new tensor."""
     model = dbx.apply_dropblock(make(), "paper-resnet50")
     owned = {r.path for r in dbx.describe(model).rows if r.owns_input}
-    expected = {f"layer{s}.{b}.dropblock_conv_last" for s, n in ((3, 6), (4, 3)) for b in range(n)}
+    expected = {f"layer{s}.{b}.dropblock_{k}" for s, n in ((3, 6), (4, 3)) for b in range(n)
+                for k in ("conv1", "conv2", "conv_last")}
     expected |= {"layer3.0.dropblock_shortcut", "layer4.0.dropblock_shortcut"}
-    assert owned == expected
-    # after a ReLU (it saves its output) or on the identity (conv1 reads it too): a new tensor
+    assert owned == expected and len(expected) == 29
     assert all(m.placement.owns_input == (name in expected) for name, m in _inserted(model).items())
     assert all(r["owns_input"] == (r["path"] in expected) for r in dbx.describe(model).as_dicts())
+
+
+def _without_commuting(make_model, *args, **kwargs) -> nn.Module:
+    """``apply_dropblock`` with every DropBlock left after its ReLU (the planner before it commuted them)."""
+    import dropblock_fx.surgery.actions as actions
+
+    orig = actions.commute_with_relu
+    actions.commute_with_relu = lambda *a: False
+    try:
+        return dbx.apply_dropblock(make_model(), *args, **kwargs)
+    finally:
+        actions.commute_with_relu = orig
+
+
+@pytest.mark.parametrize("name", ["tv-resnet50", "timm-resnet50", "timm-resnet18d"])
+def test_sites_after_a_relu_run_before_it_and_the_step_is_bit_identical(name):
+    """A site after a ReLU that alone reads a norm's output runs before that ReLU and writes
+    into the norm's output: the training step (outputs, every gradient, the running statistics)
+    is bit-identical to the DropBlock after the ReLU, and asks for less memory."""
+    from dropblock_fx.testing import fresh_memory
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        if name == "tv-resnet50":
+            return tv.models.resnet50(num_classes=10)
+        return timm.create_model(name[len("timm-"):], num_classes=10)
+
+    recipe = "paper-resnet50" if name.endswith("resnet50") else None
+    kw: dict[str, Any] = {"block_size": 3} if recipe else {
+        "stages": [3, 4], "sites": ["conv", "conv_last", "shortcut"], "drop_prob": 0.3, "block_size": 3}
+    model = dbx.apply_dropblock(make(), recipe, input_size=[3, 96, 96], **kw)
+    before = _without_commuting(make, recipe, input_size=[3, 96, 96], **kw)
+    moved = {r.path for r in dbx.describe(model).rows if r.owns_input} - {
+        r.path for r in dbx.describe(before).rows if r.owns_input}
+    assert moved and all(p.rsplit(".", 1)[-1] in ("dropblock_conv1", "dropblock_conv2", "dropblock_conv") for p in moved)
+    x = torch.randn(4, 3, 96, 96)
+    _same_step(model, before, x, seed=5)
+    assert {n for n, w in _wrote_in_place(model, x).items() if w} >= moved
+
+    def step(net: nn.Module):
+        def run() -> None:
+            torch.manual_seed(1)
+            net.train()(x).sum().backward()
+        return run
+
+    model.zero_grad(set_to_none=True)
+    before.zero_grad(set_to_none=True)
+    assert fresh_memory(step(model)).bytes < fresh_memory(step(before)).bytes
+
+
+def test_a_dropblock_with_noise_stays_after_its_relu():
+    """Filling dropped units with noise does not commute with a ReLU: such sites are not moved."""
+    model = dbx.apply_dropblock(tv.models.resnet18(), stages=[4], sites=["conv"], drop_prob=0.3, block_size=3,
+                                noise=True, input_size=[3, 96, 96])
+    rows = dbx.describe(model).rows
+    assert rows and all(r.options.noise and not r.owns_input for r in rows)
 
 
 def test_owned_rows_write_into_their_input_and_the_step_is_bit_identical():
@@ -90,8 +150,8 @@ def test_owned_rows_write_into_their_input_and_the_step_is_bit_identical():
     model = dbx.apply_dropblock(tv.models.resnet18(), stages=[3, 4], sites=["conv", "conv_last", "shortcut"],
                                 drop_prob=0.3, block_size=3, input_size=[3, 128, 128])
     owned = {r.path for r in dbx.describe(model).rows if r.owns_input}
-    assert owned == {"layer3.0.dropblock_conv_last", "layer3.1.dropblock_conv_last", "layer3.0.dropblock_shortcut",
-                     "layer4.0.dropblock_conv_last", "layer4.1.dropblock_conv_last", "layer4.0.dropblock_shortcut"}
+    assert owned == {f"layer{s}.{b}.dropblock_{k}" for s in (3, 4) for b in (0, 1) for k in ("conv1", "conv_last")} | {
+        "layer3.0.dropblock_shortcut", "layer4.0.dropblock_shortcut"}
     reference = _owned_off(copy.deepcopy(model))
     x = torch.randn(4, 3, 128, 128)
     _same_step(model, reference, x)
@@ -218,6 +278,63 @@ def test_the_graph_rule_wants_a_norm_read_by_the_dropblock_alone():
     assert not owns_norm_output([g], "dropblock", unit)
     assert writable_norm(nn.GroupNorm(2, 4)) and writable_norm(nn.SyncBatchNorm(4))
     assert not writable_norm(nn.LayerNorm(4)) and not writable_norm(nn.InstanceNorm2d(4))
+
+
+def _relu_graph(act: Any, *, norm_readers: int = 1, act_readers: int = 1,
+                identity: bool = False) -> tuple[fx.Graph, nn.Module]:
+    """``bn (-> identity) -> act -> dropblock``; ``act`` is a module, or ``("function", f, args, kwargs)``
+    or ``("method", name)``; extra readers of the norm's or the activation's output on demand."""
+    unit = nn.Module()
+    unit.bn, unit.ident = nn.BatchNorm2d(4), nn.Identity()
+    g = fx.Graph()
+    bn = g.call_module("bn", (g.placeholder("x"),))
+    src = g.call_module("ident", (bn,)) if identity else bn
+    if isinstance(act, nn.Module):
+        unit.act = act
+        a = g.call_module("act", (src,))
+    elif act[0] == "function":
+        a = g.call_function(act[1], (src, *act[2]), act[3])
+    else:
+        a = g.call_method(act[1], (src,))
+    out = g.call_module("dropblock", (a,))
+    extra = [g.call_function(torch.add, (bn, bn)) for _ in range(norm_readers - 1)]
+    extra += [g.call_function(torch.add, (a, a)) for _ in range(act_readers - 1)]
+    g.output((out, *extra))
+    return g, unit
+
+
+def _order(g: fx.Graph) -> list[str]:
+    return [str(n.target) for n in g.nodes if n.op in ("call_module", "call_function", "call_method")]
+
+
+def test_only_a_commuting_relu_over_a_norm_read_by_it_alone_lets_the_dropblock_move():
+    from dropblock_fx.graph.sites import commute_with_relu
+
+    for act in (nn.ReLU(inplace=True), nn.LeakyReLU(0.1), ("function", F.relu, (), {"inplace": True}),
+                ("function", F.leaky_relu, (0.2,), {}), ("method", "relu")):
+        g, unit = _relu_graph(act)
+        assert commute_with_relu(g, "dropblock", unit), act
+        assert _order(g)[:2] == ["bn", "dropblock"] and owns_norm_output([g], "dropblock", unit)
+    g, unit = _relu_graph(nn.ReLU(), identity=True)  # timm's empty drop_block slot between bn2 and act2
+    assert commute_with_relu(g, "dropblock", unit) and _order(g)[:3] == ["bn", "dropblock", "ident"]
+    # activations that do not commute with zeroing and scaling, or slopes below zero
+    for act in (nn.ReLU6(), nn.GELU(), nn.SiLU(), nn.LeakyReLU(-0.5), ("function", F.leaky_relu, (-0.5,), {}),
+                ("function", F.gelu, (), {})):
+        g, unit = _relu_graph(act)
+        assert not commute_with_relu(g, "dropblock", unit), act
+    # another reader of the norm's output or of the activation's: nothing moves
+    for kw in ({"norm_readers": 2}, {"act_readers": 2}):
+        g, unit = _relu_graph(nn.ReLU(), **kw)
+        before = _order(g)
+        assert not commute_with_relu(g, "dropblock", unit) and _order(g) == before
+    # a norm that may not be written (a layer norm), or a hooked ReLU
+    g, unit = _relu_graph(nn.ReLU())
+    unit.bn = nn.LayerNorm([4, 8, 8])
+    assert not commute_with_relu(g, "dropblock", unit)
+    relu = nn.ReLU()
+    relu.register_forward_hook(lambda m, a, out: None)
+    g, unit = _relu_graph(relu)
+    assert not commute_with_relu(g, "dropblock", unit)
 
 
 # ---------------------------------------------------------------------------- run-time rule

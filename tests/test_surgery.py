@@ -271,9 +271,10 @@ def test_train_mode_only_planned_sites_drop():
     assert calls == Counter({n: 1 for n in mods})
     target = "layer4.1.dropblock_conv2"
     mods[target].drop_prob = 0.5
-    seen = {}
-    for name, m in mods.items():
-        m.register_forward_hook(lambda mod, i, o, name=name: seen.__setitem__(name, torch.equal(i[0], o)))
+    seen, inputs = {}, {}
+    for name, m in mods.items():  # the input as it came in: a module that owns it writes into it
+        m.register_forward_pre_hook(lambda mod, i, name=name: inputs.__setitem__(name, i[0].clone()))
+        m.register_forward_hook(lambda mod, i, o, name=name: seen.__setitem__(name, torch.equal(inputs[name], o)))
     model(x).sum().backward()
     assert [n for n, unchanged in seen.items() if not unchanged] == [target]
 

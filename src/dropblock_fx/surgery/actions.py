@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
-from ..graph.sites import Site, insert_sites, owns_norm_output, writable_norm
+from ..graph.sites import Site, commute_with_relu, insert_sites, owns_norm_output, writable_norm
 from ..graph.leaves import checkpoint_flag
 from ..graph.specialise import respec_info
 from ..graph.splice import compile_source, graph_source
@@ -143,6 +143,13 @@ def _rewrite(ctx: SiteContext, act: Action) -> str:
             continue  # a site the checkpointed trace does not have: no checkpointed forward
         g = _copy_graph(g)
         insert_sites(g, sites[mode])
+        if unit.guard is None:
+            # A site after a ReLU that alone reads a norm's output runs just before that ReLU,
+            # so that it can write into the norm's output: same values and gradients (ReLU
+            # commutes with a DropBlock without noise), one map less per site and step.
+            for name, row in zip(act.names, act.rows):
+                if not row.options.noise:
+                    commute_with_relu(g, name, unit.module)
         graphs[mode] = g
     flag = checkpoint_flag(unit.module)
     if flag and not any(m.startswith("ckpt:") for m in graphs):
