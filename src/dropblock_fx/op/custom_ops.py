@@ -11,7 +11,9 @@
 
 Both have fake implementations (shapes, dtypes and strides identical to the real ones) and
 the forward has an autograd formula that saves only the 1-bit mask and the fp32 scale.
-`drop_block_triton` is what ``drop_block`` calls when the backend is ``"triton"``.
+`drop_block_triton` is what ``drop_block`` calls when the backend is ``"triton"``. In plain
+eager code it runs the same kernels through an ``autograd.Function`` (no custom-op dispatch
+on the host; see `_plain_eager`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import triton_kernels as tk
