@@ -335,15 +335,18 @@ def owns_norm_output(graphs: Iterable[fx.Graph], name: str, unit: nn.Module) -> 
         seen = True
         if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
             return False
-        src = node.args[0]
-        if len(src.users) != 1:
-            return False
-        if src.op == "call_module":
-            if not writable_norm(unit.get_submodule(str(src.target))):
-                return False
-        elif not (src.op == "call_function" and src.target in _WRITABLE_NORM_FUNCTIONS):
+        if not _owned_norm_output(node.args[0], unit):
             return False
     return seen
+
+
+def _owned_norm_output(node: fx.Node, unit: nn.Module) -> bool:
+    """``node`` is a writable norm's output (`writable_norm`, or the functional form) read by one node."""
+    if len(node.users) != 1:
+        return False
+    if node.op == "call_module":
+        return writable_norm(unit.get_submodule(str(node.target)))
+    return node.op == "call_function" and node.target in _WRITABLE_NORM_FUNCTIONS
 
 
 # Activations that commute with a DropBlock without noise: f(0) = 0 and f(a s) = s f(a) for s > 0
@@ -404,12 +407,7 @@ def commute_with_relu(graph: fx.Graph, name: str, unit: nn.Module) -> bool:
     while (norm.op == "call_module" and is_identity(unit.get_submodule(str(norm.target))) and len(norm.users) == 1
            and len(norm.args) == 1 and not norm.kwargs and isinstance(norm.args[0], fx.Node)):
         reader, norm = norm, norm.args[0]
-    if len(norm.users) != 1:
-        return False
-    if norm.op == "call_module":
-        if not writable_norm(unit.get_submodule(str(norm.target))):
-            return False
-    elif not (norm.op == "call_function" and norm.target in _WRITABLE_NORM_FUNCTIONS):
+    if not _owned_norm_output(norm, unit):
         return False
     norm.append(db)  # the DropBlock call now runs just after the norm
     db.replace_all_uses_with(act)
