@@ -558,17 +558,22 @@ class _Augmented(nn.Module):
 
 
 class _NewTensors(torch.fx.Interpreter):
-    """Runs a graph and collects the storages its call_function nodes return."""
+    """Runs a graph and collects the storages its call_function nodes return. The outputs are
+    kept alive, so that the allocator cannot hand a freed storage's address to a later one."""
 
     def __init__(self, gm):
         super().__init__(gm)
-        self.storages = []
+        self.outputs = []
 
     def run_node(self, n):
         out = super().run_node(n)
         if n.op == "call_function" and isinstance(out, torch.Tensor):
-            self.storages.append(out.untyped_storage().data_ptr())
+            self.outputs.append(out)
         return out
+
+    @property
+    def storages(self):
+        return [t.untyped_storage().data_ptr() for t in self.outputs]
 
 
 def test_augmented_assignments_stay_in_place_in_the_traced_forward():
