@@ -75,7 +75,8 @@ class FreshMemory(NamedTuple):
 def fresh_memory(fn: Callable[[], Any]) -> FreshMemory:
     """The fresh memory ``fn()`` asks for: the bytes of every new storage that an operator it
     runs returns (forward and, when ``fn`` calls it, backward), counted under a
-    ``TorchDispatchMode``. A tensor written in place, or a view, adds nothing. The count does
+    ``TorchDispatchMode``. A tensor written in place, a view, or an empty tensor (0 bytes, no
+    allocation) adds nothing. The count does
     not depend on timing or on the allocator: on the CPU, with glibc's defaults, each MiB of
     it that a training step asks for is 256 page faults, step after step.
 
@@ -84,6 +85,8 @@ def fresh_memory(fn: Callable[[], Any]) -> FreshMemory:
         >>> fresh_memory(lambda: x * 2)
         FreshMemory(bytes=1048576, tensors=1)
         >>> fresh_memory(lambda: x.mul_(2).view(-1))
+        FreshMemory(bytes=0, tensors=0)
+        >>> fresh_memory(lambda: x[:0] * 2)  # an empty result allocates nothing
         FreshMemory(bytes=0, tensors=0)
     """
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -104,7 +107,7 @@ def fresh_memory(fn: Callable[[], Any]) -> FreshMemory:
             out = func(*args, **(kwargs or {}))
             for t in tree_leaves(out):
                 s = storage(t) if isinstance(t, torch.Tensor) else None
-                if s is not None and s not in given:
+                if s is not None and s[1] > 0 and s not in given:
                     given.add(s)
                     count[0] += s[1]
                     count[1] += 1
