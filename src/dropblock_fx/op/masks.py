@@ -494,11 +494,14 @@ def _sampled_keep_mask(
     if plan is not None and plan.whole_map:  # one flag per map (size ends in 1s)
         keep, factor = whole_map_keep(plan.mask_nc, plan.spatial, plan.gamma, scale, torch.float32, device)
     elif plan is not None:
-        pos = _sample_dropped(plan, seed_region, "none", torch.float32, None, device)[0]  # uncounted
+        # The seeds and blocks of `_sample_dropped` (the same draws), left uncounted: the kept
+        # units are counted on the mask (one vectorised pass), not by sorting the positions as
+        # the eager path must: the same count in two thirds of the time at ResNet's layer3.
+        seeds = seed_positions(plan.n_seeds, plan.gamma, device, None)
+        pos = dropped_units(seeds, plan.mask_nc, plan.grid, plan.spatial, plan.block, seed_region, plan.strides,
+                            count=False)[0]
         flat = np.ones(plan.numel, dtype=np.bool_)
         flat[pos] = False  # flat positions in storage order (``fmt``'s, or the same one)
-        # The kept units counted on the mask (one vectorised pass), not by sorting the positions
-        # as the eager path must: the same count, a quarter of the time at ResNet's layer3.
         factor = count_scale(plan.numel, int(np.count_nonzero(flat)), torch.float32) if scale == "count" \
             else plan.expected
         keep = torch.from_numpy(flat).as_strided(size, strides).to(device)
