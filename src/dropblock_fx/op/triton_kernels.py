@@ -275,6 +275,7 @@ def _grad_kernel(
 
 
 _APPLY_BLOCK = 1024
+_SEED_BLOCK = 256  # Philox counters per program (4 seeds each)
 
 
 def _apply_config(dtype: torch.dtype) -> tuple[int, int]:
@@ -285,7 +286,6 @@ def _apply_config(dtype: torch.dtype) -> tuple[int, int]:
     at 1024 and 4.
     """
     return (4096, 8) if dtype.itemsize == 2 else (_APPLY_BLOCK, 4)
-_SEED_BLOCK = 256  # Philox counters per program (4 seeds each)
 
 
 def _interpreting() -> bool:
