@@ -585,6 +585,49 @@ def test_the_compiled_ops_mask_is_the_eager_one_in_the_layout_its_fake_promises(
     assert factor.item() == eager.max().item() == np.float32(keep.numel()) / np.float32(int(keep.sum()))
 
 
+def test_a_mask_buffer_is_handed_out_again_only_when_no_tensor_holds_it():
+    """The compiled CPU op's masks come from a pool: a buffer that a tensor (or a view of its
+    storage) still holds is never handed out, a free one is, and the pool keeps at most its
+    limit in bytes, forgetting free buffers to make room."""
+    pool = masks.MaskBuffers(limit=150)
+    a = pool.take(100)
+    view = torch.from_numpy(a).as_strided((10, 10), (10, 1))
+    del a
+    b = pool.take(100)  # the first is held by the view: a new one, beyond the limit so not kept
+    assert not np.shares_memory(b, view.numpy()) and pool._bytes == 100
+    c = pool.take(100)
+    assert not np.shares_memory(c, view.numpy()) and not np.shares_memory(c, b)
+    del view, b, c
+    d = pool.take(100)  # the first buffer again: nothing holds it now
+    assert pool._bytes == 100 and len(pool._free[100]) == 1 and pool._free[100][0] is d
+    del d
+    e = pool.take(60)  # over the limit: the free 100-byte buffer is forgotten to keep this one
+    assert pool._bytes == 60 and pool._free[100] == [] and pool._free[60][0] is e
+
+
+def test_compiled_masks_in_flight_never_share_memory_and_steps_reuse_it(monkeypatch):
+    """Two forwards before one backward (two views of a batch, say): each keeps its own mask
+    until its backward, so the gradient is the sum of each forward's own mask times its scale;
+    the next steps reuse those two buffers instead of asking the OS for new memory."""
+    pool = masks.MaskBuffers(limit=1 << 20)
+    monkeypatch.setattr(masks, "_MASK_BUFFERS", pool)
+    torch._dynamo.reset()
+    m = dbx.DropBlock2d(0.2, 3).train()
+    compiled = torch.compile(m, fullgraph=True)
+    shape = (16, 8, 11, 11)
+    numel = math.prod(shape)
+    for step in range(3):
+        x = (torch.rand(shape) + 0.5).requires_grad_(True)
+        y1, y2 = compiled(x), compiled(x)
+        (y1.sum() + 3 * y2.sum()).backward()
+        k1, k2 = y1 != 0, y2 != 0
+        s1, s2 = k1.numel() / k1.sum().item(), k2.numel() / k2.sum().item()
+        assert not torch.equal(k1, k2)
+        torch.testing.assert_close(x.grad, k1 * s1 + 3 * k2 * s2)
+        del y1, y2
+        assert len(pool._free[numel]) == 2 and pool._bytes == 2 * numel, f"step {step}"
+
+
 @pytest.mark.parametrize("drop", [0.2, 0.6])
 def test_a_compiled_site_whose_block_covers_its_map_draws_one_flag_per_map(drop):
     """Under torch.compile the CPU op's mask has one flag per map when the block covers the map
