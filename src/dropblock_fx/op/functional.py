@@ -125,7 +125,7 @@ class _ScaleAndDrop(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, dropped, scale, fmt, inplace, dense):  # type: ignore[override]
+    def forward(ctx, x, dropped, scale, fmt, inplace, dense, before_relu=False):  # type: ignore[override]
         if inplace:
             ctx.mark_dirty(x)
             out = x.mul_(scale)
@@ -141,7 +141,7 @@ class _ScaleAndDrop(torch.autograd.Function):
             dropped = dropped.to(torch.int32)  # the caller checked that 4 bytes each fit
         ctx.save_for_backward(dropped)
         ctx.save_for_forward(dropped)
-        ctx.scale, ctx.fmt = scale, fmt
+        ctx.scale, ctx.fmt, ctx.before_relu = scale, fmt, before_relu
         return out
 
     @staticmethod
@@ -154,11 +154,32 @@ class _ScaleAndDrop(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        return _ScaleAndDrop._masked(ctx, grad), None, None, None, None, None
+        if ctx.before_relu:  # the ReLU's backward zeroed the dropped units already
+            return grad * ctx.scale, None, None, None, None, None, None
+        return _ScaleAndDrop._masked(ctx, grad), None, None, None, None, None, None
 
     @staticmethod
-    def jvp(ctx, x_t, dropped_t, scale_t, fmt_t, inplace_t, dense_t):  # type: ignore[override]
+    def jvp(ctx, x_t, dropped_t, scale_t, fmt_t, inplace_t, dense_t, before_relu_t):  # type: ignore[override]
         return _ScaleAndDrop._masked(ctx, x_t)
+
+
+class _ScaleKept(torch.autograd.Function):
+    """``(x * keep) * scale`` whose backward is ``grad * scale``, for a DropBlock whose output a
+    ReLU alone reads: that ReLU's backward has zeroed the gradient at every dropped unit (a
+    dropped unit is 0 after the ReLU), so the mask is not needed again. Under ``torch.compile``
+    the backward then neither saves nor reads the mask; the values are bit-identical to the
+    plain multiply's gradient (``g * s * 1`` where kept, ``0`` where dropped).
+    """
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):  # type: ignore[override]
+        ctx.save_for_backward(scale)
+        return (x * keep.to(x.dtype)) * scale.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (scale,) = ctx.saved_tensors
+        return grad * scale.to(grad.dtype), None, None
 
 
 # ---------------------------------------------------------------------------- the op
@@ -248,11 +269,29 @@ def drop_block_train(
     calibrate: bool,
     inplace: bool,
     generator: Optional[torch.Generator],
+    *,
+    before_relu: bool = False,
 ) -> torch.Tensor:
     """The training-mode op on validated arguments (``block_req`` one size per spatial dim):
-    what [`drop_block`][dropblock_fx.drop_block] and the modules call."""
+    what [`drop_block`][dropblock_fx.drop_block] and the modules call.
+
+    ``before_relu``: the caller guarantees that a ReLU (slope 0) alone reads the output, so the
+    gradient reaching it is already zero at every dropped unit, and the backward may skip
+    applying the mask again (compiled graphs then do not keep it for the backward; eager
+    code skips a scatter). Ignored with ``noise``, whose dropped units are not zero. The
+    values and gradients are those without it.
+
+    Examples:
+        >>> x = torch.randn(2, 4, 9, 9, requires_grad=True)
+        >>> y = drop_block_train(x, 0.2, (3, 3), "channel", "valid", 1.0, "count", False, False, False, None,
+        ...                      before_relu=True)
+        >>> torch.relu(y).sum().backward()
+        >>> bool((x.grad[y == 0] == 0).all())
+        True
+    """
     if x.numel() == 0:
         return x
+    before_relu = before_relu and not noise
     if (
         mask == "channel" and not noise and not isinstance(drop_prob, torch.Tensor) and x.device.type == "cpu"
         and not torch.compiler.is_compiling() and pick_backend(x) == "sparse" and not under_functorch(x)
@@ -269,7 +308,7 @@ def drop_block_train(
         if plan is not None and (not inplace or plan.dense):
             dropped, factor = sample_dropped(plan, seed_region, scale, x.dtype, generator)
             if dropped.numel() * (4 if plan.numel < 2**31 else 8) <= plan.numel:  # within 1 byte per unit
-                return _ScaleAndDrop.apply(x, dropped, factor, plan.fmt, inplace, plan.dense)
+                return _ScaleAndDrop.apply(x, dropped, factor, plan.fmt, inplace, plan.dense, before_relu)
             keep = torch.empty(x.shape, dtype=torch.bool, memory_format=plan.fmt).fill_(True)
             _flat(keep, plan.fmt).index_fill_(0, dropped, False)
             return _ApplyKeepMask.apply(x, keep, factor, None, inplace)
@@ -290,7 +329,10 @@ def drop_block_train(
         keep, factor = sampled_keep_mask(
             p, list(x.shape), True, list(block), mask, seed_region, gamma_scale, scale, calibrate,
         )
-        out = (x * keep.to(x.dtype)) * factor.to(x.dtype)
+        if before_relu:
+            out = _ScaleKept.apply(x, keep, factor)
+        else:
+            out = (x * keep.to(x.dtype)) * factor.to(x.dtype)
         if noise:
             fill = torch.randn(x.shape, dtype=x.dtype, device=x.device)
             out = out + fill.masked_fill(keep, 0)
