@@ -68,6 +68,13 @@ class Placement:
             new feature map) whenever autograd allows it: the input came from a norm whose
             backward keeps its own input, not its output (`writable_norm_output`). Outputs and
             gradients are the same as out of place; ``False`` turns it off.
+        before_relu: the planner found that a ReLU (slope 0) alone reads its output, so the
+            gradient reaching it is already zero at every unit it dropped: its backward
+            multiplies by the scale only, without applying the mask again (compiled graphs
+            then neither keep nor read the mask in the backward). Outputs and gradients are
+            the same; ``False`` turns it off. Ignored with ``noise``. It is a promise about
+            the model around the module: replacing that ReLU afterwards (by a GELU, say)
+            would let gradient through the dropped units, so turn it off first.
 
     Examples:
         >>> Placement(4, "conv", 0.1, path="layer4.0.dropblock_conv1", resolution=(7, 7)).resolution
@@ -82,6 +89,7 @@ class Placement:
     recipe_schedule: Any = None
     watch: Optional[TrainWatch] = field(default=None, compare=False, repr=False)
     owns_input: bool = False
+    before_relu: bool = False
 
 
 def is_inserted(m: object) -> bool:
@@ -301,6 +309,7 @@ class DropBlockNd(nn.Module):
         p: float | torch.Tensor
         o = self._options
         inplace = o.inplace
+        before_relu = self.placement is not None and self.placement.before_relu
         if torch.compiler.is_compiling():
             p = self.drop_prob_tensor
         else:
@@ -322,7 +331,7 @@ class DropBlockNd(nn.Module):
                 p = self._drop_prob
         return drop_block_train(
             x, p, normalize_block_size(o.block_size, self.n_spatial), o.mask, o.seed_region, o.gamma_scale,
-            o.scale, o.noise, o.calibrate, inplace, self.generator,
+            o.scale, o.noise, o.calibrate, inplace, self.generator, before_relu=before_relu,
         )
 
     def _scripted(self, x: torch.Tensor) -> torch.Tensor:
