@@ -36,7 +36,8 @@ from torch import fx, nn
 from .feature_maps import FeatureMaps, side_nodes
 from .leaves import ADD_FUNCTIONS, ADD_METHODS, is_act_node, is_conv, is_identity, is_norm, is_norm_act
 
-__all__ = ["Site", "commute_with_relu", "find_sites", "insert_sites", "owns_norm_output", "writable_norm"]
+__all__ = ["Site", "commute_with_relu", "feeds_relu_alone", "find_sites", "insert_sites", "owns_norm_output",
+           "writable_norm"]
 
 
 @dataclass
@@ -373,6 +374,62 @@ def _commuting_relu(node: fx.Node, unit: nn.Module) -> bool:
             return isinstance(slope, (int, float)) and slope >= 0
         return True
     return node.op == "call_method" and node.target in _RELU_METHODS
+
+
+def _zeroing_relu(node: fx.Node, unit: nn.Module) -> bool:
+    """A `_commuting_relu` whose output is zero exactly where its input is <= 0 (slope 0): its
+    backward zeroes the gradient there."""
+    if not _commuting_relu(node, unit):
+        return False
+    if node.op == "call_module":
+        return getattr(unit.get_submodule(str(node.target)), "negative_slope", 0.0) == 0
+    if node.op == "call_function" and node.target in (F.leaky_relu, F.leaky_relu_):
+        slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+        return slope == 0
+    return True
+
+
+def feeds_relu_alone(graphs: Iterable[fx.Graph], name: str, unit: nn.Module) -> bool:
+    """Does the DropBlock call ``name`` feed one ReLU alone (through identity modules without
+    hooks), as that ReLU's input, in every one of a unit's ``graphs`` that has it (and is there
+    one)?
+
+    Then the gradient that reaches the DropBlock's output is already zero at every unit it
+    dropped (a dropped unit is 0, and the ReLU's backward zeroes the gradient where its output
+    is 0): its backward need not apply its mask again. A leaky ReLU with a slope other than 0
+    does not zero it, nor does any other activation.
+
+    Examples:
+        >>> unit = nn.Module()
+        >>> unit.bn, unit.act = nn.BatchNorm2d(8), nn.ReLU(inplace=True)
+        >>> g = fx.Graph()
+        >>> db = g.call_module("dropblock", (g.call_module("bn", (g.placeholder("x"),)),))
+        >>> out = g.output(g.call_module("act", (db,)))
+        >>> feeds_relu_alone([g], "dropblock", unit), feeds_relu_alone([g], "other", unit)
+        (True, False)
+        >>> unit.act = nn.LeakyReLU(0.1)
+        >>> feeds_relu_alone([g], "dropblock", unit)
+        False
+    """
+    seen = False
+    for graph in graphs:
+        node = next((n for n in graph.nodes if n.op == "call_module" and n.target == name), None)
+        if node is None:
+            continue
+        seen = True
+        while len(node.users) == 1:
+            user = next(iter(node.users))
+            if not user.args or user.args[0] is not node or node in user.args[1:] or node in user.kwargs.values():
+                return False
+            m = _mod(user, unit)
+            if m is None or not is_identity(m) or m._forward_hooks or m._forward_pre_hooks or len(user.args) != 1:
+                break
+            node = user  # an identity module (an empty timm drop_block slot) between them
+        else:
+            return False  # read by several nodes, or by none
+        if not _zeroing_relu(user, unit):
+            return False
+    return seen
 
 
 def commute_with_relu(graph: fx.Graph, name: str, unit: nn.Module) -> bool:
