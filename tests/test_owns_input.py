@@ -375,6 +375,89 @@ def test_only_a_commuting_relu_over_a_norm_read_by_it_alone_lets_the_dropblock_m
     assert not commute_with_relu(g, "dropblock", unit)
 
 
+def test_only_a_plain_relu_reading_a_dropblock_alone_spares_its_backward_the_mask():
+    from dropblock_fx.graph.sites import commute_with_relu, feeds_relu_alone
+
+    # moved before a ReLU of slope 0 (module, function, method, through an empty slot): marked
+    for act in (nn.ReLU(inplace=True), nn.LeakyReLU(0.0), ("function", F.relu, (), {"inplace": True}),
+                ("function", F.leaky_relu, (0.0,), {}), ("method", "relu"), ("method", "relu_")):
+        g, unit = _relu_graph(act)
+        assert commute_with_relu(g, "dropblock", unit) and feeds_relu_alone([g], "dropblock", unit), act
+    g, unit = _relu_graph(nn.ReLU(), identity=True)
+    assert commute_with_relu(g, "dropblock", unit) and feeds_relu_alone([g], "dropblock", unit)
+    unit.ident.register_forward_hook(lambda m, a, out: None)  # a hook could change what the ReLU gets
+    assert not feeds_relu_alone([g], "dropblock", unit)
+    # a leaky ReLU lets gradient through the zeros: moved (it commutes) but not marked
+    for act in (nn.LeakyReLU(0.1), ("function", F.leaky_relu, (0.2,), {})):
+        g, unit = _relu_graph(act)
+        assert commute_with_relu(g, "dropblock", unit) and not feeds_relu_alone([g], "dropblock", unit), act
+    # left after its ReLU (the graph's output reads it), or in no graph: not marked
+    g, unit = _relu_graph(nn.ReLU(), act_readers=2)
+    assert not feeds_relu_alone([g], "dropblock", unit) and not feeds_relu_alone([], "dropblock", unit)
+    # a second reader beside the ReLU
+    g, unit = _relu_graph(nn.ReLU())
+    assert commute_with_relu(g, "dropblock", unit)
+    db = next(n for n in g.nodes if n.target == "dropblock")
+    with g.inserting_after(db):
+        g.call_function(torch.add, (db, db))
+    assert not feeds_relu_alone([g], "dropblock", unit)
+
+
+def _relu_flag_off(model: nn.Module) -> nn.Module:
+    for m in _inserted(model).values():
+        m.placement = dataclasses.replace(m.placement, before_relu=False)
+    return model
+
+
+@pytest.mark.parametrize("make", [lambda: tv.models.resnet50(), lambda: timm.create_model("resnet50")])
+def test_the_paper_resnet50_sites_before_a_relu_are_the_moved_ones(make):
+    """The 18 sites after act1 and act2 run before their ReLU and feed it alone; the sites
+    before a residual add or on a shortcut do not."""
+    model = dbx.apply_dropblock(make(), "paper-resnet50")
+    marked = {r.path for r in dbx.describe(model).rows if r.before_relu}
+    assert marked == {f"layer{s}.{b}.dropblock_{k}" for s, n in ((3, 6), (4, 3)) for b in range(n)
+                      for k in ("conv1", "conv2")}
+    assert all(m.placement.before_relu == (name in marked) for name, m in _inserted(model).items())
+    noisy = dbx.apply_dropblock(make(), "paper-resnet50", noise=True)
+    assert not any(r.before_relu for r in dbx.describe(noisy).rows)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager", "inductor"])
+def test_sites_before_a_relu_step_bit_identically_without_their_mask_in_the_backward(backend):
+    """A site that feeds a ReLU alone skips its mask in the backward: the training step
+    (output, every gradient, running statistics) is bit-identical to applying it, in eager
+    mode and compiled; the compiled backward takes one saved tensor less per such site."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch.manual_seed(0)
+    model = dbx.apply_dropblock(tv.models.resnet18(num_classes=10), stages=[3, 4],
+                                sites=["conv", "conv_last", "shortcut"], drop_prob=0.2, block_size=3,
+                                input_size=[3, 96, 96])
+    marked = sum(m.placement.before_relu for m in _inserted(model).values())
+    assert marked == 4
+    reference = _relu_flag_off(copy.deepcopy(model))
+    x = torch.randn(4, 3, 96, 96)
+    if backend == "eager":
+        _same_step(model, reference, x)
+        return
+    saved = []
+    for net in (model, reference):
+        torch._dynamo.reset()
+        inputs: list[int] = []
+        capture = aot_autograd(fw_compiler=lambda gm, ex: make_boxed_func(gm.forward),
+                               bw_compiler=lambda gm, ex: inputs.append(len(ex)) or make_boxed_func(gm.forward),
+                               partition_fn=min_cut_rematerialization_partition)
+        torch.manual_seed(1)  # the same masks (the norms' running statistics move alike)
+        torch.compile(net, backend=capture, fullgraph=True)(x).sum().backward()
+        saved.append(inputs[0])
+        net.zero_grad(set_to_none=True)
+    assert saved[0] == saved[1] - marked, saved
+    torch._dynamo.reset()
+    _same_step(torch.compile(model, backend=backend, fullgraph=True),
+               torch.compile(reference, backend=backend, fullgraph=True), x)
+
+
 # ---------------------------------------------------------------------------- run-time rule
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_leaves
 
-from ..graph.sites import Site, commute_with_relu, insert_sites, owns_norm_output, writable_norm
+from ..graph.sites import Site, commute_with_relu, feeds_relu_alone, insert_sites, owns_norm_output, writable_norm
 from ..graph.leaves import checkpoint_flag
 from ..graph.specialise import respec_info
 from ..graph.splice import compile_source, graph_source
@@ -162,7 +162,11 @@ def _rewrite(ctx: SiteContext, act: Action) -> str:
         return f"its rewritten forward failed verification: {problem}"
     # A site that alone reads a norm's output in every graph writes into it. Not in a unit
     # traced for one call (a call of another size is traced again: its graph is not seen here).
-    act.rows = [replace(row, owns_input=unit.guard is None and owns_norm_output(graphs.values(), name, unit.module))
+    # A site that alone feeds a ReLU gets its gradient already zeroed where it dropped: its
+    # backward skips the mask (not with noise, whose dropped units are not zero).
+    act.rows = [replace(row, owns_input=unit.guard is None and owns_norm_output(graphs.values(), name, unit.module),
+                        before_relu=unit.guard is None and not row.options.noise
+                        and feeds_relu_alone(graphs.values(), name, unit.module))
                 for name, row in zip(act.names, act.rows)]
     try:
         plain = {m: g for m, g in unit.graphs.items() if not m.startswith("ckpt:")}  # type: ignore[union-attr]

@@ -34,7 +34,7 @@ def _make(row: PlanRow, p: Plan, watch: ModelWatch, parent: nn.Module, varying: 
     m = cls.from_options(row.target_drop_prob, row.options)
     m.placement = Placement(row.stage, row.kind, row.target_drop_prob, row.path,
                             () if varying else tuple(row.resolution), p.recipe.schedule, watch,
-                            owns_input=row.owns_input)
+                            owns_input=row.owns_input, before_relu=row.before_relu)
     return m.train(parent.training)
 
 

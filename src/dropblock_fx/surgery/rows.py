@@ -52,7 +52,8 @@ class PlanRow:
 
     ``owns_input``: the module is the only reader of a batch or group norm's output, so its
     eager training forwards write into that tensor instead of a new one (same outputs and
-    gradients; see `dropblock_fx.modules.Placement`).
+    gradients; see `dropblock_fx.modules.Placement`). ``before_relu``: a ReLU alone reads its
+    output, so its backward skips applying the mask again (same gradients; see `Placement`).
 
     The ``seen_*`` fields are filled only in [`describe`][dropblock_fx.describe]'s answer, for a module that
     trained on feature maps of another size than planned: that size, the block size clipped
@@ -78,6 +79,7 @@ class PlanRow:
     # forward (it could not be traced for them), so this module did not run
     skipped_at: tuple[tuple[int, ...], ...] = ()
     owns_input: bool = False
+    before_relu: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         skip = {"options"} if self.seen_resolution or self.skipped_at else {"options", *_SEEN}
