@@ -311,6 +311,11 @@ def writable_norm(m: Any) -> bool:
         type(c) is nn.Identity for c in m.children())
 
 
+def _call_of(graph: fx.Graph, name: str) -> Optional[fx.Node]:
+    """The call of the unit's child module ``name`` in ``graph`` (``None``: not called there)."""
+    return next((n for n in graph.nodes if n.op == "call_module" and n.target == name), None)
+
+
 def owns_norm_output(graphs: Iterable[fx.Graph], name: str, unit: nn.Module) -> bool:
     """Is the DropBlock call ``name`` the only reader of a norm's output in every one of a unit's
     ``graphs`` that has it (and is there one)?
@@ -330,7 +335,7 @@ def owns_norm_output(graphs: Iterable[fx.Graph], name: str, unit: nn.Module) -> 
     """
     seen = False
     for graph in graphs:
-        node = next((n for n in graph.nodes if n.op == "call_module" and n.target == name), None)
+        node = _call_of(graph, name)
         if node is None:
             continue
         seen = True
@@ -413,7 +418,7 @@ def feeds_relu_alone(graphs: Iterable[fx.Graph], name: str, unit: nn.Module) -> 
     """
     seen = False
     for graph in graphs:
-        node = next((n for n in graph.nodes if n.op == "call_module" and n.target == name), None)
+        node = _call_of(graph, name)
         if node is None:
             continue
         seen = True
@@ -452,7 +457,7 @@ def commute_with_relu(graph: fx.Graph, name: str, unit: nn.Module) -> bool:
         >>> commute_with_relu(g, "dropblock", unit), [n.target for n in g.nodes][1:]
         (True, ['bn', 'dropblock', 'act', 'output'])
     """
-    db = next((n for n in graph.nodes if n.op == "call_module" and n.target == name), None)
+    db = _call_of(graph, name)
     if db is None or len(db.args) != 1 or db.kwargs or not isinstance(db.args[0], fx.Node):
         return False
     act = db.args[0]
