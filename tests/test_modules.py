@@ -202,7 +202,7 @@ def test_compile_fullgraph_options(opts):
 
 
 def test_compiled_cpu_sites_are_one_opaque_op_each_and_a_dynamic_batch_is_one_graph():
-    """On the CPU each site traces to one ``dropblock_fx.sampled_keep_mask_v2`` call (no random
+    """On the CPU each site traces to one ``dropblock_fx.sampled_keep_mask_v3`` call (no random
     or sliding-max ops for the compiler to generate), whatever the batch size."""
     from torch._dynamo.utils import counters
 
@@ -222,7 +222,7 @@ def test_compiled_cpu_sites_are_one_opaque_op_each_and_a_dynamic_batch_is_one_gr
         assert y.shape == (n, 8, 12, 12) and (y == 0).any()
     assert len(graphs) == 1, f"{len(graphs)} graphs for 3 batch sizes"
     targets = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
-    assert sum("sampled_keep_mask_v2" in t for t in targets) == 2, targets
+    assert sum("sampled_keep_mask_v3" in t for t in targets) == 2, targets
     assert not any(name in t for t in targets for name in ("rand", "uniform", "unfold", "max_pool")), targets
     # AOT autograd traces the op's fake with a symbolic batch: still one graph (with
     # dynamic=True the float option is specialised there: a restart, not a second graph)

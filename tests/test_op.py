@@ -565,9 +565,10 @@ def test_a_block_as_large_as_its_map_drops_whole_maps_from_one_flag_each(dtype, 
 @pytest.mark.parametrize("shape", [(3, 5, 12, 11), (3, 1, 12, 11)], ids=["5-channels", "1-channel"])
 def test_the_compiled_ops_mask_is_the_eager_one_in_the_layout_its_fake_promises(channels_last, seed_region, shape):
     """The CPU op a compiled graph calls builds its mask (in NumPy) from the seeds the eager
-    path draws: for the same seed it keeps exactly the units eager mode keeps, its strides are
-    those of its fake (what the compiled kernels index with; with one channel a channels-last
-    and a contiguous mask differ in a stride, not in storage order), and its scale is eager's."""
+    path draws: for the same seed it keeps exactly the units eager mode keeps (as uint8 0/1, which
+    inductor's CPU kernels load as vectors), its dtype and strides are those of its fake (what the
+    compiled kernels index with; with one channel a channels-last and a contiguous mask differ in
+    a stride, not in storage order), and its scale is eager's."""
     p = 0.15
     fake_keep, _ = masks._sampled_keep_mask_fake(torch.tensor(p), list(shape), channels_last, [3, 3], "channel",
                                                  seed_region, 1.0, "count", False)
@@ -579,8 +580,8 @@ def test_the_compiled_ops_mask_is_the_eager_one_in_the_layout_its_fake_promises(
         x = x.contiguous(memory_format=torch.channels_last)
     torch.manual_seed(11)
     eager = fn.drop_block(x, p, 3, seed_region=seed_region)
-    assert keep.dtype == torch.bool and keep.shape == shape and keep.stride() == fake_keep.stride()
-    assert torch.equal(keep, eager != 0) and not keep.all()
+    assert keep.dtype == fake_keep.dtype == torch.uint8 and keep.shape == shape and keep.stride() == fake_keep.stride()
+    assert torch.equal(keep, (eager != 0).to(torch.uint8)) and not keep.all()
     assert factor.dtype == torch.float32 and factor.dim() == 0
     assert factor.item() == eager.max().item() == np.float32(keep.numel()) / np.float32(int(keep.sum()))
 
@@ -644,4 +645,4 @@ def test_a_compiled_site_whose_block_covers_its_map_draws_one_flag_per_map(drop)
     assert torch.equal(out, eager) and (eager.flatten(2) == 0).all(-1).any()
     keep, factor = masks.sampled_keep_mask(torch.tensor(drop), [4, 32, 7, 7], True, [7, 7], "channel", "valid",
                                            1.0, "count", False)
-    assert keep.shape == (4, 32, 1, 1) and factor.dim() == 0
+    assert keep.shape == (4, 32, 1, 1) and keep.dtype == torch.uint8 and factor.dim() == 0

@@ -324,7 +324,8 @@ def drop_block_train(
         # One opaque op draws the mask (no kernels to generate for it); the multiply below is
         # fused by inductor into the neighbouring kernels, forward and backward. The mask is
         # drawn channels-last: the layout inductor gives a CNN's activations on the CPU (the
-        # traced x says contiguous either way), so the fused kernels read it in order.
+        # traced x says contiguous either way), so the fused kernels read it in order; and
+        # uint8, which they load as vectors (a bool operand is loaded one element at a time).
         p = drop_prob if isinstance(drop_prob, torch.Tensor) else torch.tensor(drop_prob, dtype=torch.float32)
         keep, factor = sampled_keep_mask(
             p, list(x.shape), True, list(block), mask, seed_region, gamma_scale, scale, calibrate,
@@ -335,7 +336,7 @@ def drop_block_train(
             out = (x * keep.to(x.dtype)) * factor.to(x.dtype)
         if noise:
             fill = torch.randn(x.shape, dtype=x.dtype, device=x.device)
-            out = out + fill.masked_fill(keep, 0)
+            out = out + fill.masked_fill(keep.to(torch.bool), 0)
         return x.copy_(out) if inplace else out
     gamma = seed_rate(drop_prob, spatial, block, gamma_scale, calibrate, seed_region)
 

@@ -588,8 +588,11 @@ def _sampled_keep_mask(
                 factor = float(expected_scale(gamma, spatial, block_t, seed_region))
             else:
                 factor = 1.0
-    # A 0-d tensor from NumPy: a fraction of the cost of ``torch.tensor``.
-    return keep, torch.from_numpy(np.array(factor, dtype=np.float32)).to(device)
+    # uint8, not bool (the same bytes, reinterpreted): inductor's CPU kernels load a bool
+    # operand one element at a time (``VecMask::from``), a uint8 one as a vector (a load and a
+    # convert), so every fused kernel that applies the mask, forward and backward, reads it
+    # several times faster. A 0-d tensor from NumPy: a fraction of the cost of ``torch.tensor``.
+    return keep.view(torch.uint8), torch.from_numpy(np.array(factor, dtype=np.float32)).to(device)
 
 
 @lru_cache(maxsize=1024)
@@ -608,7 +611,7 @@ def _compiled_plan(
 
 def _sampled_keep_mask_fake(drop_prob, shape, channels_last, block, mask, seed_region, gamma_scale, scale, calibrate):
     size, fmt = _mask_layout(shape, mask, channels_last, block, seed_region)
-    keep = torch.empty(size, dtype=torch.bool, device=drop_prob.device, memory_format=fmt)
+    keep = torch.empty(size, dtype=torch.uint8, device=drop_prob.device, memory_format=fmt)
     return keep, torch.empty((), dtype=torch.float32, device=drop_prob.device)
 
 
@@ -619,21 +622,22 @@ def _sampled_keep_mask_fake(drop_prob, shape, channels_last, block, mask, seed_r
 #
 # The op's name carries the version of its output layout: inductor's on-disk caches key a
 # compiled graph on the ops it calls, not on their code, so a graph compiled when the mask was
-# always full-size must not be reused now that a block covering its map gives one flag per map.
+# always full-size must not be reused now that a block covering its map gives one flag per map
+# (v2), nor one that reads a bool mask now that the mask is uint8 (v3).
 _LIB = torch.library.Library("dropblock_fx", "FRAGMENT")
 _LIB.define(
-    "sampled_keep_mask_v2(Tensor drop_prob, SymInt[] shape, bool channels_last, SymInt[] block, str mask, "
+    "sampled_keep_mask_v3(Tensor drop_prob, SymInt[] shape, bool channels_last, SymInt[] block, str mask, "
     "str seed_region, float gamma_scale, str scale, bool calibrate) -> (Tensor, Tensor)",
     tags=(torch.Tag.pt2_compliant_tag, torch.Tag.nondeterministic_seeded),
 )
-_LIB.impl("sampled_keep_mask_v2", _sampled_keep_mask, "CompositeExplicitAutograd")
-torch.library.register_fake("dropblock_fx::sampled_keep_mask_v2", _sampled_keep_mask_fake, lib=_LIB)
+_LIB.impl("sampled_keep_mask_v3", _sampled_keep_mask, "CompositeExplicitAutograd")
+torch.library.register_fake("dropblock_fx::sampled_keep_mask_v3", _sampled_keep_mask_fake, lib=_LIB)
 
-sampled_keep_mask = torch.ops.dropblock_fx.sampled_keep_mask_v2.default
-"""``torch.ops.dropblock_fx.sampled_keep_mask_v2(drop_prob, shape, channels_last, block, mask,
-seed_region, gamma_scale, scale, calibrate) -> (keep, scale)``: the keep-mask (bool) of a tensor
-of ``shape`` and its normaliser (a 0-d fp32 tensor), drawn from torch's global generator: what a
-compiled graph calls on the CPU.
+sampled_keep_mask = torch.ops.dropblock_fx.sampled_keep_mask_v3.default
+"""``torch.ops.dropblock_fx.sampled_keep_mask_v3(drop_prob, shape, channels_last, block, mask,
+seed_region, gamma_scale, scale, calibrate) -> (keep, scale)``: the keep-mask (uint8: 1 kept,
+0 dropped) of a tensor of ``shape`` and its normaliser (a 0-d fp32 tensor), drawn from torch's
+global generator: what a compiled graph calls on the CPU.
 
 One opaque op per site: ``torch.compile`` traces and generates no kernel for the sampling (the
 sparse sampler of the eager path runs inside), and fuses the multiply by the mask into the
