@@ -109,8 +109,9 @@ class OneMultiply(nn.Module):
 
 class FixedMask(nn.Module):
     """DropBlock's multiply by a mask drawn once, at the first (eager) call, and kept: what
-    applying a per-channel mask costs when drawing it costs nothing. ``channels_last``: the mask's
-    layout (a compiled CPU graph keeps its activations channels-last)."""
+    applying a per-channel mask costs when drawing it costs nothing. The mask is uint8, as the
+    compiled CPU op returns it (inductor's CPU kernels load bool operands one element at a time).
+    ``channels_last``: the mask's layout (a compiled CPU graph keeps its activations channels-last)."""
 
     def __init__(self, rate: float, channels_last: bool) -> None:
         super().__init__()
@@ -123,7 +124,7 @@ class FixedMask(nn.Module):
             fmt = torch.channels_last if self.channels_last else torch.contiguous_format
             with torch.no_grad():
                 out = dropblock_fx.drop_block(torch.ones_like(x, memory_format=fmt), self.rate, BLOCK)
-            self.keep, self.scale = out != 0, out.max()
+            self.keep, self.scale = (out != 0).to(torch.uint8), out.max()
         return (x * self.keep.to(x.dtype)) * self.scale
 
 
