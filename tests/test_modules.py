@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import warnings
 
 import pytest
@@ -178,6 +179,23 @@ def test_compile_fullgraph_ten_rates_one_graph():
         dropped.append((out == 0).float().mean().item())
     assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames"
     assert dropped[0] == 0.0 and 0.05 < dropped[3] < dropped[-1] and dropped[-1] > 0.4, dropped
+
+
+def test_compiled_noise_fills_the_dropped_units_only():
+    """Under inductor on the CPU the mask op returns a uint8 mask, which the noise fill turns
+    back into a bool one: kept units are the input (``scale="none"``), and the dropped ones, about
+    the drawn fraction of them, hold N(0, 1) samples (mean within 5 standard errors of 0, variance
+    within 5 of 1: the sample variance of n normals has standard error sqrt(2 / n))."""
+    torch._dynamo.reset()
+    m = dbx.DropBlock2d(0.2, 3, noise=True, scale="none").train()
+    cm = torch.compile(m, fullgraph=True)
+    torch.manual_seed(0)
+    out = cm(torch.ones(8, 16, 12, 12))
+    noise = out[out != 1]
+    n = noise.numel()
+    assert 0.1 < n / out.numel() < 0.3, n / out.numel()
+    assert abs(noise.mean().item()) < 5 / math.sqrt(n)
+    assert abs(noise.var().item() - 1) < 5 * math.sqrt(2 / n)
 
 
 @pytest.mark.parametrize("opts", [dict(calibrate=True, scale="expected"), dict(mask="shared", seed_region="full"),
