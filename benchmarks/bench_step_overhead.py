@@ -24,7 +24,10 @@ Variants (``--variants`` picks some by substring; the baseline always runs):
   forward and backward, the least a DropBlock that returns a new tensor can cost in eager mode.
 * ``paper, fixed mask``: at the 36 sites, the multiply by a per-channel mask and its scale drawn
   once and kept: what applying the mask costs (under ``torch.compile``: its reads in the fused
-  kernels and what the backward saves) when drawing it costs nothing.
+  kernels and what the backward saves) when drawing it costs nothing; held as uint8, as the
+  compiled CPU op returns its masks.
+* ``paper, fixed mask (bool)``: the same masks held as bool, as the compiled op returned them
+  before: inductor's CPU kernels load a bool operand one element at a time.
 
 Modes:
 
@@ -109,13 +112,14 @@ class OneMultiply(nn.Module):
 
 class FixedMask(nn.Module):
     """DropBlock's multiply by a mask drawn once, at the first (eager) call, and kept: what
-    applying a per-channel mask costs when drawing it costs nothing. The mask is uint8, as the
-    compiled CPU op returns it (inductor's CPU kernels load bool operands one element at a time).
-    ``channels_last``: the mask's layout (a compiled CPU graph keeps its activations channels-last)."""
+    applying a per-channel mask costs when drawing it costs nothing. ``dtype``: the mask's (uint8
+    as the compiled CPU op returns it; bool to see what inductor's one-element-at-a-time bool
+    loads cost). ``channels_last``: the mask's layout (a compiled CPU graph keeps its activations
+    channels-last)."""
 
-    def __init__(self, rate: float, channels_last: bool) -> None:
+    def __init__(self, rate: float, channels_last: bool, dtype: torch.dtype = torch.uint8) -> None:
         super().__init__()
-        self.rate, self.channels_last = rate, channels_last
+        self.rate, self.channels_last, self.dtype = rate, channels_last, dtype
         self.keep: torch.Tensor | None = None
         self.scale: torch.Tensor | None = None
 
@@ -124,14 +128,14 @@ class FixedMask(nn.Module):
             fmt = torch.channels_last if self.channels_last else torch.contiguous_format
             with torch.no_grad():
                 out = dropblock_fx.drop_block(torch.ones_like(x, memory_format=fmt), self.rate, BLOCK)
-            self.keep, self.scale = (out != 0).to(torch.uint8), out.max()
+            self.keep, self.scale = (out != 0).to(self.dtype), out.max()
         return (x * self.keep.to(x.dtype)) * self.scale
 
 
 def build_variants(model_name: str, drop: float, example: torch.Tensor | None = None, compiled: bool = False,
                    ) -> dict[str, Callable[[], tuple[nn.Module, int]]]:
-    """The variants by name; ``example`` (a batch) adds ``paper, fixed mask``, whose masks are
-    drawn by one eager forward of it (channels-last when ``compiled``)."""
+    """The variants by name; ``example`` (a batch) adds the two ``paper, fixed mask`` ones, whose
+    masks are drawn by one eager forward of it (channels-last when ``compiled``)."""
     import timm
 
     def plain(**kw) -> nn.Module:
@@ -153,12 +157,15 @@ def build_variants(model_name: str, drop: float, example: torch.Tensor | None = 
         m = dropblock_fx.apply_dropblock(plain(), "paper-resnet50", drop_prob=drop)
         return m, len(dropblock_fx.describe(m).rows)
 
-    def fixed() -> tuple[nn.Module, int]:
-        m = plain()
-        sites = paper_placement(m, lambda r: FixedMask(r, compiled), drop)
-        with torch.no_grad():
-            m.train()(example)
-        return m, sites
+    def fixed(dtype: torch.dtype) -> Callable[[], tuple[nn.Module, int]]:
+        def build() -> tuple[nn.Module, int]:
+            m = plain()
+            sites = paper_placement(m, lambda r: FixedMask(r, compiled, dtype), drop)
+            with torch.no_grad():
+                m.train()(example)
+            return m, sites
+
+        return build
 
     variants = {
         "baseline": lambda: (plain(), 0),
@@ -170,7 +177,8 @@ def build_variants(model_name: str, drop: float, example: torch.Tensor | None = 
         "paper, one multiply": placed(lambda r: OneMultiply()),
     }
     if example is not None:
-        variants["paper, fixed mask"] = fixed
+        variants["paper, fixed mask"] = fixed(torch.uint8)
+        variants["paper, fixed mask (bool)"] = fixed(torch.bool)
     return variants
 
 
