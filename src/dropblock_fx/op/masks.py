@@ -590,8 +590,9 @@ def _sampled_keep_mask(
                 factor = 1.0
     # uint8, not bool (the same bytes, reinterpreted): inductor's CPU kernels load a bool
     # operand one element at a time (``VecMask::from``), a uint8 one as a vector (a load and a
-    # convert), so every fused kernel that applies the mask, forward and backward, reads it
-    # several times faster. A 0-d tensor from NumPy: a fraction of the cost of ``torch.tensor``.
+    # convert): in ResNet-50's compiled CPU step (160 px, batch 8) the same masks cost about 2%
+    # of the step more as bool than as uint8. A 0-d tensor from NumPy: a fraction of the cost of
+    # ``torch.tensor``.
     return keep.view(torch.uint8), torch.from_numpy(np.array(factor, dtype=np.float32)).to(device)
 
 
