@@ -325,7 +325,7 @@ def drop_block_train(
         # fused by inductor into the neighbouring kernels, forward and backward. The mask is
         # drawn channels-last: the layout inductor gives a CNN's activations on the CPU (the
         # traced x says contiguous either way), so the fused kernels read it in order; and
-        # uint8, which they load as vectors (a bool operand is loaded one element at a time).
+        # uint8 (why: at the op's return).
         p = drop_prob if isinstance(drop_prob, torch.Tensor) else torch.tensor(drop_prob, dtype=torch.float32)
         keep, factor = sampled_keep_mask(
             p, list(x.shape), True, list(block), mask, seed_region, gamma_scale, scale, calibrate,
